@@ -1,0 +1,149 @@
+"""`featurize` subcommands. Thin: parse, load config, call the stage, print a summary, set the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, ExtractConfig, TrainConfig, load_config
+
+console = Console(stderr=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return arguments.handler(arguments)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featurize", description="Distributed image feature extraction.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    extract = commands.add_parser("extract", help="extract features and top-k predictions to Parquet")
+    add_config_arguments(extract)
+    extract.set_defaults(handler=command_extract)
+
+    train = commands.add_parser("train", help="train and evaluate a classifier on extracted features")
+    add_config_arguments(train)
+    train.set_defaults(handler=command_train)
+
+    predict = commands.add_parser("predict", help="apply a trained classifier to extracted features")
+    predict.add_argument("--model", required=True, help="output directory of `featurize train`")
+    predict.add_argument("--features", required=True, help="output directory of `featurize extract`")
+    predict.add_argument("--output", required=True, help="where to write the predictions (any fsspec URI)")
+    predict.set_defaults(handler=command_predict)
+
+    models = commands.add_parser("models", help="list the backbone zoo")
+    models.set_defaults(handler=command_models)
+
+    inspect = commands.add_parser("inspect", help="summarise an extract output: rows, errors, schema, shards")
+    inspect.add_argument("output", help="output directory of `featurize extract`")
+    inspect.set_defaults(handler=command_inspect)
+
+    weights = commands.add_parser("weights", help="manage weights files")
+    weights_commands = weights.add_subparsers(required=True, metavar="ACTION")
+    pull = weights_commands.add_parser("pull", help="copy a zoo backbone's ImageNet weights to any URI")
+    pull.add_argument("name", help="zoo backbone name, e.g. resnet50")
+    pull.add_argument("--to", required=True, dest="destination", help="file URI, e.g. s3://bucket/resnet50.weights.h5")
+    pull.set_defaults(handler=command_weights_pull)
+
+    demo = commands.add_parser("demo", help="offline end-to-end run: sample data, extract, train, summary")
+    demo.add_argument("--workdir", default="results/demo", help="where sample data and results go")
+    demo.set_defaults(handler=command_demo)
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set run.batch_size=64 (repeatable)")
+
+
+def command_extract(arguments) -> int:
+    config = load_config(ExtractConfig, arguments.config, arguments.set)
+    return run_extract_and_report(config)
+
+
+def run_extract_and_report(config: ExtractConfig) -> int:
+    from pipeline.distributed import run_extract
+    from pipeline.report import print_extract_summary
+
+    success = run_extract(config)
+    print_extract_summary(success, console)
+    if success["error_rate"] > success["max_error_rate"]:
+        console.print(f"[bold red]failed:[/] error rate {success['error_rate']:.1%} is above "
+                      f"run.max_error_rate {success['max_error_rate']:.1%}; good rows are committed")
+        return 1
+    return 0
+
+
+def command_train(arguments) -> int:
+    from pipeline.train import print_summary, train
+
+    config = load_config(TrainConfig, arguments.config, arguments.set)
+    metrics = train(config)
+    print_summary(metrics, console)
+    console.print(f"classifier and metrics written to {config.output.uri}")
+    return 0
+
+
+def command_predict(arguments) -> int:
+    from pipeline.train import predict
+
+    success = predict(arguments.model, arguments.features, arguments.output)
+    console.print(f"{success['rows']['total']} predictions written to {arguments.output}")
+    return 0
+
+
+def command_models(arguments) -> int:
+    from pipeline.backbones import model_table
+
+    table = Table(title="featurize backbone zoo (Keras applications)")
+    for column in ("name", "input", "feature dim", "params (M)", "depth", "top-1", "top-5", "preprocess"):
+        table.add_column(column)
+    for row in model_table():
+        table.add_row(row["name"], str(row["input_size"]), str(row["feature_dim"]),
+                      f"{row['parameters_millions']:.1f}", str(row["depth"] or "-"), format_accuracy(row["top1"]),
+                      format_accuracy(row["top5"]), row["preprocess"])
+    console.print(table)
+    return 0
+
+
+def format_accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def command_inspect(arguments) -> int:
+    from pipeline.report import inspect_output
+
+    inspect_output(arguments.output, console)
+    return 0
+
+
+def command_weights_pull(arguments) -> int:
+    from pipeline.extractor import pull_weights
+
+    checksum = pull_weights(arguments.name, arguments.destination)
+    console.print(f"wrote {arguments.destination} (sha256 {checksum}); use it with model.weights: "
+                  f"{arguments.destination}")
+    return 0
+
+
+def command_demo(arguments) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(arguments.workdir, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The only module that imports Ray: the actor pool, pull-based scheduling, retries, progress, commits.
+
+The driver keeps a queue of shard pieces and gives each actor at most `run.shards_in_flight_per_actor`
+at a time. Actors write uniquely named data files; the driver alone writes commit records, once all
+pieces of a shard are back, so a shard is visible exactly once whatever dies along the way:
+- an actor that dies (crash, OOM, lost node) is replaced; the piece it was running counts an attempt,
+  the pieces only queued behind it go back unharmed;
+- a piece that used up `run.max_attempts` is bisected; a single image that still kills its worker is
+  quarantined as an error row, so one poison image cannot fail a job.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from pipeline import storage, writer
+from pipeline.config import ExtractConfig, ModelConfig
+from pipeline.plan import Plan, pending_shards, prepare
+from pipeline.progress import ProgressReporter
+from pipeline.runner import (ShardResult, ShardSettings, ShardTask, process_shard, quarantine_rows,
+                             reason_category)
+
+log = logging.getLogger("featurize")
+
+ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+class ExtractorActor:
+    """Holds one FeatureExtractor (built once) and processes shard pieces one at a time."""
+
+    def __init__(self, model_config: ModelConfig, batch_size: int, num_threads: int,
+                 storage_options: dict):
+        from pipeline.extractor import FeatureExtractor, configure_tensorflow  # TF only inside actors
+
+        configure_tensorflow(num_threads)
+        self.batch_size = batch_size
+        self.extractor = FeatureExtractor(model_config, batch_size=batch_size, storage_options=storage_options)
+
+    def describe(self) -> dict:
+        return {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
+                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
+        return process_shard(task, self.extractor, settings, self.batch_size)
+
+
+@dataclass
+class ShardState:
+    """Pieces of one shard still out, and the results already back."""
+
+    outstanding: int = 1
+    results: list[ShardResult] = field(default_factory=list)
+
+
+@dataclass
+class ActorSlot:
+    handle: ray.actor.ActorHandle
+    ready: ray.ObjectRef
+    is_ready: bool = False
+    in_flight: list = field(default_factory=list)  # object refs in submission order
+
+
+@dataclass(frozen=True)
+class ActorShape:
+    count: int
+    num_cpus: float
+    num_gpus: float
+
+
+def connect(address: str) -> None:
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def actor_shape(config: ExtractConfig) -> ActorShape:
+    """How many actors and what each holds: one per GPU, or one per node using its cores."""
+    resources = ray.cluster_resources()
+    total_gpus = resources.get("GPU", 0)
+    gpus = config.run.gpus_per_actor if config.run.gpus_per_actor is not None else (1.0 if total_gpus else 0.0)
+    nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+    if config.run.actors:
+        count = config.run.actors
+    elif gpus:
+        count = max(1, int(total_gpus // gpus))
+    else:
+        count = max(1, len(nodes))
+    if config.run.cpus_per_actor is not None:
+        cpus = config.run.cpus_per_actor
+    else:
+        smallest_node = min((node["Resources"]["CPU"] for node in nodes), default=1)
+        actors_per_node = max(1, -(-count // max(1, len(nodes))))
+        cpus = max(1.0, smallest_node // actors_per_node)
+    return ActorShape(count, float(cpus), float(gpus))
+
+
+class Driver:
+    """One extract run: plan, pool, scheduling loop, commits, `_SUCCESS`."""
+
+    def __init__(self, config: ExtractConfig, reporter: ProgressReporter):
+        self.config = config
+        self.reporter = reporter
+        self.started = time.time()
+        self.first_commit_at: float | None = None
+        self.output = config.output.uri
+        self.options = config.output.storage_options
+        self.settings = ShardSettings(
+            output_uri=self.output, output_storage_options=self.options,
+            input_storage_options=config.input.storage_options, resize=config.model.resize,
+            feature_dtype=config.output.feature_dtype, row_group_size=config.output.row_group_size,
+            decode_threads=config.run.decode_threads)
+        self.actor_description: dict | None = None
+        self.actor_replacements = 0
+        self.timings: collections.Counter = collections.Counter()
+        self.shards_run = 0
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        plan, manifest = prepare(self.config)
+        commits = writer.read_commits(self.output, self.options)
+        todo = pending_shards(plan, commits)
+        self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
+                            done_images=sum(record.rows for record in commits.values()),
+                            done_errors=sum(record.error for record in commits.values()))
+        if todo:
+            self.run_shards(plan, manifest, todo, commits)
+        return self.finish(plan, commits)
+
+    def run_shards(self, plan: Plan, manifest, todo: list[int], commits: dict) -> None:
+        self.shape = actor_shape(self.config)
+        self.actor_class = ray.remote(num_cpus=self.shape.num_cpus, num_gpus=self.shape.num_gpus,
+                                      max_restarts=0, max_concurrency=1)(ExtractorActor)
+        self.commits = commits
+        self.queue = collections.deque(self.whole_shard(plan, manifest, index) for index in todo)
+        self.states = {index: ShardState() for index in todo}
+        self.owner: dict[ray.ObjectRef, tuple[ActorSlot, ShardTask]] = {}
+        self.slots = [self.start_actor() for _ in range(min(self.shape.count, len(todo)))]
+        try:
+            while self.states:
+                self.assign()
+                refs = list(self.owner) + [slot.ready for slot in self.slots if not slot.is_ready]
+                done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+                self.reporter.update(actors_alive=sum(slot.is_ready for slot in self.slots))
+                for ref in done:
+                    if ref in self.owner:
+                        self.collect(ref)
+                    else:
+                        self.mark_ready(ref)
+        finally:
+            for slot in self.slots:
+                ray.kill(slot.handle, no_restart=True)
+
+    def start_actor(self) -> ActorSlot:
+        run = self.config.run
+        num_threads = max(1, int(self.shape.num_cpus))
+        handle = self.actor_class.options(scheduling_strategy="SPREAD").remote(
+            self.config.model, run.batch_size, num_threads, self.config.input.storage_options)
+        return ActorSlot(handle=handle, ready=handle.describe.remote())
+
+    def mark_ready(self, ref: ray.ObjectRef) -> None:
+        slot = next(slot for slot in self.slots if slot.ready == ref)
+        try:
+            description = ray.get(ref)
+        except ACTOR_LOST:
+            self.replace(slot)
+            return
+        except RayTaskError as error:  # the model itself cannot be built: a config problem, not a crash
+            raise RuntimeError(f"actor failed to build the model: {error.cause}") from None
+        slot.is_ready = True
+        self.actor_description = self.actor_description or description
+
+    def assign(self) -> None:
+        """Pull model: each ready actor gets pieces until it holds its bounded share."""
+        limit = self.config.run.shards_in_flight_per_actor
+        for slot in self.slots:
+            while slot.is_ready and self.queue and len(slot.in_flight) < limit:
+                task = self.queue.popleft()
+                ref = slot.handle.process.remote(task, self.settings)
+                slot.in_flight.append(ref)
+                self.owner[ref] = (slot, task)
+
+    def collect(self, ref: ray.ObjectRef) -> None:
+        slot, task = self.owner.pop(ref)
+        slot.in_flight.remove(ref)
+        try:
+            result: ShardResult = ray.get(ref)
+        except ACTOR_LOST:
+            self.on_actor_lost(slot, task)
+            return
+        except RayTaskError as error:
+            self.retry_or_fail(task, error)
+            return
+        self.timings.update(result.timings)
+        self.add_result(task.shard, result)
+
+    def add_result(self, shard: int, result: ShardResult) -> None:
+        self.reporter.advance(images=result.rows, errors=result.error)
+        state = self.states[shard]
+        state.results.append(result)
+        state.outstanding -= 1
+        if state.outstanding == 0:
+            self.commit(shard, self.states.pop(shard).results)
+
+    def on_actor_lost(self, slot: ActorSlot, task: ShardTask) -> None:
+        """The running piece counts an attempt; pieces merely queued on the dead actor go back as they were."""
+        queued = [self.owner.pop(ref)[1] for ref in slot.in_flight]
+        slot.in_flight.clear()
+        log.warning("actor lost while processing shard %d [%d:%d] (attempt %d)",
+                    task.shard, task.start, task.stop, task.attempt)
+        self.replace(slot)
+        self.queue.extendleft(reversed(queued))
+        if task.attempt < self.config.run.max_attempts:
+            self.queue.appendleft(with_attempt(task, task.attempt + 1))
+        elif len(task.uris) > 1:
+            self.bisect(task)
+        else:
+            self.quarantine(task)
+
+    def bisect(self, task: ShardTask) -> None:
+        """Split a piece that keeps killing workers, so the poison image ends up alone."""
+        middle = len(task.uris) // 2
+        halves = [ShardTask(task.shard, task.start, task.start + middle, task.uris[:middle], task.labels[:middle]),
+                  ShardTask(task.shard, task.start + middle, task.stop, task.uris[middle:], task.labels[middle:])]
+        self.states[task.shard].outstanding += 1
+        self.queue.extendleft(reversed(halves))
+
+    def quarantine(self, task: ShardTask) -> None:
+        """Record the image that kept killing workers as an error row, written by the driver itself."""
+        log.warning("quarantined %s after %d crashes", task.uris[0], task.attempt)
+        rows = quarantine_rows(task, task.attempt)
+        description = self.actor_description or {"feature_dim": 1, "provenance": {}}
+        schema = writer.row_schema(description["feature_dim"], self.settings.feature_dtype,
+                                   description["provenance"])
+        relative_path = writer.new_data_file_name(task.shard)
+        writer.write_data_file(self.output, relative_path, rows.to_table(schema), self.settings.row_group_size,
+                               self.options)
+        reason = reason_category(rows.error[0])
+        self.add_result(task.shard, ShardResult(task.shard, task.start, task.stop, relative_path, len(rows), 0,
+                                                len(rows), {}, {reason: len(rows)}))
+
+    def retry_or_fail(self, task: ShardTask, error: RayTaskError) -> None:
+        if task.attempt >= self.config.run.max_attempts:
+            raise RuntimeError(f"shard {task.shard} failed {task.attempt} times: {error.cause!r}") from None
+        log.warning("shard %d failed (attempt %d): %r; retrying", task.shard, task.attempt, error.cause)
+        self.queue.append(with_attempt(task, task.attempt + 1))
+
+    def replace(self, slot: ActorSlot) -> None:
+        self.actor_replacements += 1
+        limit = max(10, 5 * len(self.slots))
+        if self.actor_replacements > limit:
+            raise RuntimeError(f"actors died {self.actor_replacements} times; giving up. Check worker logs "
+                               "(out of memory? a GPU fault?) and run again: committed shards are kept")
+        ray.kill(slot.handle, no_restart=True)
+        fresh = self.start_actor()
+        slot.handle, slot.ready, slot.is_ready = fresh.handle, fresh.ready, False
+
+    def commit(self, shard: int, results: list[ShardResult]) -> None:
+        results.sort(key=lambda result: result.start)
+        timings = collections.Counter()
+        reasons = collections.Counter()
+        for result in results:
+            timings.update(result.timings)
+            reasons.update(result.errors_by_reason)
+        record = writer.CommitRecord(
+            shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
+            ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
+            errors_by_reason=dict(reasons))
+        writer.write_commit(self.output, record, self.options)
+        self.commits[shard] = record
+        self.shards_run += 1
+        self.first_commit_at = self.first_commit_at or time.time()
+        self.reporter.shard_committed()
+
+    @staticmethod
+    def whole_shard(plan: Plan, manifest, index: int) -> ShardTask:
+        start, stop = plan.shard_bounds(index)
+        piece = manifest.slice(start, stop - start)
+        return ShardTask(index, start, stop, piece.column("uri").to_pylist(), piece.column("label").to_pylist())
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    def finish(self, plan: Plan, commits: dict) -> dict:
+        writer.remove_orphans(self.output, commits, self.options)
+        ordered = [commits[index] for index in sorted(commits)]
+        reasons = collections.Counter()
+        for record in ordered:
+            reasons.update(record.errors_by_reason)
+        rows = {"total": sum(r.rows for r in ordered), "ok": sum(r.ok for r in ordered),
+                "error": sum(r.error for r in ordered)}
+        finished = time.time()
+        success = {
+            "files": [path for record in ordered for path in record.files],
+            "rows": rows,
+            "errors_by_reason": dict(reasons),
+            "shards": {"total": plan.num_shards, "run": self.shards_run, "committed": len(commits)},
+            "fingerprint": plan.fingerprint,
+            "seconds": {"total": round(finished - self.started, 3),
+                        "startup": round((self.first_commit_at or finished) - self.started, 3)},
+            "timings": {key: round(value, 3) for key, value in self.timings.items()},
+            "provenance": self.provenance(ordered),
+            "images_per_second": round(sum(r.rows for r in ordered[-self.shards_run:]) /
+                                       max(finished - self.started, 1e-9), 2) if self.shards_run else 0.0,
+            "error_rate": rows["error"] / rows["total"] if rows["total"] else 0.0,
+            "max_error_rate": self.config.run.max_error_rate,
+            "output": self.output,
+        }
+        writer.write_json(storage.join(self.output, writer.SUCCESS_FILE), success, self.options)
+        return success
+
+    def provenance(self, records: list[writer.CommitRecord]) -> dict:
+        if self.actor_description:
+            return self.actor_description["provenance"]
+        if not records or not records[0].files:  # a finished job rerun: read it back from a data file
+            return {}
+        return writer.read_file_metadata(self.output, records[0].files[0], self.options)
+
+
+def with_attempt(task: ShardTask, attempt: int) -> ShardTask:
+    return ShardTask(task.shard, task.start, task.stop, task.uris, task.labels, attempt)
+
+
+def run_extract(config: ExtractConfig, reporter: ProgressReporter | None = None) -> dict:
+    """Run (or resume) an extract job; returns the `_SUCCESS` document."""
+    connect(config.run.address)
+    reporter = reporter or ProgressReporter(sys.stderr.isatty())
+    driver = Driver(config, reporter)
+    try:
+        return driver.run()
+    finally:
+        reporter.stop()

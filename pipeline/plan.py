@@ -1,0 +1,114 @@
+"""The plan: a frozen manifest, deterministic shards, and a fingerprint of everything that changes features.
+
+The first run lists the input and freezes it into the output (`_manifest.parquet`, `_plan.json`); every
+later run in `resume` mode reuses that manifest without listing again, so shard i always means the same
+images. A run whose fingerprint differs from the frozen one is refused with the keys that differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage, writer
+from pipeline.config import ConfigError, ExtractConfig
+from pipeline.listing import list_images
+
+
+@dataclass(frozen=True)
+class Plan:
+    fingerprint: str
+    fingerprint_inputs: dict
+    num_images: int
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_bounds(self, shard_index: int) -> tuple[int, int]:
+        start = shard_index * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+
+def fingerprint_inputs(config: ExtractConfig) -> dict:
+    """Everything that changes the rows: model identity (checksums of files), cut, input, dtype, inputs."""
+    model = config.model
+    options = config.input.storage_options
+    is_file = model.weights not in ("imagenet", "none")
+    backbone_is_file = model.backbone.lower().endswith((".keras", ".h5"))
+    return {
+        "backbone": model.backbone,
+        "backbone_sha256": storage.sha256_of_uri(model.backbone, options) if backbone_is_file else None,
+        "weights": model.weights,
+        "weights_sha256": storage.sha256_of_uri(model.weights, options) if is_file else None,
+        "layer": model.layer,
+        "pooling": model.pooling,
+        "input_size": model.input_size,
+        "preprocess": model.preprocess,
+        "resize": model.resize,
+        "top_k": model.top_k,
+        "class_names": model.class_names,
+        "mixed_precision": model.mixed_precision,
+        "feature_dtype": config.output.feature_dtype,
+        "input_uri": list(config.input.uri),
+        "labels": config.input.labels,
+        "extensions": list(config.input.extensions),
+        "shard_size": config.run.shard_size,
+    }
+
+
+def digest(document: dict) -> str:
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(config: ExtractConfig) -> tuple[Plan, pa.Table]:
+    """Honour output.mode, then return the plan and the frozen manifest (listing the input only once)."""
+    output, options = config.output.uri, config.output.storage_options
+    plan_uri = storage.join(output, writer.PLAN_FILE)
+    inputs = fingerprint_inputs(config)
+    exists = storage.exists(plan_uri, options)
+    if exists and config.output.mode == "error":
+        raise ConfigError(f"output.uri: {output} already holds a featurize output and output.mode is 'error'; "
+                          "use output.mode: resume to finish it or overwrite to start again")
+    if exists and config.output.mode == "overwrite":
+        storage.remove(output, options, recursive=True)
+        exists = False
+    if exists:
+        return resume_plan(output, options, inputs)
+    return new_plan(config, inputs)
+
+
+def resume_plan(output: str, options: dict, inputs: dict) -> tuple[Plan, pa.Table]:
+    frozen = writer.read_json(storage.join(output, writer.PLAN_FILE), options)
+    differences = [f"{key}: {frozen['fingerprint_inputs'].get(key)!r} -> {value!r}"
+                   for key, value in inputs.items() if frozen["fingerprint_inputs"].get(key) != value]
+    if differences:
+        raise ConfigError(f"output.uri: {output} was written with a different configuration, so resuming would "
+                          f"mix features. Differences: {'; '.join(differences)}. Use output.mode: overwrite "
+                          "or another output.uri.")
+    manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, writer.MANIFEST_FILE), options)))
+    return Plan(**{key: frozen[key] for key in ("fingerprint", "fingerprint_inputs", "num_images", "shard_size")}), manifest
+
+
+def new_plan(config: ExtractConfig, inputs: dict) -> tuple[Plan, pa.Table]:
+    output, options = config.output.uri, config.output.storage_options
+    manifest = list_images(config.input)
+    plan = Plan(fingerprint=digest(inputs), fingerprint_inputs=inputs, num_images=manifest.num_rows,
+                shard_size=config.run.shard_size)
+    storage.make_dirs(output, options)
+    buffer = io.BytesIO()
+    pq.write_table(manifest, buffer)
+    storage.write_bytes(storage.join(output, writer.MANIFEST_FILE), buffer.getvalue(), options)
+    # The plan file is written last: its presence means the manifest is complete.
+    writer.write_json(storage.join(output, writer.PLAN_FILE), asdict(plan), options)
+    return plan, manifest
+
+
+def pending_shards(plan: Plan, commits: dict) -> list[int]:
+    return [index for index in range(plan.num_shards) if index not in commits]
