@@ -165,7 +165,7 @@ class Driver:
     def start_actor(self) -> ActorSlot:
         run = self.config.run
         num_threads = max(1, int(self.shape.num_cpus))
-        handle = self.actor_class.options(scheduling_strategy="SPREAD").remote(
+        handle = self.actor_class.options(scheduling_strategy="SPREAD", runtime_env=forwarded_environment()).remote(
             self.config.model, run.batch_size, num_threads, self.config.input.storage_options)
         return ActorSlot(handle=handle, ready=handle.describe.remote())
 
@@ -325,6 +325,12 @@ class Driver:
         if not records or not records[0].files:  # a finished job rerun: read it back from a data file
             return {}
         return writer.read_file_metadata(self.output, records[0].files[0], self.options)
+
+
+def forwarded_environment() -> dict:
+    """FEATURIZE_* variables (settings and test hooks) reach actors on every node."""
+    variables = {key: value for key, value in os.environ.items() if key.startswith("FEATURIZE_")}
+    return {"env_vars": variables} if variables else {}
 
 
 def with_attempt(task: ShardTask, attempt: int) -> ShardTask:

@@ -19,8 +19,10 @@ import numpy as np
 from pipeline import storage, writer
 from pipeline.decode import DecodedImage, decode_image
 
-# Test hook: a worker that meets a uri containing this marker dies on the spot, like a native crash would.
+# Test hooks: a worker that meets a uri containing the marker dies on the spot, as a native crash would;
+# a delay per shard keeps a run going long enough to be interrupted.
 CRASH_MARKER_VARIABLE = "FEATURIZE_TEST_CRASH_MARKER"
+SLOW_SECONDS_VARIABLE = "FEATURIZE_TEST_SLOW_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings, batch_siz
             add_rows(rows, group, extractor, class_names)
             timings["forward"] += time.perf_counter() - started
             waited = time.perf_counter()
+    time.sleep(float(os.environ.get(SLOW_SECONDS_VARIABLE, "0")))
     started = time.perf_counter()
     relative_path = writer.new_data_file_name(task.shard)
     schema = writer.row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)

