@@ -48,6 +48,7 @@ class ModelConfig:
     input_size: int | None = None  # square input side; default: the backbone's native size
     preprocess: str = choice("auto", ("auto", "caffe", "torch", "tf", "none"))  # auto: the zoo family's own
     resize: str = choice("stretch", ("stretch", "center_crop", "pad"))  # how images meet the input size
+    draft_margin: int = 4  # JPEGs decode at reduced scale while staying >= this x the input size; 0 = off
     trust: bool = False  # allow Lambda layers (arbitrary code) in saved models
     mixed_precision: bool = False  # mixed_float16 compute (GPU option)
     xla: bool = False  # jit-compile the forward function (GPU option; slow on CPU)
@@ -99,6 +100,8 @@ class ExtractConfig:
             raise ConfigError(f"model.top_k: got {self.model.top_k}; use 0 (no predictions) or a positive count")
         if not 0.0 <= self.run.max_error_rate <= 1.0:
             raise ConfigError(f"run.max_error_rate: got {self.run.max_error_rate}; allowed: a fraction in [0, 1]")
+        if self.model.draft_margin < 0:
+            raise ConfigError(f"model.draft_margin: got {self.model.draft_margin}; use 0 (off) or a positive factor")
         if self.model.input_size is not None:
             require_positive("model.input_size", self.model.input_size)
         return self
@@ -122,6 +125,8 @@ class ClassifierConfig:
     epochs: int = 100  # mlp upper bound; early stopping ends sooner
     batch_size: int = 256
     max_in_memory_rows: int = 2_000_000  # above this, train from Parquet in batches
+    validation_fraction: float = 0.1  # share of the train split held back for early stopping
+    patience: int = 10  # epochs without validation improvement before early stopping
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,14 @@ class TrainConfig:
             raise ConfigError("output.uri is required: the directory to write the classifier and metrics to")
         if not 0.0 < self.split.test_fraction < 1.0:
             raise ConfigError(f"split.test_fraction: got {self.split.test_fraction}; allowed: a fraction in (0, 1)")
+        if not 0.0 < self.classifier.validation_fraction < 1.0:
+            raise ConfigError(f"classifier.validation_fraction: got {self.classifier.validation_fraction}; "
+                              "allowed: a fraction in (0, 1)")
+        require_positive("classifier.regularization", self.classifier.regularization)
+        require_positive("classifier.epochs", self.classifier.epochs)
+        require_positive("classifier.batch_size", self.classifier.batch_size)
+        require_positive("classifier.patience", self.classifier.patience)
+        require_positive("classifier.max_in_memory_rows", self.classifier.max_in_memory_rows)
         return self
 
 
