@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--to", required=True, dest="destination", help="file URI, e.g. s3://bucket/resnet50.weights.h5")
     pull.set_defaults(handler=command_weights_pull)
 
+    bench = commands.add_parser("bench", help="throughput: bare model vs pipeline vs the Keras-docs loop")
+    bench.add_argument("--backbone", default="mobilenetv2")
+    bench.add_argument("--input-size", type=int, default=224)
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--images", type=int, default=512, help="JPEGs of --source-size for (a) and (b)")
+    bench.add_argument("--loop-images", type=int, default=48, help="images for the slow one-at-a-time loop (c)")
+    bench.add_argument("--camera-images", type=int, default=16, help="4000x3000 JPEGs for the draft-mode figures")
+    bench.add_argument("--output", default="results/bench", help="where bench.json and bench.png go")
+    bench.set_defaults(handler=command_bench)
+
     demo = commands.add_parser("demo", help="offline end-to-end run: sample data, extract, train, summary")
     demo.add_argument("--workdir", default="results/demo", help="where sample data and results go")
     demo.set_defaults(handler=command_demo)
@@ -136,6 +146,18 @@ def command_weights_pull(arguments) -> int:
     checksum = pull_weights(arguments.name, arguments.destination)
     console.print(f"wrote {arguments.destination} (sha256 {checksum}); use it with model.weights: "
                   f"{arguments.destination}")
+    return 0
+
+
+def command_bench(arguments) -> int:
+    from pathlib import Path
+
+    from pipeline.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(backbone=arguments.backbone, input_size=arguments.input_size,
+                             batch_size=arguments.batch_size, num_images=arguments.images,
+                             loop_images=arguments.loop_images, camera_images=arguments.camera_images)
+    run_bench(settings, Path(arguments.output), console)
     return 0
 
 

@@ -31,6 +31,7 @@ from pipeline.runner import (ShardResult, ShardSettings, ShardTask, process_shar
 log = logging.getLogger("featurize")
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+MAX_FAILED_STARTS_PER_ACTOR = 3
 
 
 class ExtractorActor:
@@ -118,10 +119,11 @@ class Driver:
         self.settings = ShardSettings(
             output_uri=self.output, output_storage_options=self.options,
             input_storage_options=config.input.storage_options, resize=config.model.resize,
+            draft_margin=config.model.draft_margin,
             feature_dtype=config.output.feature_dtype, row_group_size=config.output.row_group_size,
             decode_threads=config.run.decode_threads)
         self.actor_description: dict | None = None
-        self.actor_replacements = 0
+        self.failed_starts = 0  # actor deaths before the model was ready, since the last good start
         self.timings: collections.Counter = collections.Counter()
         self.shards_run = 0
 
@@ -174,11 +176,17 @@ class Driver:
         try:
             description = ray.get(ref)
         except ACTOR_LOST:
+            self.failed_starts += 1
+            if self.failed_starts > MAX_FAILED_STARTS_PER_ACTOR * len(self.slots):
+                raise RuntimeError(f"actors died {self.failed_starts} times while loading the model; check the "
+                                   "worker logs (out of memory? a GPU fault?). Committed shards are kept: "
+                                   "run again to resume") from None
             self.replace(slot)
             return
         except RayTaskError as error:  # the model itself cannot be built: a config problem, not a crash
             raise RuntimeError(f"actor failed to build the model: {error.cause}") from None
         slot.is_ready = True
+        self.failed_starts = 0
         self.actor_description = self.actor_description or description
 
     def assign(self) -> None:
@@ -192,18 +200,23 @@ class Driver:
                 self.owner[ref] = (slot, task)
 
     def collect(self, ref: ray.ObjectRef) -> None:
-        slot, task = self.owner.pop(ref)
-        slot.in_flight.remove(ref)
+        slot, task = self.owner[ref]
         try:
             result: ShardResult = ray.get(ref)
         except ACTOR_LOST:
-            self.on_actor_lost(slot, task)
+            self.on_actor_lost(slot)
             return
         except RayTaskError as error:
+            self.forget(ref)
             self.retry_or_fail(task, error)
             return
+        self.forget(ref)
         self.timings.update(result.timings)
         self.add_result(task.shard, result)
+
+    def forget(self, ref: ray.ObjectRef) -> None:
+        slot, _ = self.owner.pop(ref)
+        slot.in_flight.remove(ref)
 
     def add_result(self, shard: int, result: ShardResult) -> None:
         self.reporter.advance(images=result.rows, errors=result.error)
@@ -213,20 +226,21 @@ class Driver:
         if state.outstanding == 0:
             self.commit(shard, self.states.pop(shard).results)
 
-    def on_actor_lost(self, slot: ActorSlot, task: ShardTask) -> None:
-        """The running piece counts an attempt; pieces merely queued on the dead actor go back as they were."""
-        queued = [self.owner.pop(ref)[1] for ref in slot.in_flight]
+    def on_actor_lost(self, slot: ActorSlot) -> None:
+        """The piece the actor was running (its oldest) counts an attempt; pieces queued behind it go back
+        as they were. Every attempt makes progress: retry, then bisect, then quarantine one image."""
+        running, *queued = [self.owner.pop(ref)[1] for ref in slot.in_flight]
         slot.in_flight.clear()
         log.warning("actor lost while processing shard %d [%d:%d] (attempt %d)",
-                    task.shard, task.start, task.stop, task.attempt)
+                    running.shard, running.start, running.stop, running.attempt)
         self.replace(slot)
         self.queue.extendleft(reversed(queued))
-        if task.attempt < self.config.run.max_attempts:
-            self.queue.appendleft(with_attempt(task, task.attempt + 1))
-        elif len(task.uris) > 1:
-            self.bisect(task)
+        if running.attempt < self.config.run.max_attempts:
+            self.queue.appendleft(with_attempt(running, running.attempt + 1))
+        elif len(running.uris) > 1:
+            self.bisect(running)
         else:
-            self.quarantine(task)
+            self.quarantine(running)
 
     def bisect(self, task: ShardTask) -> None:
         """Split a piece that keeps killing workers, so the poison image ends up alone."""
@@ -257,11 +271,6 @@ class Driver:
         self.queue.append(with_attempt(task, task.attempt + 1))
 
     def replace(self, slot: ActorSlot) -> None:
-        self.actor_replacements += 1
-        limit = max(10, 5 * len(self.slots))
-        if self.actor_replacements > limit:
-            raise RuntimeError(f"actors died {self.actor_replacements} times; giving up. Check worker logs "
-                               "(out of memory? a GPU fault?) and run again: committed shards are kept")
         ray.kill(slot.handle, no_restart=True)
         fresh = self.start_actor()
         slot.handle, slot.ready, slot.is_ready = fresh.handle, fresh.ready, False
@@ -276,7 +285,7 @@ class Driver:
         record = writer.CommitRecord(
             shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
             ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
-            errors_by_reason=dict(reasons))
+            errors_by_reason=dict(reasons), committed_at=time.time())
         writer.write_commit(self.output, record, self.options)
         self.commits[shard] = record
         self.shards_run += 1

@@ -52,6 +52,7 @@ def fingerprint_inputs(config: ExtractConfig) -> dict:
         "input_size": model.input_size,
         "preprocess": model.preprocess,
         "resize": model.resize,
+        "draft_margin": model.draft_margin,
         "top_k": model.top_k,
         "class_names": model.class_names,
         "mixed_precision": model.mixed_precision,

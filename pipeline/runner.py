@@ -43,6 +43,7 @@ class ShardSettings:
     output_storage_options: dict
     input_storage_options: dict
     resize: str = "stretch"
+    draft_margin: int = 4
     feature_dtype: str = "float32"
     row_group_size: int = 1024
     decode_threads: int = 4
@@ -81,7 +82,7 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
         reason = f"fetch failed: {type(error).__name__}: {error}"
         return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
     fetched = time.perf_counter()
-    image = decode_image(data, target_size, resize=settings.resize)
+    image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
     return Item(uri, label, image, fetched - started, time.perf_counter() - fetched)
 
 

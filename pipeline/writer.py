@@ -130,6 +130,7 @@ class CommitRecord:
     error: int
     timings: dict = field(default_factory=dict)  # seconds per stage: fetch, decode, forward, write
     errors_by_reason: dict = field(default_factory=dict)
+    committed_at: float = 0.0  # driver wall clock (epoch seconds): steady-state throughput in benchmarks
 
 
 def commit_path(shard_index: int) -> str:

