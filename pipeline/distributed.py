@@ -12,6 +12,7 @@ pieces of a shard are back, so a shard is visible exactly once whatever dies alo
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import sys
@@ -38,18 +39,24 @@ class ExtractorActor:
     """Holds one FeatureExtractor (built once) and processes shard pieces one at a time."""
 
     def __init__(self, model_config: ModelConfig, batch_size: int, num_threads: int,
-                 storage_options: dict):
+                 storage_options: dict, output_storage_options: dict | None = None):
         from pipeline.extractor import FeatureExtractor, configure_tensorflow  # TF only inside actors
 
         configure_tensorflow(num_threads)
         self.batch_size = batch_size
         self.extractor = FeatureExtractor(model_config, batch_size=batch_size, storage_options=storage_options)
+        # Storage options arrive once, here; tasks carry them without credentials (storage.public_options).
+        self.input_storage_options = storage_options
+        self.output_storage_options = output_storage_options
 
     def describe(self) -> dict:
         return {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
                 "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
+        if self.output_storage_options is not None:
+            settings = dataclasses.replace(settings, input_storage_options=self.input_storage_options,
+                                           output_storage_options=self.output_storage_options)
         return process_shard(task, self.extractor, settings, self.batch_size)
 
 
@@ -117,8 +124,8 @@ class Driver:
         self.output = config.output.uri
         self.options = config.output.storage_options
         self.settings = ShardSettings(
-            output_uri=self.output, output_storage_options=self.options,
-            input_storage_options=config.input.storage_options, resize=config.model.resize,
+            output_uri=self.output, output_storage_options=storage.public_options(self.options),
+            input_storage_options=storage.public_options(config.input.storage_options), resize=config.model.resize,
             draft_margin=config.model.draft_margin,
             feature_dtype=config.output.feature_dtype, row_group_size=config.output.row_group_size,
             decode_threads=config.run.decode_threads)
@@ -168,7 +175,7 @@ class Driver:
         run = self.config.run
         num_threads = max(1, int(self.shape.num_cpus))
         handle = self.actor_class.options(scheduling_strategy="SPREAD", runtime_env=forwarded_environment()).remote(
-            self.config.model, run.batch_size, num_threads, self.config.input.storage_options)
+            self.config.model, run.batch_size, num_threads, self.config.input.storage_options, self.options)
         return ActorSlot(handle=handle, ready=handle.describe.remote())
 
     def mark_ready(self, ref: ray.ObjectRef) -> None:
@@ -184,7 +191,7 @@ class Driver:
             self.replace(slot)
             return
         except RayTaskError as error:  # the model itself cannot be built: a config problem, not a crash
-            raise RuntimeError(f"actor failed to build the model: {error.cause}") from None
+            raise RuntimeError(f"actor failed to build the model: {storage.redact(error.cause)}") from None
         slot.is_ready = True
         self.failed_starts = 0
         self.actor_description = self.actor_description or description
@@ -252,7 +259,7 @@ class Driver:
 
     def quarantine(self, task: ShardTask) -> None:
         """Record the image that kept killing workers as an error row, written by the driver itself."""
-        log.warning("quarantined %s after %d crashes", task.uris[0], task.attempt)
+        log.warning("quarantined %s after %d crashes", storage.redact(task.uris[0]), task.attempt)
         rows = quarantine_rows(task, task.attempt)
         description = self.actor_description or {"feature_dim": 1, "provenance": {}}
         schema = writer.row_schema(description["feature_dim"], self.settings.feature_dtype,
@@ -266,8 +273,10 @@ class Driver:
 
     def retry_or_fail(self, task: ShardTask, error: RayTaskError) -> None:
         if task.attempt >= self.config.run.max_attempts:
-            raise RuntimeError(f"shard {task.shard} failed {task.attempt} times: {error.cause!r}") from None
-        log.warning("shard %d failed (attempt %d): %r; retrying", task.shard, task.attempt, error.cause)
+            raise RuntimeError(f"shard {task.shard} failed {task.attempt} times: "
+                               f"{storage.redact(repr(error.cause))}") from None
+        log.warning("shard %d failed (attempt %d): %s; retrying", task.shard, task.attempt,
+                    storage.redact(repr(error.cause)))
         self.queue.append(with_attempt(task, task.attempt + 1))
 
     def replace(self, slot: ActorSlot) -> None:
@@ -323,14 +332,14 @@ class Driver:
                                        max(finished - self.started, 1e-9), 2) if self.shards_run else 0.0,
             "error_rate": rows["error"] / rows["total"] if rows["total"] else 0.0,
             "max_error_rate": self.config.run.max_error_rate,
-            "output": self.output,
+            "output": storage.redact(self.output),
         }
         writer.write_json(storage.join(self.output, writer.SUCCESS_FILE), success, self.options)
         return success
 
     def provenance(self, records: list[writer.CommitRecord]) -> dict:
         if self.actor_description:
-            return self.actor_description["provenance"]
+            return {key: storage.redact(value) for key, value in self.actor_description["provenance"].items()}
         if not records or not records[0].files:  # a finished job rerun: read it back from a data file
             return {}
         return writer.read_file_metadata(self.output, records[0].files[0], self.options)

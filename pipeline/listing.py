@@ -32,12 +32,25 @@ def list_images(input_config: InputConfig) -> pa.Table:
 
 
 def list_source(uri: str, input_config: InputConfig) -> pa.Table:
+    """One source's listing; a missing bucket, a missing manifest or refused credentials stop the job here
+    with a StorageError (exit 2) that says which, without secrets."""
+    try:
+        return list_one_source(uri, input_config)
+    except Exception as error:  # noqa: BLE001 - storage failures get a clear message, the rest goes on up
+        if not storage.is_storage_failure(error):
+            raise
+        raise storage.access_error("input.uri", uri, "read", error) from None
+
+
+def list_one_source(uri: str, input_config: InputConfig) -> pa.Table:
     options = input_config.storage_options
     if uri.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_directory(uri, options):
         return read_manifest(uri, input_config)
     if not storage.is_glob(uri) and not storage.is_directory(uri, options):
-        raise ConfigError(f"input.uri: {uri} is neither a directory, a glob, nor a manifest "
-                          f"({', '.join(MANIFEST_SUFFIXES)}); check the path and input.storage_options")
+        problem = storage.missing_bucket(uri, options)
+        raise ConfigError(f"input.uri: {storage.redact(uri)} is neither a directory, a glob, nor a manifest "
+                          f"({', '.join(MANIFEST_SUFFIXES)})" + (f": {problem}" if problem else "")
+                          + "; check the path and input.storage_options")
     allowed = tuple("." + extension.lower().lstrip(".") for extension in input_config.extensions)
     uris = sorted(found for found in storage.find_files(uri, options) if found.lower().endswith(allowed))
     if input_config.labels == "from_dirs":
@@ -45,8 +58,8 @@ def list_source(uri: str, input_config: InputConfig) -> pa.Table:
     elif input_config.labels == "none":
         labels = [None] * len(uris)
     else:
-        raise ConfigError(f"input.labels: {input_config.labels!r} names a manifest column, but {uri} is a "
-                          "directory or glob; use input.labels: from_dirs or none")
+        raise ConfigError(f"input.labels: {input_config.labels!r} names a manifest column, but "
+                          f"{storage.redact(uri)} is a directory or glob; use input.labels: from_dirs or none")
     return pa.table({"uri": pa.array(uris, pa.string()), "label": pa.array(labels, pa.string())})
 
 
@@ -63,7 +76,8 @@ def read_manifest(uri: str, input_config: InputConfig) -> pa.Table:
         table = pa.table({"uri": pa.array([line for line in lines if line and not line.startswith("#")],
                                           pa.string())})
     if "uri" not in table.column_names:
-        raise ConfigError(f"input.uri: manifest {uri} has no 'uri' column (columns: {', '.join(table.column_names)})")
+        raise ConfigError(f"input.uri: manifest {storage.redact(uri)} has no 'uri' column "
+                          f"(columns: {', '.join(table.column_names)})")
     uris = resolve_relative(table.column("uri").cast(pa.string()), uri)
     labels = manifest_labels(table, uri, input_config.labels, uris)
     return pa.table({"uri": uris, "label": labels}).sort_by("uri")
@@ -75,7 +89,7 @@ def manifest_labels(table: pa.Table, manifest_uri: str, labels: str, uris: pa.Ar
     if labels == "from_dirs":
         return pa.array([posixpath.basename(posixpath.dirname(uri)) for uri in uris.to_pylist()], pa.string())
     if labels not in table.column_names:
-        raise ConfigError(f"input.labels: column {labels!r} is not in manifest {manifest_uri} "
+        raise ConfigError(f"input.labels: column {labels!r} is not in manifest {storage.redact(manifest_uri)} "
                           f"(columns: {', '.join(table.column_names)}); allowed: none, from_dirs, or a column name")
     return table.column(labels).cast(pa.string()).combine_chunks()
 

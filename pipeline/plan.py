@@ -43,9 +43,9 @@ def fingerprint_inputs(config: ExtractConfig) -> dict:
     is_file = model.weights not in ("imagenet", "none")
     backbone_is_file = model.backbone.lower().endswith((".keras", ".h5"))
     return {
-        "backbone": model.backbone,
+        "backbone": storage.redact(model.backbone),
         "backbone_sha256": storage.sha256_of_uri(model.backbone, options) if backbone_is_file else None,
-        "weights": model.weights,
+        "weights": storage.redact(model.weights),
         "weights_sha256": storage.sha256_of_uri(model.weights, options) if is_file else None,
         "layer": model.layer,
         "pooling": model.pooling,
@@ -54,10 +54,10 @@ def fingerprint_inputs(config: ExtractConfig) -> dict:
         "resize": model.resize,
         "draft_margin": model.draft_margin,
         "top_k": model.top_k,
-        "class_names": model.class_names,
+        "class_names": storage.redact(model.class_names),
         "mixed_precision": model.mixed_precision,
         "feature_dtype": config.output.feature_dtype,
-        "input_uri": list(config.input.uri),
+        "input_uri": [storage.redact(uri) for uri in config.input.uri],  # _plan.json holds no signature
         "labels": config.input.labels,
         "extensions": list(config.input.extensions),
         "shard_size": config.run.shard_size,
@@ -72,11 +72,12 @@ def prepare(config: ExtractConfig) -> tuple[Plan, pa.Table]:
     """Honour output.mode, then return the plan and the frozen manifest (listing the input only once)."""
     output, options = config.output.uri, config.output.storage_options
     plan_uri = storage.join(output, writer.PLAN_FILE)
+    storage.check_writable(output, options)  # a missing bucket or bad credentials stop here, not after listing
     inputs = fingerprint_inputs(config)
     exists = storage.exists(plan_uri, options)
     if exists and config.output.mode == "error":
-        raise ConfigError(f"output.uri: {output} already holds a featurize output and output.mode is 'error'; "
-                          "use output.mode: resume to finish it or overwrite to start again")
+        raise ConfigError(f"output.uri: {storage.redact(output)} already holds a featurize output and output.mode "
+                          "is 'error'; use output.mode: resume to finish it or overwrite to start again")
     if exists and config.output.mode == "overwrite":
         storage.remove(output, options, recursive=True)
         exists = False
@@ -90,9 +91,9 @@ def resume_plan(output: str, options: dict, inputs: dict) -> tuple[Plan, pa.Tabl
     differences = [f"{key}: {frozen['fingerprint_inputs'].get(key)!r} -> {value!r}"
                    for key, value in inputs.items() if frozen["fingerprint_inputs"].get(key) != value]
     if differences:
-        raise ConfigError(f"output.uri: {output} was written with a different configuration, so resuming would "
-                          f"mix features. Differences: {'; '.join(differences)}. Use output.mode: overwrite "
-                          "or another output.uri.")
+        raise ConfigError(f"output.uri: {storage.redact(output)} was written with a different configuration, so "
+                          f"resuming would mix features. Differences: {'; '.join(differences)}. Use output.mode: "
+                          "overwrite or another output.uri.")
     manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, writer.MANIFEST_FILE), options)))
     return Plan(**{key: frozen[key] for key in ("fingerprint", "fingerprint_inputs", "num_images", "shard_size")}), manifest
 

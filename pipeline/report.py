@@ -48,7 +48,7 @@ def inspect_output(output_uri: str, console: Console, storage_options: dict | No
         "rows_error": sum(record.error for record in commits.values()),
         "errors_by_reason": dict(reasons), "fingerprint": plan["fingerprint"],
     }
-    table = Table(title=f"featurize inspect {output_uri}", show_header=False)
+    table = Table(title=f"featurize inspect {storage.redact(output_uri)}", show_header=False)
     table.add_row("status", "finished (_SUCCESS present)" if finished else "incomplete: resume to finish")
     table.add_row("images", str(summary["images"]))
     table.add_row("rows", f"{summary['rows_ok']} ok, {summary['rows_error']} error")

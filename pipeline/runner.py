@@ -79,7 +79,7 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
     try:
         data = storage.read_bytes(uri, settings.input_storage_options)
     except Exception as error:  # noqa: BLE001 - any fetch failure is this image's error row
-        reason = f"fetch failed: {type(error).__name__}: {error}"
+        reason = f"fetch failed: {storage.describe_error(error)}"  # "not found", "access denied", ...; redacted
         return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
     fetched = time.perf_counter()
     image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
@@ -159,8 +159,10 @@ def add_rows(rows: writer.ShardRows, group: list[Item], extractor, class_names: 
 
 
 def reason_category(error: str) -> str:
-    """The stable part of a reason ("truncated image: ..." -> "truncated image") for grouping."""
-    return error.split(":", 1)[0].strip()
+    """The stable part of a reason for grouping: what comes before the first ':' or ' (' (the details)
+    ("truncated image: ..." -> "truncated image", "format EPS not allowed (allowed: ...)" ->
+    "format EPS not allowed", "empty file (0 bytes)" -> "empty file")."""
+    return error.split(":", 1)[0].split(" (", 1)[0].strip()
 
 
 def quarantine_rows(task: ShardTask, attempts: int) -> writer.ShardRows:

@@ -6,28 +6,198 @@ object name and becomes visible in one PUT (or, on local disk, an atomic rename 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import random
+import re
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.registry import known_implementations
 
 T = TypeVar("T")
 
-TRANSIENT_MARKERS = ("slowdown", "503", "500", "502", "504", "reset", "timed out", "timeout",
-                     "temporarily", "throttl", "incomplete read", "connection", "broken pipe")
+log = logging.getLogger("featurize.storage")
+
+REDACTED = "***"
+# Option and parameter names whose values are credentials (storage_options keys, URL query parameters,
+# headers): s3fs key/secret/token, client_kwargs aws_*; adlfs account_key/sas_token/connection_string/
+# client_secret; gcsfs token; presigned URLs' X-Amz-Signature/Credential/Security-Token; Azure SAS `sig`.
+SECRET_NAME = re.compile(r"secret|token|passw|credential|signature|auth|private|api_?key|access_?key|"
+                         r"account_?key|sas|connection_?string|^key$|_key$|^sig$", re.IGNORECASE)
+# Environment variables whose values are credentials (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+# AZURE_STORAGE_KEY, AZURE_CLIENT_SECRET, ...): scrubbed from any text that goes out, wherever it came from.
+SECRET_ENVIRONMENT = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|ACCOUNT_KEY|STORAGE_KEY|"
+                                r"CONNECTION_STRING|SAS|CREDENTIAL|API_KEY", re.IGNORECASE)
+MIN_SECRET_LENGTH = 8  # shorter values ("true", "anon") would scrub ordinary words
+URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#'\"]+@")
+PARAMETER = re.compile(r"(?<![\w.\-])([\w.\-]+)=([^&\s'\"#,;)]+)")
+MAPPING_ITEM = re.compile(r"""(['"])([\w.\-]+)\1(\s*:\s*)(['"])(.*?)\4""")
+HEADER = re.compile(r"(?i)\b(authorization|cookie|x-amz-security-token)(\s*:\s*)([^\r\n,'\"]+)")
+
+_remembered_secrets: set[str] = set()
+
+# Retrying: botocore (5 attempts) and s3fs (5) already retry S3 throttling and resets inside one call;
+# with_retries is the layer above, per object and for every fsspec backend (http has no retries of its
+# own). Classified by exception class, HTTP status, S3 error code and errno, never by message alone.
+TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                   "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException", "OperationAborted",
+                   "ServerBusy", "500", "502", "503", "504"}
+TRANSIENT_CLASS_NAMES = {"IncompleteRead", "ClientPayloadError", "ServerDisconnectedError", "ClientConnectionError",
+                         "ClientOSError", "ServerTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
+                         "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError", "ProtocolError",
+                         "HTTPClientError", "FSTimeoutError", "ChunkedEncodingError", "RemoteDisconnected",
+                         "ServiceResponseError", "ResponseParserError"}
+CREDENTIAL_CLASS_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound",
+                          "CredentialRetrievalError", "DefaultCredentialsError", "ClientAuthenticationError"}
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                    errno.ECONNREFUSED, errno.EPIPE, getattr(errno, "EREMOTEIO", errno.EIO)}
+TRANSIENT_MARKERS = ("slowdown", "reduce your request rate", "throttl", "service unavailable", "connection reset",
+                     "connection aborted", "connection closed", "timed out", "temporarily", "incomplete read",
+                     "broken pipe", "payload is not completed")
+NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "BlobNotFound", "ContainerNotFound"}
+DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                "AllAccessDisabled", "AuthorizationFailure", "AuthenticationFailed", "403", "401"}
+RETRIES: collections.Counter = collections.Counter()  # retries done in this process, by reason (tests, logs)
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
+          "http": "http", "https": "http"}
+PROTOCOL_FAMILIES = {"https": "http", "s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "local": "file"}
+
+
+class StorageError(ValueError):
+    """A storage problem the user has to fix (missing bucket, bad or no credentials): the job stops at once.
+
+    A ValueError, so the CLI reports it as a configuration error (exit 2). Its message is redacted."""
+
+
+# --------------------------------------------------------------------------------------------------
+# secrets: what is one, and keeping them out of every text that leaves the process
+# --------------------------------------------------------------------------------------------------
+
+
+def secret_values(options: Any) -> Iterator[str]:
+    """Every string held under a secret-named key of a (nested) storage_options mapping."""
+    if isinstance(options, dict):
+        for name, value in options.items():
+            if SECRET_NAME.search(str(name)):
+                yield from string_leaves(value)
+            else:
+                yield from secret_values(value)
+    elif isinstance(options, (list, tuple)):
+        for value in options:
+            yield from secret_values(value)
+
+
+def string_leaves(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from string_leaves(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from string_leaves(item)
+
+
+def remember_secrets(options: dict | None) -> None:
+    """Values given as credentials in storage_options are scrubbed from every later `redact` in this process."""
+    for value in secret_values(options or {}):
+        if len(value) >= MIN_SECRET_LENGTH:
+            _remembered_secrets.add(value)
+
+
+def environment_secrets() -> list[str]:
+    return [value for name, value in os.environ.items()
+            if SECRET_ENVIRONMENT.search(name) and len(value) >= MIN_SECRET_LENGTH]
+
+
+def public_options(options: dict | None) -> dict:
+    """storage_options without credential values: what may travel with every Ray task."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: strip(item) for name, item in value.items() if not SECRET_NAME.search(str(name))}
+        if isinstance(value, (list, tuple)):
+            return type(value)(strip(item) for item in value)
+        return value
+
+    return strip(dict(options or {}))
+
+
+def redact(text: Any) -> Any:
+    """`text` with credentials replaced by ***: URL user info, signed-URL parameters, authorization headers,
+    secret-named items, and every secret value known from the environment or storage_options.
+
+    Use it on anything that leaves the process: log lines, error messages, error rows, `_SUCCESS`, plans."""
+    if text is None:
+        return None
+    text = str(text)
+    text = URL_USERINFO.sub(rf"\1{REDACTED}@", text)
+    text = HEADER.sub(rf"\1\2{REDACTED}", text)
+    text = PARAMETER.sub(lambda m: f"{m[1]}={REDACTED}" if SECRET_NAME.search(m[1]) else m[0], text)
+    text = MAPPING_ITEM.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{m[4]}{REDACTED}{m[4]}"
+                            if SECRET_NAME.search(m[2]) else m[0], text)
+    for value in sorted({*_remembered_secrets, *environment_secrets()}, key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+def redact_uri(uri: str) -> str:
+    """An input name as it may be shown or stored in rows: user info and signatures removed."""
+    if uri is None or ("@" not in uri and "?" not in uri and ";" not in uri):
+        return uri  # the common case, kept cheap: one check per row
+    return redact(uri)
+
+
+# --------------------------------------------------------------------------------------------------
+# filesystems
+# --------------------------------------------------------------------------------------------------
+
+
+def protocol_family(protocol: str) -> str:
+    return PROTOCOL_FAMILIES.get(protocol, protocol)
+
+
+def options_for(uri: str, storage_options: dict | None) -> dict:
+    """The fsspec options for one URI.
+
+    storage_options is flat (`{anon: true}`, `{client_kwargs: {endpoint_url: ...}}`: for the object store
+    the config names) or keyed by protocol where inputs mix stores (`{s3: {...}, https: {headers: {...}}}`);
+    flat keys apply to every protocol but http(s) and local files, which take only their own entry (an
+    S3 option means nothing to a web server and would break its client)."""
+    if not storage_options:
+        return {}
+    family = protocol_family(protocol_of(uri))
+    flat, chosen = {}, {}
+    for name, value in storage_options.items():
+        if name in known_implementations and isinstance(value, dict):
+            if protocol_family(name) == family:
+                chosen.update(value)
+        else:
+            flat[name] = value
+    base = {} if family in ("http", "file") else flat
+    return {**base, **chosen}
 
 
 def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for any fsspec URI or local path."""
-    return url_to_fs(uri, **(storage_options or {}))
+    if storage_options:
+        remember_secrets(storage_options)
+    try:
+        return url_to_fs(uri, **options_for(uri, storage_options))
+    except ImportError as error:
+        extra = EXTRAS.get(protocol_of(uri))
+        hint = f"pip install 'featurize[{extra}]'" if extra else "install the fsspec implementation it names"
+        raise StorageError(f"{redact(uri)}: {error}; {hint}") from None
 
 
 def join(base: str, *parts: str) -> str:
@@ -43,29 +213,193 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str, original: str) -> str:
     protocol = protocol_of(original)
     if protocol == "file":
         return path if "://" not in original else f"file://{path}"
+    if protocol in ("s3a", "gcs", "abfs", "abfss", "az"):  # keep the scheme the user wrote
+        return f"{protocol}://{path}"
     return fs.unstrip_protocol(path)
 
 
+def forget_cached_listing(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Object-store clients cache listings; other processes (actors, a previous run) change the output."""
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# errors: transient (retry), permanent per object (an error row), or the job's (stop at once)
+# --------------------------------------------------------------------------------------------------
+
+
+def error_chain(error: BaseException) -> Iterator[BaseException]:
+    """The error and its causes (s3fs raises OSError/PermissionError from botocore's ClientError)."""
+    seen = 0
+    while error is not None and seen < 8:
+        yield error
+        error = error.__cause__ or error.__context__
+        seen += 1
+
+
+def class_names(error: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(error).__mro__}
+
+
+def http_status(error: BaseException) -> int | None:
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(status) if status else None
+    for name in ("status", "status_code", "code"):  # aiohttp, azure-core, gcsfs
+        value = getattr(error, name, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    return None
+
+
+def error_code(error: BaseException) -> str | None:
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):
+        return response.get("Error", {}).get("Code")
+    code = getattr(error, "error_code", None)  # azure-core
+    return str(code) if code else None
+
+
 def is_transient(error: BaseException) -> bool:
-    """Errors worth retrying: throttling, 5xx, resets, short reads. 403/404 are permanent."""
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        return False
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
+    """Errors worth retrying: throttling, 5xx, resets, short reads. 403/404 and credentials are permanent."""
+    for cause in error_chain(error):
+        names = class_names(cause)
+        if names & CREDENTIAL_CLASS_NAMES:
+            return False
+        status, code = http_status(cause), error_code(cause)
+        if code in TRANSIENT_CODES or (status is not None and (status >= 500 or status in (408, 429))):
+            return True
+        if status is not None and 400 <= status < 500:
+            return False
+        if isinstance(cause, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(cause, (ConnectionError, TimeoutError)) or names & TRANSIENT_CLASS_NAMES:
+            return True
+        if isinstance(cause, OSError) and cause.errno in TRANSIENT_ERRNOS:
+            return True
     text = f"{type(error).__name__} {error}".lower()
     return any(marker in text for marker in TRANSIENT_MARKERS)
 
 
-def with_retries(operation: Callable[[], T], attempts: int = 6, base_delay: float = 0.2) -> T:
-    """Run `operation`, retrying transient errors with jittered exponential backoff."""
+def describe_error(error: BaseException) -> str:
+    """A short reason without secrets: "not found", "access denied", "no credentials found", or the error."""
+    chain = list(error_chain(error))
+    codes = {error_code(cause) for cause in chain} - {None}
+    statuses = {http_status(cause) for cause in chain} - {None}
+    if any(class_names(cause) & CREDENTIAL_CLASS_NAMES for cause in chain):
+        return "no credentials found"
+    if "NoSuchBucket" in codes:
+        return "bucket not found"
+    if codes & NOT_FOUND_CODES or 404 in statuses or isinstance(chain[0], FileNotFoundError):
+        return "not found"
+    if codes & DENIED_CODES or statuses & {401, 403} or isinstance(chain[0], PermissionError):
+        return "access denied"
+    detail = redact(f"{type(error).__name__}: {error}")
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
+    return f"still failing after retries ({detail})" if is_transient(error) else detail
+
+
+def server_message(error: BaseException) -> str:
+    """The server's own words (e.g. "The AWS Access Key Id you provided does not exist in our records.")."""
+    for cause in error_chain(error):
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Message"):
+            return redact(response["Error"]["Message"])
+    return redact(str(error))[:300]
+
+
+def access_error(key: str, uri: str, action: str, error: BaseException) -> StorageError:
+    """A StorageError saying what failed, why, and what to do; no secret in it."""
+    reason = describe_error(error)
+    section = key.split(".", 1)[0]
+    hints = {
+        "bucket not found": "the bucket does not exist: create it or fix the URI",
+        "not found": "it does not exist (or is invisible with these credentials): check the URI",
+        "access denied": (f"the credentials in use (environment variables, the profile, the instance role, or "
+                          f"{section}.storage_options) are invalid or not allowed to {action} it"),
+        "no credentials found": ("set them in the environment (e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), "
+                                 f"name a profile ({section}.storage_options.profile), run with an instance role, "
+                                 f"or use {section}.storage_options.anon: true for a public bucket"),
+    }
+    hint = hints.get(reason, "the store kept failing; check that it is reachable and try again")
+    detail = server_message(error)
+    message = f"{key}: cannot {action} {redact(uri)}: {reason}"
+    if detail and detail.lower() not in reason:
+        message += f" ({detail})"
+    return StorageError(f"{message}; {hint}")
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """An error raised by a storage client (as opposed to a bug or a config error of ours)."""
+    if isinstance(error, ValueError):
+        return False
+    if isinstance(error, OSError):
+        return True
+    modules = {cls.__module__.split(".", 1)[0] for cls in type(error).__mro__}
+    return bool(modules & {"botocore", "aiobotocore", "aiohttp", "fsspec", "s3fs", "gcsfs", "adlfs", "azure",
+                           "google"})
+
+
+def retry_reason(error: BaseException) -> str:
+    """A short name for a transient error: the S3 code or HTTP status, else the exception class."""
+    for cause in error_chain(error):
+        if error_code(cause) or http_status(cause):
+            return str(error_code(cause) or http_status(cause))
+    return type(error).__name__
+
+
+def with_retries(operation: Callable[[], T], attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Run `operation`, retrying transient errors with jittered exponential backoff (0.2 s, 0.4 s, ...)."""
     for attempt in range(attempts):
         try:
             return operation()
         except Exception as error:  # noqa: BLE001 - classified just below
             if attempt == attempts - 1 or not is_transient(error):
                 raise
+            RETRIES[retry_reason(error)] += 1
+            log.debug("transient storage error, retry %d of %d: %s", attempt + 1, attempts - 1,
+                      redact(f"{type(error).__name__}: {error}"))
             time.sleep(base_delay * (2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+def check_writable(uri: str, storage_options: dict | None = None, key: str = "output.uri") -> None:
+    """Write and delete a tiny probe object under `uri`, so a missing bucket or bad credentials stop the job
+    before any listing or model loading, with a StorageError that says which and how to fix it."""
+    probe = join(uri, f"_probe-{uuid.uuid4().hex[:12]}")
+    try:
+        write_bytes(probe, b"", storage_options)
+    except StorageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - turned into a clear message or re-raised
+        if not is_storage_failure(error):
+            raise
+        raise access_error(key, uri, "write to", error) from None
+    try:
+        remove(probe, storage_options)
+    except Exception as error:  # noqa: BLE001 - a write-only role: the probe stays, the job can run
+        log.warning("could not delete the probe object %s: %s", redact(probe), describe_error(error))
+
+
+def missing_bucket(uri: str, storage_options: dict | None = None) -> str | None:
+    """For an object-store URI whose bucket (container) does not exist or is not visible: a sentence saying so."""
+    if protocol_family(protocol_of(uri)) in ("file", "http", "memory"):
+        return None
+    fs, path = filesystem(uri, storage_options)
+    bucket = path.strip("/").split("/", 1)[0]
+    try:
+        if fs.exists(bucket):
+            return None
+    except Exception:  # noqa: BLE001 - the probe itself failed: say what is known
+        pass
+    return f"the bucket {bucket!r} does not exist or is not visible with these credentials"
+
+
+# --------------------------------------------------------------------------------------------------
+# reading and writing
+# --------------------------------------------------------------------------------------------------
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
@@ -95,6 +429,7 @@ def write_local_atomically(path: str, data: bytes) -> None:
 
 def exists(uri: str, storage_options: dict | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
+    forget_cached_listing(fs, path)
     return with_retries(lambda: fs.exists(path))
 
 
@@ -102,7 +437,7 @@ def list_names(directory_uri: str, storage_options: dict | None = None) -> list[
     """Base names directly under a directory (empty when it does not exist)."""
     fs, path = filesystem(directory_uri, storage_options)
     try:
-        fs.invalidate_cache(path)
+        forget_cached_listing(fs, path)
         entries = with_retries(lambda: fs.ls(path, detail=False))
     except FileNotFoundError:
         return []
@@ -180,6 +515,7 @@ def is_glob(uri: str) -> bool:
 def find_files(uri: str, storage_options: dict | None = None) -> list[str]:
     """Every file below a directory or matching a glob, as URIs of the same scheme, page by page."""
     fs, path = filesystem(uri, storage_options)
+    forget_cached_listing(fs, path)
     if is_glob(uri):
         paths = with_retries(lambda: fs.glob(path))
     else:
@@ -189,4 +525,5 @@ def find_files(uri: str, storage_options: dict | None = None) -> list[str]:
 
 def is_directory(uri: str, storage_options: dict | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
+    forget_cached_listing(fs, path)
     return with_retries(lambda: fs.isdir(path))

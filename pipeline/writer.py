@@ -44,7 +44,7 @@ def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dic
         pa.field("top_k_labels", pa.list_(pa.string())),
         pa.field("top_k_scores", pa.list_(pa.float32())),
     ])
-    metadata = {key: str(value) for key, value in (provenance or {}).items()}
+    metadata = {key: storage.redact(str(value)) for key, value in (provenance or {}).items()}  # URIs: no secrets
     return schema.with_metadata(metadata)
 
 
@@ -69,7 +69,7 @@ class ShardRows:
         self._add(uri, label, "error", reason, width, height, None, [], [])
 
     def _add(self, uri, label, status, error, width, height, features, labels, scores):
-        self.uri.append(uri)
+        self.uri.append(storage.redact_uri(uri))  # a signed URL's signature or user info stays out of rows
         self.label.append(label)
         self.status.append(status)
         self.error.append(error)
