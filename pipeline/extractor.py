@@ -226,7 +226,7 @@ def producer(tensor):
 
 
 def layer_names(model, limit: int = 400) -> list[str]:
-    """Layer names, nested sub-models expanded as 'outer/inner' would be confusing: plain names, depth-first."""
+    """Layer names in graph order, each nested sub-model's own layers listed right after it."""
     import keras
 
     names: list[str] = []
