@@ -32,14 +32,15 @@ def photos() -> list[np.ndarray]:
     return list(load_sample_images().images)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
-    """One local Ray for the session (tests that need their own cluster shut it down first)."""
+    """A local Ray, started once and reused (tests that need their own cluster shut it down; the next
+    test using this fixture starts a fresh one)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    return ray
 
 
 def write_labelled_images(root: Path, num_classes: int = 3, per_class: int = 10, size=(48, 40), seed: int = 0
