@@ -391,3 +391,42 @@ def test_configure_tensorflow_sets_threads_once():
         "assert configure_tensorflow(1) == first\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+def test_batch_size_halves_on_accelerator_out_of_memory(caplog):
+    """A batch too large for the device memory: the extractor halves its batch and still returns every row."""
+    import tensorflow as tf
+
+    from pipeline.extractor import FeatureExtractor
+
+    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv3small", weights="none", input_size=32, top_k=0),
+                                 batch_size=8)
+    images = np.random.default_rng(3).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    expected = extractor(images).features
+    real_compile = extractor.compile_forward
+
+    def compile_with_memory_limit(tf_module):
+        forward = real_compile(tf_module)
+
+        def limited(batch):  # stands in for a GPU that holds at most 3 images
+            if batch.shape[0] > 3:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+            return forward(batch)
+        return limited
+
+    extractor.compile_forward = compile_with_memory_limit
+    extractor.forward = compile_with_memory_limit(tf)
+    with caplog.at_level("WARNING"):
+        output = extractor(images)
+    assert extractor.batch_size == 2
+    assert "batch size reduced to 4" in caplog.text and "batch size reduced to 2" in caplog.text
+    np.testing.assert_allclose(output.features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_xla_on_cpu_warns(caplog):
+    from pipeline.extractor import FeatureExtractor
+
+    with caplog.at_level("WARNING"):
+        FeatureExtractor(ModelConfig(backbone="mobilenetv3small", weights="none", input_size=32, top_k=0, xla=True),
+                         batch_size=2)
+    assert "model.xla on a CPU" in caplog.text
