@@ -63,7 +63,7 @@ class RunConfig:
     batch_size: int = 32
     shard_size: int = 1000  # images per shard: the unit of work, retry and resume
     shards_in_flight_per_actor: int = 2  # work is pulled: bounded shards queued per actor
-    decode_threads: int = 4  # fetch+decode threads per actor, ahead of the model
+    decode_threads: int = 0  # fetch+decode threads per actor, ahead of the model; 0 = the actor's CPUs (min 4)
     max_attempts: int = 3  # tries per shard before it is bisected / quarantined
     max_error_rate: float = 0.1  # the job fails when error rows pass this fraction
 
@@ -91,7 +91,8 @@ class ExtractConfig:
             raise ConfigError("output.uri is required: the directory (local or fsspec URI) to write Parquet to")
         require_positive("run.batch_size", self.run.batch_size)
         require_positive("run.shard_size", self.run.shard_size)
-        require_positive("run.decode_threads", self.run.decode_threads)
+        if self.run.decode_threads < 0:
+            raise ConfigError(f"run.decode_threads: got {self.run.decode_threads}; use 0 (auto) or a positive count")
         require_positive("run.max_attempts", self.run.max_attempts)
         require_positive("run.shards_in_flight_per_actor", self.run.shards_in_flight_per_actor)
         if self.run.actors < 0:

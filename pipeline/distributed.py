@@ -149,6 +149,8 @@ class Driver:
 
     def run_shards(self, plan: Plan, manifest, todo: list[int], commits: dict) -> None:
         self.shape = actor_shape(self.config)
+        decode_threads = self.config.run.decode_threads or max(4, int(self.shape.num_cpus))
+        self.settings = dataclasses.replace(self.settings, decode_threads=decode_threads)
         self.actor_class = ray.remote(num_cpus=self.shape.num_cpus, num_gpus=self.shape.num_gpus,
                                       max_restarts=0, max_concurrency=1)(ExtractorActor)
         self.commits = commits
