@@ -109,4 +109,4 @@ def drop_repeated_uris(listing: pa.Table) -> pa.Table:
     indices = pa.array(range(listing.num_rows), pa.int64())
     first = (pa.table({"uri": listing.column("uri"), "index": indices})
              .group_by("uri", use_threads=False).aggregate([("index", "min")]).column("index_min"))
-    return listing.take(pc.sort_indices(first))
+    return listing.take(pc.take(first, pc.sort_indices(first)))  # the kept rows, in their original order

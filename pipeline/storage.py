@@ -48,7 +48,7 @@ _remembered_secrets: set[str] = set()
 
 # Retrying: botocore (5 attempts) and s3fs (5) already retry S3 throttling and resets inside one call;
 # with_retries is the layer above, per object and for every fsspec backend (http has no retries of its
-# own). Classified by exception class, HTTP status, S3 error code and errno, never by message alone.
+# own). Classified by exception class, HTTP status, S3 error code and errno; by message only as a last resort.
 TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                    "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException", "OperationAborted",
                    "ServerBusy", "500", "502", "503", "504"}
@@ -403,8 +403,11 @@ def missing_bucket(uri: str, storage_options: dict | None = None) -> str | None:
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    """A whole object in one request. On S3 that is one GET: s3fs would otherwise first ask the size (a HEAD)
+    to split big objects into ranges, doubling the round trips for every small image."""
     fs, path = filesystem(uri, storage_options)
-    return with_retries(lambda: fs.cat_file(path))
+    single_request = {"max_concurrency": 1} if getattr(fs, "max_concurrency", 1) > 1 else {}
+    return with_retries(lambda: fs.cat_file(path, **single_request))
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> None:
