@@ -101,6 +101,7 @@ class ExtractConfig:
             raise ConfigError(f"model.top_k: got {self.model.top_k}; use 0 (no predictions) or a positive count")
         if not 0.0 <= self.run.max_error_rate <= 1.0:
             raise ConfigError(f"run.max_error_rate: got {self.run.max_error_rate}; allowed: a fraction in [0, 1]")
+        check_backbone(self.model.backbone)
         if self.model.draft_margin < 0:
             raise ConfigError(f"model.draft_margin: got {self.model.draft_margin}; use 0 (off) or a positive factor")
         if self.model.input_size is not None:
@@ -166,6 +167,18 @@ class TrainConfig:
         require_positive("classifier.patience", self.classifier.patience)
         require_positive("classifier.max_in_memory_rows", self.classifier.max_in_memory_rows)
         return self
+
+
+def check_backbone(backbone: str) -> None:
+    """A zoo name must be known (fail before any cluster starts); a saved-model path is checked on load."""
+    from pipeline.backbones import get_backbone
+
+    if backbone.lower().endswith((".keras", ".h5")):
+        return
+    try:
+        get_backbone(backbone)
+    except ValueError as error:
+        raise ConfigError(f"model.backbone: {error}") from None
 
 
 def require_positive(key: str, value: float) -> None:

@@ -193,7 +193,7 @@ class Driver:
             self.replace(slot)
             return
         except RayTaskError as error:  # the model itself cannot be built: a config problem, not a crash
-            raise RuntimeError(f"actor failed to build the model: {storage.redact(error.cause)}") from None
+            raise ValueError(f"the model could not be built on an actor: {storage.redact(error.cause)}") from None
         slot.is_ready = True
         self.failed_starts = 0
         self.actor_description = self.actor_description or description

@@ -67,3 +67,11 @@ def test_every_shipped_config_loads():
     for path in sorted(configs.glob("*.yaml")):
         kind = TrainConfig if path.stem.startswith("train") else ExtractConfig
         load_config(kind, path)
+
+
+def test_unknown_zoo_backbone_fails_at_load_with_the_known_names(tmp_path):
+    path = write(tmp_path, "input: {uri: imgs}\noutput: {uri: out}\nmodel: {backbone: resnet51}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(ExtractConfig, path)
+    assert "model.backbone" in str(raised.value) and "resnet50" in str(raised.value)
+    load_config(ExtractConfig, path, ["model.backbone=s3://bucket/my_model.keras"])  # checked when loaded
