@@ -36,6 +36,7 @@ class BenchSettings:
     camera_size: tuple[int, int] = (4000, 3000)
     camera_images: int = 16  # 0 skips the camera-size figures
     gpus_per_actor: float | None = None  # None: 1 on a GPU machine, 0 on CPU
+    manifest_entries: int = 1_000_000  # driver memory to plan a manifest this long; 0 skips it
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
@@ -156,6 +157,36 @@ def decode_per_core(settings: BenchSettings, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
+PLAN_MEMORY_SCRIPT = """
+import resource, sys, tempfile, pyarrow as pa, pyarrow.parquet as pq
+from pipeline.config import ExtractConfig, load_config
+from pipeline.plan import prepare
+count = int(sys.argv[1])
+with tempfile.TemporaryDirectory() as scratch:
+    uris = pa.array([f"s3://archive/images/{index // 1000:05d}/{index:09d}.jpg" for index in range(count)])
+    pq.write_table(pa.table({"uri": uris, "label": pa.array([str(index % 1000) for index in range(count)])}),
+                   f"{scratch}/manifest.parquet")
+    del uris
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    config = load_config(ExtractConfig, None, [f"input.uri={scratch}/manifest.parquet", "input.labels=label",
+                                               f"output.uri={scratch}/out", "model.weights=none"])
+    plan, manifest = prepare(config)
+    assert plan.num_images == count
+    print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def plan_memory(num_entries: int) -> dict:
+    """Peak driver memory (RSS, whole process) to list and plan a manifest of `num_entries` URIs."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PLAN_MEMORY_SCRIPT, str(num_entries)], capture_output=True,
+                          text=True, check=True)
+    before, peak = (int(value) for value in done.stdout.split())
+    return {"entries": num_entries, "peak_rss_bytes": peak, "peak_rss_before_plan_bytes": before}
+
+
 def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="featurize-bench-") as scratch:
@@ -183,6 +214,8 @@ def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
             camera = write_images(scratch / "camera", settings.camera_images, settings.camera_size, seed=100)
             result["camera_jpeg_draft"] = draft_gain(settings, camera)
             result["camera_pipeline"] = full_pipeline(settings, scratch / "camera", scratch / "out-camera")
+    if settings.manifest_entries:
+        result["plan_memory"] = plan_memory(settings.manifest_entries)
     (output_dir / "bench.json").write_text(json.dumps(result, indent=2))
     plot(result, output_dir / "bench.png")
     print_bench(result, console)
@@ -232,4 +265,8 @@ def print_bench(result: dict, console) -> None:
                       f"{draft['full_decode_ms']:.0f} ms full, {draft['draft_decode_ms']:.0f} ms draft margin "
                       f"{draft['draft_margin']} ({draft['speedup']:.1f}x), {draft['draft_margin_1_ms']:.0f} ms margin 1")
         table.add_row("camera JPEG pipeline", f"{result['camera_pipeline']['images_per_second']:.1f} images/s")
+    if "plan_memory" in result:
+        memory = result["plan_memory"]
+        table.add_row("driver memory to plan", f"{memory['entries']:,} entries: peak RSS "
+                                               f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB")
     console.print(table)
