@@ -20,9 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return arguments.handler(arguments)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ValueError) as error:  # what the user can fix: config, paths
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
+    except RuntimeError as error:  # the run could not finish (committed shards are kept)
+        console.print(f"[bold red]failed:[/] {error}", highlight=False, soft_wrap=True)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train and evaluate a classifier on extracted features")
     add_config_arguments(train)
     train.set_defaults(handler=command_train)
+
+    compare = commands.add_parser("compare", help="compare backbones (and random-init baselines) with one probe")
+    add_config_arguments(compare)
+    compare.set_defaults(handler=command_compare)
 
     predict = commands.add_parser("predict", help="apply a trained classifier to extracted features")
     predict.add_argument("--model", required=True, help="output directory of `featurize train`")
@@ -107,6 +114,15 @@ def command_train(arguments) -> int:
     return 0
 
 
+def command_compare(arguments) -> int:
+    from pipeline.compare import compare, load_compare_config
+
+    config = load_compare_config(arguments.config, arguments.set)
+    compare(config, console)
+    console.print(f"comparison written to {config.output.uri} (compare.json, compare.png)")
+    return 0
+
+
 def command_predict(arguments) -> int:
     from pipeline.train import predict
 
@@ -119,13 +135,14 @@ def command_models(arguments) -> int:
     from pipeline.backbones import model_table
 
     table = Table(title="featurize backbone zoo (Keras applications)")
-    for column in ("name", "input", "feature dim", "params (M)", "depth", "top-1", "top-5", "preprocess"):
-        table.add_column(column)
+    for column in ("name", "Keras name", "size (MB)", "top-1", "top-5", "params (M)", "depth", "input",
+                   "feature dim", "preprocess"):
+        table.add_column(column, no_wrap=True)
     for row in model_table():
-        table.add_row(row["name"], str(row["input_size"]), str(row["feature_dim"]),
-                      f"{row['parameters_millions']:.1f}", str(row["depth"] or "-"), format_accuracy(row["top1"]),
-                      format_accuracy(row["top5"]), row["preprocess"])
-    console.print(table)
+        table.add_row(row["name"], row["keras_name"], str(row["size_mb"]), format_accuracy(row["top1"]),
+                      format_accuracy(row["top5"]), f"{row['parameters_millions']:.1f}", str(row["depth"] or "-"),
+                      str(row["input_size"]), str(row["feature_dim"]), row["preprocess"])
+    Console(width=max(console.width, 130)).print(table)  # the whole table, even when piped
     return 0
 
 

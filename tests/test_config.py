@@ -64,9 +64,13 @@ def test_every_shipped_config_loads():
     from pathlib import Path
 
     configs = Path(__file__).parent.parent / "configs"
+    from pipeline.compare import load_compare_config
+
     for path in sorted(configs.glob("*.yaml")):
-        kind = TrainConfig if path.stem.startswith("train") else ExtractConfig
-        load_config(kind, path)
+        if path.stem == "compare":
+            load_compare_config(path)
+        else:
+            load_config(TrainConfig if path.stem == "train" else ExtractConfig, path)
 
 
 def test_unknown_zoo_backbone_fails_at_load_with_the_known_names(tmp_path):
