@@ -106,6 +106,12 @@ class ExtractConfig:
             raise ConfigError(f"model.draft_margin: got {self.model.draft_margin}; use 0 (off) or a positive factor")
         if self.model.input_size is not None:
             require_positive("model.input_size", self.model.input_size)
+        require_positive("output.row_group_size", self.output.row_group_size)
+        if self.run.cpus_per_actor is not None:
+            require_positive("run.cpus_per_actor", self.run.cpus_per_actor)
+        if self.run.gpus_per_actor is not None and self.run.gpus_per_actor < 0:
+            raise ConfigError(f"run.gpus_per_actor: got {self.run.gpus_per_actor}; use 0 (CPU only), a fraction "
+                              "or a count of GPUs, or leave it unset (auto)")
         return self
 
 

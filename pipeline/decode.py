@@ -45,13 +45,18 @@ Decisions (the "why" behind the behaviour):
   (1/2, 1/4, 1/8) that still covers that size. Much faster for camera-size JPEGs, but
   the pixels differ slightly from a full decode.
 - Error rows have ``width``/``height`` None; a bomb's size is in its error text.
+- Memory: 16-bit, float and alpha conversions run in bands of rows (no whole-image float64/int64
+  temporaries), so any mode peaks at about 10 bytes a pixel; images above :data:`LARGE_IMAGE_PIXELS`
+  decode one at a time per process (a process-wide lock), so decode threads do not multiply that peak.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +75,12 @@ DEFAULT_DRAFT_MARGIN = 4  # JPEG draft decoding keeps >= 4x the target size; 0 t
 DEFAULT_MAX_PIXELS = 89_478_485
 
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+
+# Images above this many pixels (after draft) decode one at a time per process: an actor decodes in several
+# threads, and each image near the pixel limit holds 0.5-1 GB while it is converted, so a few at once would
+# multiply the actor's peak memory. Smaller ones (camera JPEGs after draft, usual PNGs) decode in parallel.
+LARGE_IMAGE_PIXELS = 4096 * 4096
+_LARGE_IMAGE_LOCK = threading.Lock()
 
 # Formats Pillow cannot open at all (so has no prefix check for), named for the error.
 _UNSUPPORTED_SIGNATURES = (
@@ -156,16 +167,26 @@ def _decode_opened(
     _check_pixel_limit(raw_width, raw_height, pixel_limit)
     if draft_margin > 0 and image.format in _DRAFT_FORMATS:
         _draft_for_target(image, target_size, resize, draft_margin)
-    image.load()
-    orientation = _exif_orientation(image)
-    if orientation in _ORIENTATIONS_SWAPPING_AXES:
-        original_size = (raw_height, raw_width)
-    else:
-        original_size = (raw_width, raw_height)
-    upright = image.transpose(_UPRIGHT_TRANSPOSE[orientation]) if orientation in _UPRIGHT_TRANSPOSE else image
-    rgb = _to_rgb(upright, background)
-    resized = _RESIZERS[resize](rgb, original_size, target_size, background)
-    return DecodedImage(np.asarray(resized), original_size[0], original_size[1], None)
+    with _turn_for_large_images(image.size):
+        image.load()
+        orientation = _exif_orientation(image)
+        if orientation in _ORIENTATIONS_SWAPPING_AXES:
+            original_size = (raw_height, raw_width)
+        else:
+            original_size = (raw_width, raw_height)
+        upright = image.transpose(_UPRIGHT_TRANSPOSE[orientation]) if orientation in _UPRIGHT_TRANSPOSE else image
+        rgb = _to_rgb(upright, background)
+        resized = _RESIZERS[resize](rgb, original_size, target_size, background)
+        return DecodedImage(np.asarray(resized), original_size[0], original_size[1], None)
+
+
+@contextlib.contextmanager
+def _turn_for_large_images(size: tuple[int, int]):
+    if size[0] * size[1] <= LARGE_IMAGE_PIXELS:
+        yield
+        return
+    with _LARGE_IMAGE_LOCK:
+        yield
 
 
 def _failed(reason: str) -> DecodedImage:
@@ -332,54 +353,100 @@ def _scaled_source_size(source_size: tuple[int, int], target_size: tuple[int, in
 # --- colour ----------------------------------------------------------------------------
 
 
+# Conversions run band by band (rows of about this many pixels), so their float64/int64 temporaries stay a few
+# MB instead of 8-24 bytes a pixel of the whole image; every step is per pixel, so results are identical.
+_BAND_PIXELS = 1 << 20
+
+
+def _row_bands(height: int, width: int):
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield slice(top, min(height, top + rows))
+
+
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode == "I" or image.mode.startswith("I;16"):
-        return _grey_to_rgb(_integer_to_uint8(np.asarray(image)))
+        return _grey_to_rgb(_integer_to_uint8(image))
     if image.mode == "F":
-        return _grey_to_rgb(_float_to_uint8(np.asarray(image)))
+        return _grey_to_rgb(_float_to_uint8(image))
     if image.has_transparency_data:
-        return _composite_over(image.convert("RGBA"), background)
+        return _composite_over(image, background)
     return image.convert("RGB")
 
 
-def _composite_over(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    canvas = Image.new("RGBA", rgba.size, (*background, 255))
-    return Image.alpha_composite(canvas, rgba).convert("RGB")
+def _composite_over(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """`image` (any mode with transparency) over an opaque background, converted to RGBA a band at a time."""
+    width, height = image.size
+    result = Image.new("RGB", image.size)
+    for band in _row_bands(height, width):
+        box = (0, band.start, width, band.stop)
+        rgba = image.crop(box).convert("RGBA")  # crop keeps the palette and the transparency info
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        result.paste(Image.alpha_composite(canvas, rgba).convert("RGB"), box[:2])
+    return result
 
 
 def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
-def _integer_to_uint8(values: np.ndarray) -> np.ndarray:
-    values = values.astype(np.int64)
-    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+def _bands_of(image: Image.Image):
+    """(row slice, that band's samples as an array) for a single-channel image, without a whole-image copy."""
+    width, height = image.size
+    for band in _row_bands(height, width):
+        yield band, np.asarray(image.crop((0, band.start, width, band.stop)))
+
+
+def _integer_to_uint8(image: Image.Image) -> np.ndarray:
+    low, high = _finite_range(image)
+    grey = np.empty((image.height, image.width), np.uint8)
     if low < 0 or high > 65535:  # not 16-bit data: the bit range is unknown, use the data's
-        return _stretch_to_uint8(values.astype(np.float64), low, high)
+        for band, values in _bands_of(image):
+            grey[band] = _stretch_to_uint8(values, low, high)
+        return grey
     # 16-bit range: 65535 -> 255, 32768 -> 128 (rounded), never clipped at 255.
-    return ((values * 255 + 32767) // 65535).astype(np.uint8)
-
-
-def _float_to_uint8(values: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.zeros(values.shape, np.uint8)
-    low, high = float(values[finite].min()), float(values[finite].max())
-    values = np.where(finite, values.astype(np.float64), low)
-    if low >= 0.0 and high <= 1.0:
-        grey = np.rint(values * 255.0).astype(np.uint8)
-    else:
-        grey = _stretch_to_uint8(values, low, high)
-    grey[~finite] = 0  # NaN/inf carry no intensity
+    for band, values in _bands_of(image):
+        grey[band] = (values.astype(np.int64) * 255 + 32767) // 65535
     return grey
+
+
+def _float_to_uint8(image: Image.Image) -> np.ndarray:
+    low, high = _finite_range(image)
+    grey = np.zeros((image.height, image.width), np.uint8)
+    if low is None:  # nothing finite
+        return grey
+    unit_range = low >= 0.0 and high <= 1.0
+    for band, values in _bands_of(image):
+        values = values.astype(np.float64)
+        finite = np.isfinite(values)
+        values[~finite] = low
+        if unit_range:
+            band_grey = np.rint(values * 255.0).astype(np.uint8)
+        else:
+            band_grey = _stretch_to_uint8(values, low, high)
+        band_grey[~finite] = 0  # NaN/inf carry no intensity
+        grey[band] = band_grey
+    return grey
+
+
+def _finite_range(image: Image.Image):
+    """(min, max) of the finite samples, as ints for integer images; (None, None) when none is finite."""
+    low = high = None
+    for _, values in _bands_of(image):
+        finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+        if finite.size:
+            band_low, band_high = finite.min().item(), finite.max().item()
+            low = band_low if low is None else min(low, band_low)
+            high = band_high if high is None else max(high, band_high)
+    return low, high
 
 
 def _stretch_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     if high == low:  # a constant image has no range to stretch
         return np.zeros(values.shape, np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    return np.rint((values.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 # --- geometry --------------------------------------------------------------------------

@@ -44,12 +44,18 @@ class ExtractorActor:
 
         configure_tensorflow(num_threads)
         self.batch_size = batch_size
-        self.extractor = FeatureExtractor(model_config, batch_size=batch_size, storage_options=storage_options)
+        self.build_error: Exception | None = None
+        try:
+            self.extractor = FeatureExtractor(model_config, batch_size=batch_size, storage_options=storage_options)
+        except Exception as error:  # noqa: BLE001 - reported by describe() as a task error (a RayTaskError with
+            self.build_error = error  # the cause); raised from __init__, Ray only says "the actor died" and retries
         # Storage options arrive once, here; tasks carry them without credentials (storage.public_options).
         self.input_storage_options = storage_options
         self.output_storage_options = output_storage_options
 
     def describe(self) -> dict:
+        if self.build_error is not None:
+            raise self.build_error
         return {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
                 "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import stat
 import tempfile
 import time
 import uuid
@@ -406,8 +407,18 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     """A whole object in one request. On S3 that is one GET: s3fs would otherwise first ask the size (a HEAD)
     to split big objects into ranges, doubling the round trips for every small image."""
     fs, path = filesystem(uri, storage_options)
+    if protocol_of(uri) == "file":
+        check_regular_file(path)
     single_request = {"max_concurrency": 1} if getattr(fs, "max_concurrency", 1) > 1 else {}
     return with_retries(lambda: fs.cat_file(path, **single_request))
+
+
+def check_regular_file(path: str) -> None:
+    """A FIFO blocks its reader forever and a device (a link to /dev/zero) never ends: read regular files only."""
+    mode = os.stat(path).st_mode  # follows links; a link loop raises OSError (ELOOP)
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+        raise OSError(f"not a regular file: {path} is {kind}")
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> None:
