@@ -157,8 +157,10 @@ def decode_per_core(settings: BenchSettings, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
+# Peak RSS from /proc (VmHWM): getrusage's ru_maxrss survives exec, so a child forked from a large parent
+# would report the parent's peak.
 PLAN_MEMORY_SCRIPT = """
-import resource, sys, tempfile, pyarrow as pa, pyarrow.parquet as pq
+import re, sys, tempfile, pyarrow as pa, pyarrow.parquet as pq
 from pipeline.config import ExtractConfig, load_config
 from pipeline.plan import prepare
 count = int(sys.argv[1])
@@ -167,12 +169,14 @@ with tempfile.TemporaryDirectory() as scratch:
     pq.write_table(pa.table({"uri": uris, "label": pa.array([str(index % 1000) for index in range(count)])}),
                    f"{scratch}/manifest.parquet")
     del uris
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def peak():
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+    before = peak()
     config = load_config(ExtractConfig, None, [f"input.uri={scratch}/manifest.parquet", "input.labels=label",
                                                f"output.uri={scratch}/out", "model.weights=none"])
     plan, manifest = prepare(config)
     assert plan.num_images == count
-    print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(before * 1024, peak() * 1024)
 """
 
 
