@@ -50,12 +50,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from pipeline import storage, writer
 from pipeline.config import (ClassifierConfig, ConfigError, ExtractConfig, FeaturesConfig, InputConfig, ModelConfig,
                              OutputConfig, RunConfig, SplitConfig, TrainConfig, TrainOutputConfig, apply_override,
-                             build, to_dict)
+                             build, read_yaml, to_dict)
 
 COMPARE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
@@ -175,14 +174,7 @@ def default_name(candidate: CandidateConfig) -> str:
 
 def load_compare_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> CompareConfig:
     """YAML plus `--set` overrides (`candidates.1.weights=none` reaches into the list) -> a valid CompareConfig."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = read_yaml(path)
     for override in overrides:
         key, separator, raw_value = override.partition("=")
         match = CANDIDATE_OVERRIDE.match(key.strip()) if separator else None

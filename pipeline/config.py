@@ -194,17 +194,23 @@ def require_positive(key: str, value: float) -> None:
 
 def load_config(cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()):
     """Read YAML (if given), apply `a.b=c` overrides, and build a validated `cls` instance."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = read_yaml(path)
     for override in overrides:
         apply_override(data, override)
     return build(cls, data, prefix="").validate()
+
+
+def read_yaml(path: str | Path | None) -> dict:
+    """The mapping of sections in a YAML config file (empty without a file)."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def apply_override(data: dict, override: str) -> None:

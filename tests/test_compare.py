@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
