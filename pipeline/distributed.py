@@ -139,6 +139,7 @@ class Driver:
         self.failed_starts = 0  # actor deaths before the model was ready, since the last good start
         self.timings: collections.Counter = collections.Counter()
         self.shards_run = 0
+        self.rows_run = 0  # rows of the shards this run committed (a resume does only some)
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -306,6 +307,7 @@ class Driver:
         writer.write_commit(self.output, record, self.options)
         self.commits[shard] = record
         self.shards_run += 1
+        self.rows_run += record.rows
         self.first_commit_at = self.first_commit_at or time.time()
         self.reporter.shard_committed()
 
@@ -336,8 +338,7 @@ class Driver:
                         "startup": round((self.first_commit_at or finished) - self.started, 3)},
             "timings": {key: round(value, 3) for key, value in self.timings.items()},
             "provenance": self.provenance(ordered),
-            "images_per_second": round(sum(r.rows for r in ordered[-self.shards_run:]) /
-                                       max(finished - self.started, 1e-9), 2) if self.shards_run else 0.0,
+            "images_per_second": round(self.rows_run / max(finished - self.started, 1e-9), 2),
             "error_rate": rows["error"] / rows["total"] if rows["total"] else 0.0,
             "max_error_rate": self.config.run.max_error_rate,
             "output": storage.redact(self.output),
