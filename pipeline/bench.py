@@ -86,9 +86,12 @@ def bare_model(settings: BenchSettings, paths: list[Path]) -> float:
     size = extractor.input_size
     images = np.stack([decode_image(path.read_bytes(), size).pixels for path in paths])
     extractor(images[: settings.batch_size])  # compile + warm up
-    started = time.perf_counter()
-    extractor(images)
-    return len(images) / (time.perf_counter() - started)
+    seconds = []
+    for _ in range(2):  # the faster of two passes: the ceiling, not a noisy moment
+        started = time.perf_counter()
+        extractor(images)
+        seconds.append(time.perf_counter() - started)
+    return len(images) / min(seconds)
 
 
 def full_pipeline(settings: BenchSettings, image_dir: Path, output: Path) -> dict:
