@@ -588,8 +588,10 @@ class FeatureExtractor:
         config, uri = self.model_config, self.model_config.backbone
         if config.weights not in ("imagenet", "none"):
             logger.info("model.weights %s is loaded into the saved model %s", config.weights, uri)
+        separate_weights = config.weights not in ("imagenet", "none")
         with storage.local_copy(uri, self.storage_options) as path:
-            self.check_sha256(path, uri)
+            if not separate_weights:  # the saved model file is the weights; else the checksum is the weights file's
+                self.check_sha256(path, uri)
             if not config.trust:
                 lambdas = find_lambda_layers(saved_model_config(path))
                 if lambdas:

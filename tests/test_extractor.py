@@ -456,3 +456,19 @@ def test_seed_backbones_from_their_shipped_configs_give_their_feature_dims_on_ph
     assert output.features.shape == (2, dimension) and np.isfinite(output.features).all()
     assert output.top_k_indices.shape == (2, 5)
     assert len(extractor.class_names) == 1000
+
+
+def test_weights_sha256_with_a_saved_model_and_a_separate_weights_file_is_the_weights_files(tmp_path):
+    from pipeline.extractor import FeatureExtractor
+
+    model = tiny_classifier()
+    model_path, weights_path = tmp_path / "model.keras", tmp_path / "tuned.weights.h5"
+    model.save(model_path)
+    model.save_weights(weights_path)
+    checksum = storage.sha256_of_file(str(weights_path))
+    extractor = FeatureExtractor(ModelConfig(backbone=str(model_path), weights=str(weights_path),
+                                             weights_sha256=checksum, top_k=1), batch_size=2)
+    assert extractor.provenance["weights_sha256"] == checksum
+    with pytest.raises(ValueError, match="model.weights_sha256: expected"):
+        FeatureExtractor(ModelConfig(backbone=str(model_path), weights=str(weights_path),
+                                     weights_sha256=storage.sha256_of_file(str(model_path)), top_k=1), batch_size=2)
