@@ -27,10 +27,12 @@ def main() -> int:
     summary = {}
     for backbone, batch_size in (("resnet50", 128), ("mobilenetv2", 256)):
         settings = BenchSettings(backbone=backbone, batch_size=batch_size, num_images=arguments.images,
-                                 loop_images=0, camera_images=0, gpus_per_actor=1)
+                                 bare_images=arguments.images, loop_images=0, camera_images=0, gpus_per_actor=1,
+                                 manifest_entries=0)
         result = run_bench(settings, Path(arguments.output) / backbone, console)
         summary[backbone] = {key: result[key] for key in (
-            "bare_model_images_per_second", "pipeline_over_bare", "cores_to_feed_bare_model", "cpu_count")}
+            "runtime", "bare_model_images_per_second", "pipeline_over_bare", "cores_to_feed_bare_model",
+            "cpu_count")}
         summary[backbone]["pipeline_images_per_second"] = result["pipeline"]["images_per_second"]
     (Path(arguments.output) / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print_json(json.dumps(summary))

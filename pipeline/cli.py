@@ -68,9 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backbone", default="mobilenetv2")
     bench.add_argument("--input-size", type=int, default=224)
     bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--images", type=int, default=512, help="JPEGs of --source-size for (a) and (b)")
+    bench.add_argument("--images", type=int, default=1024, help="JPEGs of 500x375 for the pipeline (b)")
     bench.add_argument("--loop-images", type=int, default=48, help="images for the slow one-at-a-time loop (c)")
     bench.add_argument("--camera-images", type=int, default=16, help="4000x3000 JPEGs for the draft-mode figures")
+    bench.add_argument("--runtime", default="auto", choices=("auto", "keras", "litert"),
+                       help="model.runtime for (a) and (b); (c) is always the Keras loop users write")
+    bench.add_argument("--manifest-entries", type=int, default=1_000_000,
+                       help="driver memory to plan a manifest this long; 0 skips it")
     bench.add_argument("--output", default="results/bench", help="where bench.json and bench.png go")
     bench.set_defaults(handler=command_bench)
 
@@ -173,7 +177,8 @@ def command_bench(arguments) -> int:
 
     settings = BenchSettings(backbone=arguments.backbone, input_size=arguments.input_size,
                              batch_size=arguments.batch_size, num_images=arguments.images,
-                             loop_images=arguments.loop_images, camera_images=arguments.camera_images)
+                             loop_images=arguments.loop_images, camera_images=arguments.camera_images,
+                             runtime=arguments.runtime, manifest_entries=arguments.manifest_entries)
     run_bench(settings, Path(arguments.output), console)
     return 0
 

@@ -52,6 +52,7 @@ class ModelConfig:
     trust: bool = False  # allow Lambda layers (arbitrary code) in saved models
     mixed_precision: bool = False  # mixed_float16 compute (GPU option)
     xla: bool = False  # jit-compile the forward function (GPU option; slow on CPU)
+    runtime: str = choice("auto", ("auto", "keras", "litert"))  # auto: litert on CPU-only actors, keras on GPUs
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class ExtractConfig:
         if self.run.gpus_per_actor is not None and self.run.gpus_per_actor < 0:
             raise ConfigError(f"run.gpus_per_actor: got {self.run.gpus_per_actor}; use 0 (CPU only), a fraction "
                               "or a count of GPUs, or leave it unset (auto)")
+        check_runtime(self.model, self.run)
         return self
 
 
@@ -185,6 +187,17 @@ def check_backbone(backbone: str) -> None:
         get_backbone(backbone)
     except ValueError as error:
         raise ConfigError(f"model.backbone: {error}") from None
+
+
+def check_runtime(model: ModelConfig, run: RunConfig) -> None:
+    """LiteRT is a float32 CPU runtime: GPU-only options contradict an explicit `model.runtime: litert`."""
+    if model.runtime != "litert":
+        return
+    conflicts = [key for key, value in (("model.mixed_precision", model.mixed_precision), ("model.xla", model.xla),
+                                        ("run.gpus_per_actor", (run.gpus_per_actor or 0) > 0)) if value]
+    if conflicts:
+        raise ConfigError(f"model.runtime: litert runs float32 on CPUs, but {', '.join(conflicts)} asks for a GPU "
+                          "feature; set model.runtime: keras (or auto, which picks keras on GPUs)")
 
 
 def require_positive(key: str, value: float) -> None:

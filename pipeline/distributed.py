@@ -46,7 +46,8 @@ class ExtractorActor:
         self.batch_size = batch_size
         self.build_error: Exception | None = None
         try:
-            self.extractor = FeatureExtractor(model_config, batch_size=batch_size, storage_options=storage_options)
+            self.extractor = FeatureExtractor(model_config, batch_size=batch_size, storage_options=storage_options,
+                                              num_threads=num_threads)
         except Exception as error:  # noqa: BLE001 - reported by describe() as a task error (a RayTaskError with
             self.build_error = error  # the cause); raised from __init__, Ray only says "the actor died" and retries
         # Storage options arrive once, here; tasks carry them without credentials (storage.public_options).

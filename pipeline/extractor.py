@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import litert, storage
 from pipeline.backbones import PREPROCESS_MODES, Backbone, get_backbone
 from pipeline.config import ModelConfig
 
@@ -408,7 +408,8 @@ def saved_model_config(path: str) -> Any:
 class FeatureExtractor:
     """Builds the model once; `extractor(uint8 images)` -> ExtractorOutput. Not thread-safe; one per actor."""
 
-    def __init__(self, model_config: ModelConfig, batch_size: int = 32, storage_options: dict | None = None):
+    def __init__(self, model_config: ModelConfig, batch_size: int = 32, storage_options: dict | None = None,
+                 num_threads: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size}; it must be a positive number")
         if model_config.top_k < 0:
@@ -419,6 +420,7 @@ class FeatureExtractor:
         self.model_config = model_config
         self.batch_size = batch_size
         self.storage_options = storage_options
+        self.num_threads = num_threads  # LiteRT's threads; None: all cores (TF's are set by configure_tensorflow)
         self.class_names: list[str] | None = None
         self.weights_sha256 = ""
         self.mixed_precision = False
@@ -447,7 +449,7 @@ class FeatureExtractor:
             )
         if not self.top_k:
             self.class_names = None
-        self.forward = self.compile_forward(tf)
+        self.runtime, self.forward = self.build_forward(tf)
         self.provenance = self.make_provenance(keras, tf)
 
     # ---------------------------------------------------------------- zoo
@@ -695,6 +697,46 @@ class FeatureExtractor:
                 results.append(scores if head_softmax else ops.softmax(scores, axis=-1))
         return keras.Model(images, results, name="featurize"), pooling
 
+    def choose_runtime(self, tf) -> str:
+        """model.runtime, with auto resolved: litert on a CPU-only process unless a GPU option is set."""
+        config = self.model_config
+        if config.runtime != "auto":
+            return config.runtime
+        if config.mixed_precision or config.xla or tf.config.list_physical_devices("GPU"):
+            return "keras"
+        return "litert"
+
+    def build_forward(self, tf):
+        """(runtime, forward): forward maps a uint8 batch of exactly batch_size to (features, indices, scores)."""
+        if self.choose_runtime(tf) == "litert":
+            try:
+                return "litert", self.litert_forward()
+            except litert.ConversionError as error:
+                if self.model_config.runtime == "litert":
+                    raise ValueError(f"model.runtime: litert cannot run this model ({error}); set model.runtime: "
+                                     "keras") from error
+                logger.warning("model.runtime auto: LiteRT cannot run this model (%s); running it on Keras", error)
+        return "keras", self.compile_forward(tf)
+
+    def litert_forward(self):
+        flatbuffer, cached = litert.load_or_convert(self.model)
+        logger.info("LiteRT model %s (%.1f MB)", "loaded from the node cache" if cached else "converted",
+                    len(flatbuffer) / 1e6)
+        try:
+            model = litert.LiteRTModel(flatbuffer, self.batch_size, self.num_threads)
+        except (RuntimeError, ValueError) as error:  # e.g. an op the interpreter cannot prepare
+            raise litert.ConversionError(f"{type(error).__name__}: {error}") from error
+        top_k, batch_size = self.top_k, self.batch_size
+
+        def forward(images):
+            outputs = model(images)
+            if not top_k:
+                return outputs[0], np.zeros((batch_size, 0), np.int32), np.zeros((batch_size, 0), np.float32)
+            indices, scores = litert.top_k(outputs[1], top_k)
+            return outputs[0], indices, scores
+
+        return forward
+
     def compile_forward(self, tf):
         height, width = self.input_size
         spec = tf.TensorSpec((self.batch_size, height, width, 3), tf.uint8)
@@ -732,7 +774,7 @@ class FeatureExtractor:
             padded[:size] = chunk
         try:
             features, indices, scores = self.forward(padded)
-            return features.numpy()[:size], indices.numpy()[:size], scores.numpy()[:size]
+            return np.asarray(features)[:size], np.asarray(indices)[:size], np.asarray(scores)[:size]
         except tf.errors.ResourceExhaustedError:
             if self.batch_size == 1:
                 raise
@@ -786,6 +828,7 @@ class FeatureExtractor:
             "top_k": str(self.top_k),
             "num_classes": str(self.num_classes),
             "compute_dtype": "mixed_float16" if self.mixed_precision else "float32",
+            "runtime": self.runtime,
             "keras_version": keras.__version__,
             "tensorflow_version": tf.__version__,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# LiteRT conversions cached for this session only (actors get it too: FEATURIZE_* variables are forwarded)
+os.environ.setdefault("FEATURIZE_CACHE_DIR", tempfile.mkdtemp(prefix="featurize-test-cache-"))
 
 
 @pytest.fixture(scope="session")

