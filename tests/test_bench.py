@@ -10,3 +10,32 @@ def test_planning_a_million_entry_manifest_stays_within_one_gib():
     memory = plan_memory(1_000_000)
     assert memory["entries"] == 1_000_000
     assert memory["peak_rss_bytes"] < 2**30, f"peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_bench_runs_end_to_end_and_writes_what_it_prints(tmp_path, ray_local):
+    """The harness itself, on a tiny setting: every figure present and consistent (values are not asserted)."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from pipeline.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(backbone="mobilenetv2", input_size=32, batch_size=4, num_images=16, bare_images=8,
+                             loop_images=2, source_size=(64, 48), camera_images=0, manifest_entries=0)
+    printed = io.StringIO()
+    result = run_bench(settings, tmp_path, Console(file=printed, width=120))
+
+    assert result["runtime"] == result["pipeline"]["runtime"] == "litert"  # auto on a CPU: the same runtime
+    assert result["pipeline"]["rows"] == {"total": 16, "ok": 16, "error": 0}
+    assert len(result["bare_model_passes"]) == 4
+    assert result["bare_model_images_per_second"] == max(result["bare_model_passes"])
+    assert result["pipeline_over_bare"] == pytest.approx(
+        result["pipeline"]["images_per_second"] / result["bare_model_images_per_second"])
+    assert result["pipeline_over_keras_loop"] == pytest.approx(
+        result["pipeline"]["images_per_second"] / result["keras_loop_images_per_second"])
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert "(runtime litert)" in printed.getvalue() and "b / c" in printed.getvalue()
