@@ -6,7 +6,9 @@ In one invocation, for one backbone and batch size, on photo-like JPEGs generate
       between the first and the last shard commit; startup (command to first commit) reported apart;
   (c) the Keras-docs loop: load_img, img_to_array, preprocess_input, predict, one image at a time.
 Plus JPEG draft decoding on camera-size files (decode time with and without). Ratios b/a and b/c are
-the figures to read: they hold on a noisy machine where absolute images/s do not.
+the figures to read: they hold on a noisy machine where absolute images/s do not. On Linux, (b) also
+reports how many cores were busy in its steady state and how much time the hypervisor stole, and, on a
+CPU, the b/a ceiling set by decode sharing the model's cores.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,6 +117,68 @@ class BareModel:
         return max(self.passes)
 
 
+class CpuMonitor:
+    """Samples the machine's CPU counters (/proc/stat) while (b) runs, to tell a CPU-bound pipeline (every
+    core busy) from a stalled one (cores idle), and to show time a busy neighbour on a shared VM stole.
+    Linux only; elsewhere `between` returns None."""
+
+    def __init__(self, interval_seconds: float = 0.2):
+        self.interval_seconds = interval_seconds
+        self.samples: list[tuple[float, list[int]]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.sample, name="bench-cpu-monitor", daemon=True)
+
+    def __enter__(self) -> CpuMonitor:
+        if read_cpu_counters() is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+            self.samples.append((time.time(), read_cpu_counters()))  # so a window ending now is bracketed
+
+    def sample(self) -> None:
+        while True:
+            self.samples.append((time.time(), read_cpu_counters()))
+            if self.stopped.wait(self.interval_seconds):
+                return
+
+    def between(self, start: float, stop: float) -> dict | None:
+        """Busy cores and stolen share over the samples that bracket [start, stop] (the window may widen by
+        one sampling interval at each end)."""
+        before = [sample for sample in self.samples if sample[0] <= start] or self.samples[:1]
+        after = [sample for sample in self.samples if sample[0] >= stop] or self.samples[-1:]
+        if not before or not after or after[0][0] <= before[-1][0]:
+            return None
+        (first_time, first), (last_time, last) = before[-1], after[0]
+        ticks = [after - before for before, after in zip(first, last)]
+        # /proc/stat cpu line: user nice system idle iowait irq softirq steal (guest time is inside user)
+        busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]
+        total = busy + ticks[3] + ticks[4] + ticks[7]
+        per_second = os.sysconf("SC_CLK_TCK") * (last_time - first_time)
+        return {"busy_cores": busy / per_second, "steal_share": ticks[7] / total if total else 0.0,
+                "seconds": last_time - first_time}
+
+
+def read_cpu_counters() -> list[int] | None:
+    """The first eight fields of /proc/stat's aggregate `cpu` line, in clock ticks; None off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    return [int(value) for value in fields[1:9]] if fields and fields[0] == "cpu" and len(fields) >= 9 else None
+
+
+def cpu_ceiling(bare: float, decode_rate: float, cores: int) -> float:
+    """b/a when decode shares the model's cores (a CPU actor): per image the model costs cores/bare
+    core-seconds and decode 1/decode_rate, so the pipeline can reach at most
+    cores / (cores/bare + 1/decode_rate) images/s."""
+    return 1.0 / (1.0 + bare / (cores * decode_rate))
+
+
 def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output: Path) -> dict:
     """(b) listing -> committed Parquet on a local Ray with one actor; steady state between commits."""
     from pipeline import writer
@@ -125,14 +190,16 @@ def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output
         f"run.shard_size={shard_size(settings, image_dir)}", f"output.uri={output}", "output.mode=overwrite",
         f"model.runtime={settings.runtime}",
         *([f"run.gpus_per_actor={settings.gpus_per_actor}"] if settings.gpus_per_actor is not None else [])])
-    success = run_extract(config)
+    with CpuMonitor() as monitor:
+        success = run_extract(config)
     commits = sorted(writer.read_commits(str(output)).values(), key=lambda record: record.committed_at)
     steady_rows = sum(record.rows for record in commits[1:])
     steady_seconds = commits[-1].committed_at - commits[0].committed_at
     return {"images_per_second": steady_rows / steady_seconds if steady_seconds > 0 else float("nan"),
             "runtime": success["provenance"].get("runtime", "keras"),
             "startup_seconds": success["seconds"]["startup"], "total_seconds": success["seconds"]["total"],
-            "rows": success["rows"], "timings": success["timings"]}
+            "rows": success["rows"], "timings": success["timings"],
+            "cpu": monitor.between(commits[0].committed_at, commits[-1].committed_at)}
 
 
 def keras_docs_loop(settings: BenchSettings, paths: list[Path]) -> float:
@@ -243,6 +310,8 @@ def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
             "cores_to_feed_bare_model": bare / decode_rate,
             "cpu_count": os.cpu_count(),
         }
+        if not pipeline_on_gpu(settings):
+            result["cpu_ceiling_over_bare"] = cpu_ceiling(bare, decode_rate, os.cpu_count())
         if settings.loop_images:
             loop = keras_docs_loop(settings, paths[: settings.loop_images])
             result["keras_loop_images_per_second"] = loop
@@ -257,6 +326,14 @@ def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
     plot(result, output_dir / "bench.png")
     print_bench(result, console)
     return result
+
+
+def pipeline_on_gpu(settings: BenchSettings) -> bool:
+    if settings.gpus_per_actor is not None:
+        return settings.gpus_per_actor > 0
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -291,6 +368,13 @@ def print_bench(result: dict, console) -> None:
                                     f"(runtime {result['runtime']})")
     table.add_row("(b) pipeline, steady state", f"{result['pipeline']['images_per_second']:.1f} images/s")
     table.add_row("b / a", f"{result['pipeline_over_bare']:.3f}")
+    if "cpu_ceiling_over_bare" in result:
+        table.add_row("b / a ceiling on this CPU", f"{result['cpu_ceiling_over_bare']:.3f} (decode shares the "
+                                                   f"model's {result['cpu_count']} cores)")
+    cpu = result["pipeline"].get("cpu")
+    if cpu:
+        table.add_row("cores busy during (b)", f"{cpu['busy_cores']:.2f} of {result['cpu_count']}; "
+                                               f"{cpu['steal_share']:.0%} stolen by the host")
     if "keras_loop_images_per_second" in result:
         table.add_row("(c) Keras-docs loop", f"{result['keras_loop_images_per_second']:.1f} images/s")
         table.add_row("b / c", f"{result['pipeline_over_keras_loop']:.1f}")

@@ -32,6 +32,7 @@ No Ray and no URLs here: files come through `pipeline.storage`; the actor owns t
 from __future__ import annotations
 
 import contextlib
+import gc
 import functools
 import json
 import logging
@@ -405,6 +406,11 @@ def saved_model_config(path: str) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def no_predictions(batch_size: int, arrays):
+    """(indices, scores) with zero columns, for model.top_k 0; `arrays` is numpy or tensorflow."""
+    return arrays.zeros((batch_size, 0), arrays.int32), arrays.zeros((batch_size, 0), arrays.float32)
+
+
 class FeatureExtractor:
     """Builds the model once; `extractor(uint8 images)` -> ExtractorOutput. Not thread-safe; one per actor."""
 
@@ -450,6 +456,11 @@ class FeatureExtractor:
         if not self.top_k:
             self.class_names = None
         self.runtime, self.forward = self.build_forward(tf)
+        if self.runtime == "litert":
+            # The interpreter holds its own copy of the weights; the Keras graph is only needed for the GPU
+            # out-of-memory path, which LiteRT never takes, so keeping it would double the weights' memory.
+            self.model = None
+            gc.collect()
         self.provenance = self.make_provenance(keras, tf)
 
     # ---------------------------------------------------------------- zoo
@@ -731,7 +742,7 @@ class FeatureExtractor:
         def forward(images):
             outputs = model(images)
             if not top_k:
-                return outputs[0], np.zeros((batch_size, 0), np.int32), np.zeros((batch_size, 0), np.float32)
+                return outputs[0], *no_predictions(batch_size, np)
             indices, scores = litert.top_k(outputs[1], top_k)
             return outputs[0], indices, scores
 
@@ -746,7 +757,7 @@ class FeatureExtractor:
             outputs = model(images, training=False)
             if not top_k:
                 features = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-                return features, tf.zeros((self.batch_size, 0), tf.int32), tf.zeros((self.batch_size, 0), tf.float32)
+                return features, *no_predictions(self.batch_size, tf)
             features, probabilities = outputs
             scores, indices = tf.math.top_k(probabilities, k=top_k)
             return features, tf.cast(indices, tf.int32), scores

@@ -127,13 +127,22 @@ def load_or_convert(model) -> tuple[bytes, bool]:
         return path.read_bytes(), True
     flatbuffer = convert(model)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as handle:
-            handle.write(flatbuffer)
-        os.replace(handle.name, path)
-    except OSError as error:  # a read-only home only costs the next actor a conversion
+        write_atomically(path, flatbuffer)
+    except OSError as error:  # a read-only or full disk only costs the next actor a conversion
         logger.warning("could not cache the LiteRT model at %s (%s); each actor will convert it again", path, error)
     return flatbuffer, False
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the whole file or none; a failed write (disk full) leaves no `.partial` behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as handle:
+        partial = Path(handle.name)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

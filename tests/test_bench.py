@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.bench import plan_memory
+from pipeline.bench import CpuMonitor, cpu_ceiling, plan_memory, read_cpu_counters
 
 
 @pytest.mark.slow
@@ -39,3 +39,31 @@ def test_bench_runs_end_to_end_and_writes_what_it_prints(tmp_path, ray_local):
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "(runtime litert)" in printed.getvalue() and "b / c" in printed.getvalue()
+    assert result["cpu_ceiling_over_bare"] == pytest.approx(cpu_ceiling(
+        result["bare_model_images_per_second"], result["decode_images_per_second_per_core"], result["cpu_count"]))
+    cpu = result["pipeline"]["cpu"]
+    assert 0 < cpu["busy_cores"] <= result["cpu_count"] + 0.1 and 0 <= cpu["steal_share"] < 1
+    assert "cores busy during (b)" in printed.getvalue() and "ceiling" in printed.getvalue()
+
+
+def test_cpu_ceiling_is_the_pipeline_rate_when_decode_and_model_share_the_cores():
+    # 2 cores, bare model 100 images/s (0.02 core-seconds an image), decode 50 images/s a core (0.02):
+    # 2 cores / 0.04 core-seconds = 50 images/s, half the bare model.
+    assert cpu_ceiling(bare=100.0, decode_rate=50.0, cores=2) == pytest.approx(0.5)
+    assert cpu_ceiling(bare=100.0, decode_rate=1e12, cores=2) == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(read_cpu_counters() is None, reason="/proc/stat is Linux only")
+def test_cpu_monitor_sees_a_busy_core():
+    import time
+
+    with CpuMonitor(interval_seconds=0.05) as monitor:
+        started = time.time()
+        while time.time() - started < 1.0:  # one thread spinning: about one core busy
+            pass
+        stopped = time.time()
+        time.sleep(0.1)
+    cpu = monitor.between(started, stopped)
+    assert 0.5 <= cpu["busy_cores"] and cpu["seconds"] == pytest.approx(1.0, abs=0.2)
+    assert 0 <= cpu["steal_share"] < 1
+    assert CpuMonitor().between(0, 1) is None  # never started: nothing to say

@@ -88,6 +88,42 @@ def test_a_read_only_cache_only_costs_a_conversion(tiny_model, tmp_path, monkeyp
     assert extractor.runtime == "litert" and "could not cache the LiteRT model" in caplog.text
 
 
+def test_a_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def disk_full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(litert.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        litert.write_atomically(tmp_path / "cache" / "model.tflite", b"flatbuffer")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_litert_extractor_lets_go_of_the_keras_model(tiny_model, monkeypatch):
+    """The interpreter holds the weights; the Keras copy must be freed, not kept beside it."""
+    import gc
+    import weakref
+
+    from pipeline.extractor import FeatureExtractor
+
+    built = []
+    wrap_model = FeatureExtractor.wrap_model
+
+    def remember_wrapped_model(self, *arguments):
+        model, pooling = wrap_model(self, *arguments)
+        built.append(weakref.ref(model))
+        return model, pooling
+
+    monkeypatch.setattr(FeatureExtractor, "wrap_model", remember_wrapped_model)
+    images = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    extractors = {runtime: FeatureExtractor(ModelConfig(backbone=str(tiny_model), top_k=2, runtime=runtime),
+                                            batch_size=2) for runtime in ("keras", "litert")}
+    gc.collect()
+    keras_model, litert_model = (reference() for reference in built)
+    assert keras_model is extractors["keras"].model and litert_model is None
+    np.testing.assert_allclose(extractors["litert"](images).features, extractors["keras"](images).features,
+                               rtol=1e-5, atol=1e-6)
+
+
 def model_with_an_op_litert_lacks(path):
     import keras
     from keras import ops
