@@ -348,6 +348,10 @@ def plot(result: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     bars = axis.bar(names, values, color=["#888888", "#2a7ab0", "#c0504d"])
     axis.bar_label(bars, fmt="%.0f")
+    if "cpu_ceiling_over_bare" in result:  # what (b) could reach with decode sharing the model's cores
+        ceiling = values[0] * result["cpu_ceiling_over_bare"]
+        axis.hlines(ceiling, 0.6, 1.4, colors="black", linestyles="dashed", label="CPU ceiling for (b)")
+        axis.legend()
     settings = result["settings"]
     axis.set_ylabel("images / s")
     axis.set_title(f"{settings['backbone']} @ {settings['input_size']}, batch {settings['batch_size']}, "

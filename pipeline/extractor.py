@@ -458,7 +458,8 @@ class FeatureExtractor:
         self.runtime, self.forward = self.build_forward(tf)
         if self.runtime == "litert":
             # The interpreter holds its own copy of the weights; the Keras graph is only needed for the GPU
-            # out-of-memory path, which LiteRT never takes, so keeping it would double the weights' memory.
+            # out-of-memory path, which LiteRT never takes. Dropping it hands its weights back to the allocator
+            # for decode buffers to reuse (RSS does not shrink: the allocator keeps the pages).
             self.model = None
             gc.collect()
         self.provenance = self.make_provenance(keras, tf)
