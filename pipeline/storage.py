@@ -47,9 +47,12 @@ HEADER = re.compile(r"(?i)\b(authorization|cookie|x-amz-security-token)(\s*:\s*)
 
 _remembered_secrets: set[str] = set()
 
-# Retrying: botocore (5 attempts) and s3fs (5) already retry S3 throttling and resets inside one call;
-# with_retries is the layer above, per object and for every fsspec backend (http has no retries of its
-# own). Classified by exception class, HTTP status, S3 error code and errno; by message only as a last resort.
+# Retrying: with_retries is the layer above the clients, per object and for every fsspec backend (http has no
+# retries of its own). Classified by exception class, HTTP status, S3 error code and errno; by message only as a
+# last resort. Below it, S3 keeps botocore's retries (standard mode, S3_CLIENT_ATTEMPTS a call) and drops s3fs's
+# own loop: the three layers multiplied to 125 attempts an object (5 x 5 x 5), minutes of backoff before a dead
+# endpoint became an error row, and with botocore's 60 s connect timeout, hours.
+S3_CLIENT_ATTEMPTS = 3
 TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                    "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException", "OperationAborted",
                    "ServerBusy", "500", "502", "503", "504"}
@@ -193,12 +196,24 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     """(filesystem, path inside it) for any fsspec URI or local path."""
     if storage_options:
         remember_secrets(storage_options)
+    s3 = protocol_family(protocol_of(uri)) == "s3"
+    options = options_for(uri, storage_options)
     try:
-        return url_to_fs(uri, **options_for(uri, storage_options))
+        fs, path = url_to_fs(uri, **(with_bounded_s3_retries(options) if s3 else options))
     except ImportError as error:
         extra = EXTRAS.get(protocol_of(uri))
         hint = f"pip install 'featurize[{extra}]'" if extra else "install the fsspec implementation it names"
         raise StorageError(f"{redact(uri)}: {error}; {hint}") from None
+    if s3:
+        fs.retries = 1  # s3fs's loop around each call (a class attribute, not an option): with_retries is ours
+    return fs, path
+
+
+def with_bounded_s3_retries(options: dict) -> dict:
+    """botocore's retries set to S3_CLIENT_ATTEMPTS in standard mode, unless the user chose their own."""
+    config_kwargs = dict(options.get("config_kwargs") or {})
+    config_kwargs.setdefault("retries", {"total_max_attempts": S3_CLIENT_ATTEMPTS, "mode": "standard"})
+    return {**options, "config_kwargs": config_kwargs}
 
 
 def join(base: str, *parts: str) -> str:

@@ -358,6 +358,30 @@ def test_permanent_errors_are_not_retried(s3, bucket, moto_endpoint):
         assert proxy.requests == {f"GET /{bucket}/images/secret.png": 1, f"GET /{bucket}/images/missing.png": 1}
 
 
+def test_a_store_that_keeps_failing_costs_a_bounded_number_of_requests(s3, bucket, moto_endpoint):
+    """Retry layers do not multiply: featurize's attempts x botocore's, s3fs's own loop is off (it made 125)."""
+    s3.pipe(f"{bucket}/images/busy.png", b"never served")
+    with FaultyProxy(moto_endpoint, fail_every=1, faults=("slowdown",)) as proxy:
+        started = time.perf_counter()
+        with pytest.raises(OSError) as failed:
+            storage.read_bytes(f"s3://{bucket}/images/busy.png", proxy.options())
+        seconds = time.perf_counter() - started
+    assert storage.describe_error(failed.value).startswith("still failing after retries")
+    attempts = 5 * storage.S3_CLIENT_ATTEMPTS  # with_retries' default attempts x botocore's
+    assert proxy.requests == {f"GET /{bucket}/images/busy.png": attempts}
+    print(f"\n[dead store] {attempts} requests, {seconds:.1f} s before the error row")
+
+
+def test_a_users_own_botocore_retries_are_kept(moto_endpoint):
+    fs, _ = storage.filesystem("s3://bucket/key", {"config_kwargs": {"retries": {"max_attempts": 7}},
+                                                   "client_kwargs": {"endpoint_url": moto_endpoint}})
+    assert fs.config_kwargs["retries"] == {"max_attempts": 7} and fs.retries == 1
+    fs, _ = storage.filesystem("s3a://bucket/key", {"config_kwargs": {"connect_timeout": 5},
+                                                    "client_kwargs": {"endpoint_url": moto_endpoint}})
+    assert fs.config_kwargs == {"connect_timeout": 5, "retries": {"total_max_attempts": storage.S3_CLIENT_ATTEMPTS,
+                                                                  "mode": "standard"}}
+
+
 def test_fetches_run_concurrently_inside_an_actor(s3, bucket, moto_endpoint, tmp_path):
     """Many small objects must not serialise on latency: 16 fetches of 0.5 s each (8 s in a row), 8 threads,
     one request per object."""
