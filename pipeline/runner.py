@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import storage, writer
+from pipeline.config import ModelConfig, OutputConfig
 from pipeline.decode import DecodedImage, decode_image
 
 # Test hooks: a worker that meets a uri containing the marker dies on the spot, as a native crash would;
@@ -39,14 +40,16 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class ShardSettings:
+    """What a worker needs of the job's config; defaults are the config's own (one place to change them)."""
+
     output_uri: str
     output_storage_options: dict
     input_storage_options: dict
-    resize: str = "stretch"
-    draft_margin: int = 4
-    feature_dtype: str = "float32"
-    row_group_size: int = 1024
-    decode_threads: int = 4
+    resize: str = ModelConfig.resize
+    draft_margin: int = ModelConfig.draft_margin
+    feature_dtype: str = OutputConfig.feature_dtype
+    row_group_size: int = OutputConfig.row_group_size
+    decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
 
 
 @dataclass
