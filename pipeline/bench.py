@@ -153,7 +153,7 @@ class CpuMonitor:
         if not before or not after or after[0][0] <= before[-1][0]:
             return None
         (first_time, first), (last_time, last) = before[-1], after[0]
-        ticks = [after - before for before, after in zip(first, last)]
+        ticks = [end - begin for begin, end in zip(first, last)]
         # /proc/stat cpu line: user nice system idle iowait irq softirq steal (guest time is inside user)
         busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]
         total = busy + ticks[3] + ticks[4] + ticks[7]

@@ -32,8 +32,8 @@ No Ray and no URLs here: files come through `pipeline.storage`; the actor owns t
 from __future__ import annotations
 
 import contextlib
-import gc
 import functools
+import gc
 import json
 import logging
 import math
