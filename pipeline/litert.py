@@ -22,10 +22,11 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from pipeline import storage
 
 logger = logging.getLogger(__name__)
 
@@ -127,22 +128,10 @@ def load_or_convert(model) -> tuple[bytes, bool]:
         return path.read_bytes(), True
     flatbuffer = convert(model)
     try:
-        write_atomically(path, flatbuffer)
+        storage.write_local_atomically(str(path), flatbuffer)
     except OSError as error:  # a read-only or full disk only costs the next actor a conversion
         logger.warning("could not cache the LiteRT model at %s (%s); each actor will convert it again", path, error)
     return flatbuffer, False
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the whole file or none; a failed write (disk full) leaves no `.partial` behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as handle:
-        partial = Path(handle.name)
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -446,14 +446,19 @@ def write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> N
 
 
 def write_local_atomically(path: str, data: bytes) -> None:
+    """Readers see the whole file or none; a failed write (disk full) leaves no temporary file behind."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     temporary = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 def exists(uri: str, storage_options: dict | None = None) -> bool:

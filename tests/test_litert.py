@@ -88,16 +88,6 @@ def test_a_read_only_cache_only_costs_a_conversion(tiny_model, tmp_path, monkeyp
     assert extractor.runtime == "litert" and "could not cache the LiteRT model" in caplog.text
 
 
-def test_a_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    def disk_full(source, destination):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(litert.os, "replace", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        litert.write_atomically(tmp_path / "cache" / "model.tflite", b"flatbuffer")
-    assert list((tmp_path / "cache").iterdir()) == []
-
-
 def test_a_litert_extractor_lets_go_of_the_keras_model(tiny_model, monkeypatch):
     """The interpreter holds the weights; the Keras copy must be freed, not kept beside it."""
     import gc

@@ -235,3 +235,14 @@ def test_ray_tasks_carry_no_credentials():
     settings = pickle.dumps(Driver(config, ProgressReporter(False)).settings)
     assert SECRET.encode() not in settings and b"AKIAEXAMPLEKEYID" not in settings
     assert b"http://127.0.0.1:9000" in settings
+
+
+def test_a_failed_local_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Local outputs and the LiteRT model cache share this write: disk full leaves neither a file nor a temp."""
+    def disk_full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_local_atomically(str(tmp_path / "cache" / "model.tflite"), b"flatbuffer")
+    assert list((tmp_path / "cache").iterdir()) == []
