@@ -1,73 +1,104 @@
-"""`featurize` subcommands. Thin: parse, load config, call the stage, print a summary, set the exit code."""
+"""`featurize` subcommands. Thin: parse, load config, call the stage, print a summary, set the exit code.
+
+Exit codes (the README's table): 0 done; 1 error rate above `run.max_error_rate` (good rows committed);
+2 a problem the user can fix (config, paths, credentials, a refused model), reported without a traceback;
+130/143 interrupted by SIGINT/SIGTERM (commits kept, the same command resumes); 3 anything else: a bug in
+featurize or a run the cluster could not finish, with its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+import traceback
 
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import ConfigError, ExtractConfig, TrainConfig, load_config
+from pipeline.storage import StorageError
 
-console = Console(stderr=False)
+console = Console(stderr=False)  # results; progress, logs and errors go to stderr
+error_console = Console(stderr=True)
+
+EXIT_ERROR_RATE = 1
+EXIT_USER_ERROR = 2
+EXIT_FAILED = 3
+USER_ERRORS = (ConfigError, StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.progress import configure_logging
+
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(getattr(arguments, "verbose", False))
     try:
         return arguments.handler(arguments)
-    except (ConfigError, FileNotFoundError, ValueError) as error:  # what the user can fix: config, paths
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        return 2
-    except RuntimeError as error:  # the run could not finish (committed shards are kept)
-        console.print(f"[bold red]failed:[/] {error}", highlight=False, soft_wrap=True)
-        return 1
+    except USER_ERRORS as error:  # what the user can fix: config, paths, credentials, a refused model
+        error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True, markup=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as interruption:  # SIGINT, or SIGTERM during a run (pipeline.distributed.Interrupted)
+        message = getattr(interruption, "message", "") or "interrupted; run the same command to resume"
+        error_console.print(f"[bold yellow]{message}[/]", highlight=False, soft_wrap=True)
+        return getattr(interruption, "exit_code", 130)
+    except Exception:  # noqa: BLE001 - a bug or a run that could not finish: loud, with its traceback
+        traceback.print_exc(file=sys.stderr)
+        error_console.print("[bold red]failed:[/] see the traceback above (committed shards are kept; a rerun "
+                            "resumes)", highlight=False)
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurize", description="Distributed image feature extraction.")
+    common = argparse.ArgumentParser(add_help=False)  # options every command takes, after its name
+    common.add_argument("--verbose", action="store_true",
+                        help="show library and Ray worker logs (TensorFlow, Ray) on the terminal too")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    extract = commands.add_parser("extract", help="extract features and top-k predictions to Parquet")
+    extract = commands.add_parser("extract", parents=[common], help="extract features and top-k predictions to Parquet")
     add_config_arguments(extract)
     extract.set_defaults(handler=command_extract)
 
-    train = commands.add_parser("train", help="train and evaluate a classifier on extracted features")
+    train = commands.add_parser("train", parents=[common], help="train and evaluate a classifier on extracted features")
     add_config_arguments(train)
     train.set_defaults(handler=command_train)
 
-    compare = commands.add_parser("compare", help="compare backbones (and random-init baselines) with one probe")
+    compare = commands.add_parser("compare", parents=[common],
+                                  help="compare backbones (and random-init baselines) with one probe")
     add_config_arguments(compare)
     compare.set_defaults(handler=command_compare)
 
-    predict = commands.add_parser("predict", help="apply a trained classifier to extracted features")
+    predict = commands.add_parser("predict", parents=[common], help="apply a trained classifier to extracted features")
     predict.add_argument("--model", required=True, help="output directory of `featurize train`")
     predict.add_argument("--features", required=True, help="output directory of `featurize extract`")
     predict.add_argument("--output", required=True, help="where to write the predictions (any fsspec URI)")
     predict.set_defaults(handler=command_predict)
 
-    models = commands.add_parser("models", help="list the backbone zoo")
+    models = commands.add_parser("models", parents=[common], help="list the backbone zoo")
     models.set_defaults(handler=command_models)
 
-    inspect = commands.add_parser("inspect", help="summarise an extract output: rows, errors, schema, shards")
+    inspect = commands.add_parser("inspect", parents=[common],
+                                  help="summarise an extract output: rows, errors, schema, shards")
     inspect.add_argument("output", help="output directory of `featurize extract`")
     inspect.set_defaults(handler=command_inspect)
 
     weights = commands.add_parser("weights", help="manage weights files")
     weights_commands = weights.add_subparsers(required=True, metavar="ACTION")
-    pull = weights_commands.add_parser("pull", help="copy a zoo backbone's ImageNet weights to any URI")
+    pull = weights_commands.add_parser("pull", parents=[common],
+                                       help="copy a zoo backbone's ImageNet weights to any URI")
     pull.add_argument("name", help="zoo backbone name, e.g. resnet50")
     pull.add_argument("--to", required=True, dest="destination", help="file URI, e.g. s3://bucket/resnet50.weights.h5")
     pull.set_defaults(handler=command_weights_pull)
 
-    bench = commands.add_parser("bench", help="throughput: bare model vs pipeline vs the Keras-docs loop")
-    bench.add_argument("--backbone", default="mobilenetv2")
-    bench.add_argument("--input-size", type=int, default=224)
-    bench.add_argument("--batch-size", type=int, default=32)
+    bench = commands.add_parser("bench", parents=[common],
+                                help="throughput: bare model vs pipeline vs the Keras-docs loop",
+                                description="Measure (a) the bare model, (b) the whole pipeline and (c) the "
+                                            "Keras-docs loop on generated JPEGs; writes bench.json and bench.png.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--backbone", default="mobilenetv2", help="zoo backbone (`featurize models`)")
+    bench.add_argument("--input-size", type=int, default=224, help="square input side of the model")
+    bench.add_argument("--batch-size", type=int, default=32, help="images per forward pass for (a) and (b)")
     bench.add_argument("--images", type=int, default=1024, help="JPEGs of 500x375 for the pipeline (b)")
     bench.add_argument("--loop-images", type=int, default=48, help="images for the slow one-at-a-time loop (c)")
     bench.add_argument("--camera-images", type=int, default=16, help="4000x3000 JPEGs for the draft-mode figures")
@@ -78,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="results/bench", help="where bench.json and bench.png go")
     bench.set_defaults(handler=command_bench)
 
-    demo = commands.add_parser("demo", help="offline end-to-end run: sample data, extract, train, summary")
+    demo = commands.add_parser("demo", parents=[common],
+                               help="offline end-to-end run: sample data, extract, train, summary")
     demo.add_argument("--workdir", default="results/demo", help="where sample data and results go")
     demo.set_defaults(handler=command_demo)
     return parser
@@ -86,25 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    # nargs="+" so that `--set run.batch_size 64` reaches load_config, which names the fix, instead of
+    # argparse's top-level usage and "unrecognized arguments: 64"
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set run.batch_size=64 (repeatable)")
 
 
 def command_extract(arguments) -> int:
     config = load_config(ExtractConfig, arguments.config, arguments.set)
-    return run_extract_and_report(config)
+    return run_extract_and_report(config, arguments.verbose)
 
 
-def run_extract_and_report(config: ExtractConfig) -> int:
+def run_extract_and_report(config: ExtractConfig, verbose: bool = False) -> int:
     from pipeline.distributed import run_extract
     from pipeline.report import print_extract_summary
 
-    success = run_extract(config)
+    success = run_extract(config, verbose=verbose)
     print_extract_summary(success, console)
     if success["error_rate"] > success["max_error_rate"]:
-        console.print(f"[bold red]failed:[/] error rate {success['error_rate']:.1%} is above "
-                      f"run.max_error_rate {success['max_error_rate']:.1%}; good rows are committed")
-        return 1
+        error_console.print(f"[bold red]failed:[/] error rate {success['error_rate']:.1%} is above "
+                            f"run.max_error_rate {success['max_error_rate']:.1%}; good rows are committed")
+        return EXIT_ERROR_RATE
     return 0
 
 
@@ -186,7 +220,7 @@ def command_bench(arguments) -> int:
 def command_demo(arguments) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(arguments.workdir, console)
+    return run_demo(arguments.workdir, console, arguments.verbose)
 
 
 if __name__ == "__main__":

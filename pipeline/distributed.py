@@ -12,10 +12,13 @@ pieces of a shard are back, so a shard is visible exactly once whatever dies alo
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +26,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from pipeline import storage, writer
-from pipeline.config import ExtractConfig, ModelConfig
+from pipeline.config import ConfigError, ExtractConfig, ModelConfig
 from pipeline.plan import Plan, pending_shards, prepare
 from pipeline.progress import ProgressReporter
 from pipeline.runner import (ShardResult, ShardSettings, ShardTask, process_shard, quarantine_rows,
@@ -32,6 +35,7 @@ from pipeline.runner import (ShardResult, ShardSettings, ShardTask, process_shar
 log = logging.getLogger("featurize")
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+USER_ERRORS = (ConfigError, storage.StorageError)  # exit 2: the message says what to fix
 MAX_FAILED_STARTS_PER_ACTOR = 3
 
 
@@ -40,16 +44,19 @@ class ExtractorActor:
 
     def __init__(self, model_config: ModelConfig, batch_size: int, num_threads: int,
                  storage_options: dict, output_storage_options: dict | None = None):
-        from pipeline.extractor import FeatureExtractor, configure_tensorflow  # TF only inside actors
-
-        configure_tensorflow(num_threads)
+        started = time.perf_counter()
         self.batch_size = batch_size
         self.build_error: Exception | None = None
-        try:
-            self.extractor = FeatureExtractor(model_config, batch_size=batch_size, storage_options=storage_options,
-                                              num_threads=num_threads)
-        except Exception as error:  # noqa: BLE001 - reported by describe() as a task error (a RayTaskError with
-            self.build_error = error  # the cause); raised from __init__, Ray only says "the actor died" and retries
+        with collected_warnings() as self.warnings:  # shown by the driver: actor logs stay off the terminal
+            try:
+                from pipeline.extractor import FeatureExtractor, configure_tensorflow  # TF only inside actors
+
+                configure_tensorflow(num_threads)
+                self.extractor = FeatureExtractor(model_config, batch_size=batch_size,
+                                                  storage_options=storage_options, num_threads=num_threads)
+            except Exception as error:  # noqa: BLE001 - reported by describe() as a task error (a RayTaskError
+                self.build_error = error  # with the cause); raised from __init__, Ray only says "the actor died"
+        self.load_seconds = time.perf_counter() - started
         # Storage options arrive once, here; tasks carry them without credentials (storage.public_options).
         self.input_storage_options = storage_options
         self.output_storage_options = output_storage_options
@@ -58,7 +65,8 @@ class ExtractorActor:
         if self.build_error is not None:
             raise self.build_error
         return {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
-                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "runtime": self.extractor.runtime, "load_seconds": self.load_seconds, "warnings": self.warnings}
 
     def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
         if self.output_storage_options is not None:
@@ -90,13 +98,74 @@ class ActorShape:
     num_gpus: float
 
 
-def connect(address: str) -> None:
+class WarningCollector(logging.Handler):
+    """Keeps the warnings an actor logs while it builds its model, for the driver to show once."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(storage.redact(record.getMessage()))
+
+
+@contextlib.contextmanager
+def collected_warnings():
+    collector = WarningCollector()
+    loggers = [logging.getLogger(name) for name in ("featurize", "pipeline")]
+    for logger in loggers:
+        logger.addHandler(collector)
+    try:
+        yield collector.messages
+    finally:
+        for logger in loggers:
+            logger.removeHandler(collector)
+
+
+def connect(address: str, verbose: bool = False) -> str:
+    """Join the cluster `run.address` or the Ray job names; otherwise start a private local Ray. Never
+    `ray.init()` without an address: it attaches to whatever Ray already runs on the machine. Returns what
+    it did, for the progress display. Ray's and the actors' logs stay in Ray's log files unless `verbose`."""
     if ray.is_initialized():
-        return
+        return "using the Ray already initialised in this process"
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, **quiet)
+        return f"joined the Ray cluster at {storage.redact(address)}"
+    if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: the job's own cluster
+        ray.init(**quiet)
+        return f"joined this Ray job's cluster ({storage.redact(os.environ['RAY_ADDRESS'])})"
+    ray.init(address="local", include_dashboard=False, **quiet)
+    return f"started a private local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a run: actors are stopped, every commit is kept, the same command resumes."""
+
+    def __init__(self, signal_number: int, message: str = ""):
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.message = message
+        self.exit_code = 128 + signal_number  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM (`ray job stop`, Kubernetes) raise Interrupted in the scheduling loop, whose clean-up
+    stops the actors. Installed after Ray starts, which sets a SIGTERM handler of its own."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signal_number, frame):
+        raise Interrupted(signal_number)
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def actor_shape(config: ExtractConfig) -> ActorShape:
@@ -144,16 +213,35 @@ class Driver:
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def run(self) -> dict:
+    def run(self, verbose: bool = False) -> dict:
+        """Every check that needs no cluster (config, model files, output mode, fingerprint, listing) runs in
+        `prepare`, before Ray starts; Ray starts only when there is work left."""
+        self.reporter.phase(f"planning {storage.redact(self.output)}")
         plan, manifest = prepare(self.config)
         commits = writer.read_commits(self.output, self.options)
         todo = pending_shards(plan, commits)
-        self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
-                            done_images=sum(record.rows for record in commits.values()),
-                            done_errors=sum(record.error for record in commits.values()))
+        self.reporter.phase(f"{plan.num_images} images in {plan.num_shards} shards, {len(commits)} already "
+                            f"committed")
         if todo:
-            self.run_shards(plan, manifest, todo, commits)
+            self.reporter.phase("starting Ray")
+            self.reporter.phase(connect(self.config.run.address, verbose))
+            try:
+                with stop_on_signals():
+                    self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
+                                        done_images=sum(record.rows for record in commits.values()),
+                                        done_errors=sum(record.error for record in commits.values()))
+                    self.run_shards(plan, manifest, todo, commits)
+            except Interrupted as interruption:
+                raise Interrupted(interruption.signal_number, self.interrupted_message(
+                    interruption.signal_number, plan, commits)) from None
+            finally:
+                self.reporter.stop()
         return self.finish(plan, commits)
+
+    @staticmethod
+    def interrupted_message(signal_number: int, plan: Plan, commits: dict) -> str:
+        return (f"interrupted by {signal.Signals(signal_number).name}: {len(commits)} of {plan.num_shards} shards "
+                "are committed and kept; run the same command to resume")
 
     def run_shards(self, plan: Plan, manifest, todo: list[int], commits: dict) -> None:
         self.shape = actor_shape(self.config)
@@ -166,6 +254,8 @@ class Driver:
         self.states = {index: ShardState() for index in todo}
         self.owner: dict[ray.ObjectRef, tuple[ActorSlot, ShardTask]] = {}
         self.slots = [self.start_actor() for _ in range(min(self.shape.count, len(todo)))]
+        self.reporter.phase(f"loading the model on {len(self.slots)} actor(s) ({self.shape.num_cpus:g} CPUs"
+                            f"{f', {self.shape.num_gpus:g} GPUs' if self.shape.num_gpus else ''} each)")
         try:
             while self.states:
                 self.assign()
@@ -179,7 +269,8 @@ class Driver:
                         self.mark_ready(ref)
         finally:
             for slot in self.slots:
-                ray.kill(slot.handle, no_restart=True)
+                with contextlib.suppress(Exception):  # on an interrupt Ray itself may be going down
+                    ray.kill(slot.handle, no_restart=True)
 
     def start_actor(self) -> ActorSlot:
         run = self.config.run
@@ -200,11 +291,20 @@ class Driver:
                                    "run again to resume") from None
             self.replace(slot)
             return
-        except RayTaskError as error:  # the model itself cannot be built: a config problem, not a crash
-            raise ValueError(f"the model could not be built on an actor: {storage.redact(error.cause)}") from None
+        except RayTaskError as error:
+            if isinstance(error.cause, USER_ERRORS):  # a refused or mismatched model: the user can fix it
+                raise ConfigError(f"the model could not be built: {storage.redact(str(error.cause))}") from None
+            raise  # a bug: the RayTaskError carries the actor's traceback
         slot.is_ready = True
         self.failed_starts = 0
+        if self.actor_description is None:
+            for warning in description["warnings"]:
+                log.warning("%s", warning)
         self.actor_description = self.actor_description or description
+        self.reporter.phase(f"model ready on an actor in {description['load_seconds']:.1f} s "
+                            f"(runtime {description['runtime']}"
+                            + (", converted for LiteRT once a node, cached for next time)"
+                               if description["runtime"] == "litert" else ")"))
 
     def assign(self) -> None:
         """Pull model: each ready actor gets pieces until it holds its bounded share."""
@@ -282,11 +382,14 @@ class Driver:
                                                 len(rows), {}, {reason: len(rows)}))
 
     def retry_or_fail(self, task: ShardTask, error: RayTaskError) -> None:
+        """An exception inside a worker is featurize's own (bad input never raises: it becomes an error row).
+        Loud: its traceback is logged, the piece retried, and the run fails if it persists."""
         if task.attempt >= self.config.run.max_attempts:
-            raise RuntimeError(f"shard {task.shard} failed {task.attempt} times: "
-                               f"{storage.redact(repr(error.cause))}") from None
-        log.warning("shard %d failed (attempt %d): %s; retrying", task.shard, task.attempt,
-                    storage.redact(repr(error.cause)))
+            raise RuntimeError(f"shard {task.shard} [{task.start}:{task.stop}] failed {task.attempt} times with an "
+                               f"error in featurize itself (committed shards are kept); the worker's traceback:\n"
+                               f"{storage.redact(str(error))}") from None
+        log.warning("shard %d failed (attempt %d of %d), retrying; the worker's traceback:\n%s", task.shard,
+                    task.attempt, self.config.run.max_attempts, storage.redact(str(error)))
         self.queue.append(with_attempt(task, task.attempt + 1))
 
     def replace(self, slot: ActorSlot) -> None:
@@ -309,7 +412,9 @@ class Driver:
         self.commits[shard] = record
         self.shards_run += 1
         self.rows_run += record.rows
-        self.first_commit_at = self.first_commit_at or time.time()
+        if self.first_commit_at is None:
+            self.first_commit_at = time.time()
+            self.reporter.phase(f"first shard committed {self.first_commit_at - self.started:.1f} s after start")
         self.reporter.shard_committed()
 
     @staticmethod
@@ -365,12 +470,10 @@ def with_attempt(task: ShardTask, attempt: int) -> ShardTask:
     return ShardTask(task.shard, task.start, task.stop, task.uris, task.labels, attempt)
 
 
-def run_extract(config: ExtractConfig, reporter: ProgressReporter | None = None) -> dict:
+def run_extract(config: ExtractConfig, reporter: ProgressReporter | None = None, verbose: bool = False) -> dict:
     """Run (or resume) an extract job; returns the `_SUCCESS` document."""
-    connect(config.run.address)
     reporter = reporter or ProgressReporter(sys.stderr.isatty())
-    driver = Driver(config, reporter)
     try:
-        return driver.run()
+        return Driver(config, reporter).run(verbose)
     finally:
         reporter.stop()

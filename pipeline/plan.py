@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage, writer
-from pipeline.config import ConfigError, ExtractConfig
+from pipeline.config import ConfigError, ExtractConfig, is_saved_model_path, is_weights_file
 from pipeline.listing import list_images
 
 
@@ -36,17 +36,41 @@ class Plan:
         return start, min(start + self.shard_size, self.num_images)
 
 
+def model_files(config: ExtractConfig) -> list[tuple[str, str]]:
+    """(config key, URI) of every file the model is built from."""
+    model = config.model
+    candidates = (("model.backbone", model.backbone, is_saved_model_path(model.backbone)),
+                  ("model.weights", model.weights, is_weights_file(model.weights)),
+                  ("model.class_names", model.class_names, model.class_names is not None))
+    return [(key, uri) for key, uri, is_file in candidates if is_file]
+
+
+def check_model_files(config: ExtractConfig) -> None:
+    """Every model file exists and is readable, checked on the driver before Ray starts, so a typo costs a
+    second and names its key instead of surfacing from an actor after start-up."""
+    options = config.input.storage_options
+    for key, uri in model_files(config):
+        try:
+            found = storage.exists(uri, options)
+        except Exception as error:  # noqa: BLE001 - storage failures get a clear message, the rest goes on up
+            if not storage.is_storage_failure(error):
+                raise
+            raise storage.access_error(key, uri, "read", error) from None
+        if not found:
+            raise ConfigError(f"{key}: {storage.redact(uri)} does not exist; check the path (for a cloud URI also "
+                              "input.storage_options, which model files are read with)")
+
+
 def fingerprint_inputs(config: ExtractConfig) -> dict:
     """Everything that changes the rows: model identity (checksums of files), cut, input, dtype, inputs."""
     model = config.model
     options = config.input.storage_options
-    is_file = model.weights not in ("imagenet", "none")
-    backbone_is_file = model.backbone.lower().endswith((".keras", ".h5"))
+    checksums = {key: storage.sha256_of_uri(uri, options) for key, uri in model_files(config)}
     return {
         "backbone": storage.redact(model.backbone),
-        "backbone_sha256": storage.sha256_of_uri(model.backbone, options) if backbone_is_file else None,
+        "backbone_sha256": checksums.get("model.backbone"),
         "weights": storage.redact(model.weights),
-        "weights_sha256": storage.sha256_of_uri(model.weights, options) if is_file else None,
+        "weights_sha256": checksums.get("model.weights"),
         "layer": model.layer,
         "pooling": model.pooling,
         "input_size": model.input_size,
@@ -55,6 +79,7 @@ def fingerprint_inputs(config: ExtractConfig) -> dict:
         "draft_margin": model.draft_margin,
         "top_k": model.top_k,
         "class_names": storage.redact(model.class_names),
+        "class_names_sha256": checksums.get("model.class_names"),  # the names land in top_k_labels
         "mixed_precision": model.mixed_precision,
         "feature_dtype": config.output.feature_dtype,
         "input_uri": [storage.redact(uri) for uri in config.input.uri],  # _plan.json holds no signature
@@ -72,6 +97,7 @@ def prepare(config: ExtractConfig) -> tuple[Plan, pa.Table]:
     """Honour output.mode, then return the plan and the frozen manifest (listing the input only once)."""
     output, options = config.output.uri, config.output.storage_options
     plan_uri = storage.join(output, writer.PLAN_FILE)
+    check_model_files(config)
     storage.check_writable(output, options)  # a missing bucket or bad credentials stop here, not after listing
     inputs = fingerprint_inputs(config)
     exists = storage.exists(plan_uri, options)
@@ -88,8 +114,10 @@ def prepare(config: ExtractConfig) -> tuple[Plan, pa.Table]:
 
 def resume_plan(output: str, options: dict, inputs: dict) -> tuple[Plan, pa.Table]:
     frozen = writer.read_json(storage.join(output, writer.PLAN_FILE), options)
-    differences = [f"{key}: {frozen['fingerprint_inputs'].get(key)!r} -> {value!r}"
-                   for key, value in inputs.items() if frozen["fingerprint_inputs"].get(key) != value]
+    recorded = frozen["fingerprint_inputs"]
+    # A key the frozen plan lacks was added by a later featurize: the older run did not record it.
+    differences = [f"{key}: {recorded[key]!r} -> {value!r}"
+                   for key, value in inputs.items() if key in recorded and recorded[key] != value]
     if differences:
         raise ConfigError(f"output.uri: {storage.redact(output)} was written with a different configuration, so "
                           f"resuming would mix features. Differences: {'; '.join(differences)}. Use output.mode: "

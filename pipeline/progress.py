@@ -1,22 +1,48 @@
-"""Driver progress: a live rich bar on a terminal, plain structured log lines elsewhere (cluster jobs)."""
+"""What a person sees while a job runs: phase lines, then a live bar on a terminal, or plain log lines
+elsewhere (cluster jobs, CI). Everything goes to stderr through one rich console, so log records print
+above the bar instead of gluing onto it."""
 
 from __future__ import annotations
 
 import logging
 import time
 
+from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 log = logging.getLogger("featurize")
 
 LOG_EVERY_SECONDS = 10.0
+CONSOLE = Console(stderr=True)  # the bar, phases, logs and errors; results go to stdout
+HANDLER: RichHandler | None = None
+QUIET_LIBRARIES = ("ray", "tensorflow", "absl", "h5py", "urllib3", "botocore", "s3fs", "fsspec", "PIL", "matplotlib")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """featurize's own records at INFO; libraries only at WARNING (ERROR for Ray), unless `verbose`. One handler
+    on the root logger, added once (other handlers, e.g. a test harness's, are left alone)."""
+    global HANDLER
+    root = logging.getLogger()
+    if HANDLER is None:
+        HANDLER = RichHandler(console=CONSOLE, show_path=False, markup=False)
+        HANDLER.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(HANDLER)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in ("featurize", "pipeline"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. its token-auth notice on every local start
 
 
 class ProgressReporter:
     """Counts images, error rows, committed shards and live actors; shows them as fits the output."""
 
-    def __init__(self, interactive: bool):
+    def __init__(self, interactive: bool, console: Console | None = None):
         self.interactive = interactive
+        self.console = console or CONSOLE
         self.progress: Progress | None = None
         self.images = self.errors = self.shards = 0
         self.total_images = self.total_shards = 0
@@ -24,23 +50,31 @@ class ProgressReporter:
         self.started = time.time()
         self.images_at_start = 0
         self.last_log = 0.0
+        self.last_logged_images: int | None = None
+
+    def phase(self, message: str) -> None:
+        """One line per start-up step (planning, starting Ray, loading the model, first commit)."""
+        if self.interactive:
+            self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}", highlight=False)
+        else:
+            log.info("%s", message)
 
     def start(self, total_images: int, total_shards: int, done_shards: int, done_images: int,
               done_errors: int) -> None:
         self.total_images, self.total_shards = total_images, total_shards
         self.images, self.errors, self.shards = done_images, done_errors, done_shards
         self.images_at_start = done_images
+        self.last_logged_images = done_images  # no progress line until something moved
         self.started = time.time()
         if self.interactive:
             self.progress = Progress(
                 TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]:.1f} img/s"), TimeRemainingColumn(),
-                TextColumn("errors {task.fields[errors]}  shards {task.fields[shards]}  actors {task.fields[actors]}"))
+                TextColumn("errors {task.fields[errors]}  shards {task.fields[shards]}  actors {task.fields[actors]}"),
+                console=self.console)
             self.progress.start()
             self.task = self.progress.add_task("extract", total=total_images, completed=done_images,
                                                **self.fields())
-        log.info("plan: %d images in %d shards, %d shards already committed",
-                 total_images, total_shards, done_shards)
 
     def fields(self) -> dict:
         elapsed = max(time.time() - self.started, 1e-9)
@@ -64,8 +98,9 @@ class ProgressReporter:
         fields = self.fields()
         if self.progress is not None:
             self.progress.update(self.task, completed=self.images, **fields)
-        elif time.time() - self.last_log >= LOG_EVERY_SECONDS:
+        elif time.time() - self.last_log >= LOG_EVERY_SECONDS and self.images != self.last_logged_images:
             self.last_log = time.time()
+            self.last_logged_images = self.images
             log.info("progress images=%d/%d rate=%.1f/s errors=%d shards=%s actors=%d", self.images,
                      self.total_images, fields["rate"], self.errors, fields["shards"], fields["actors"])
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import storage, writer
+from pipeline.config import ConfigError
 
 
 def print_extract_summary(success: dict, console: Console) -> None:
@@ -33,7 +34,66 @@ def add_stage_split(table: Table, timings: dict) -> None:
 
 
 def inspect_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
-    """Rows, error rows by reason, schema, provenance, committed vs pending shards of any output."""
+    """A summary of whatever featurize output lies at `output_uri`: extract, predict or train."""
+    kind = output_kind(output_uri, storage_options)
+    if kind == "train":
+        return inspect_train_output(output_uri, console, storage_options)
+    if kind == "predict":
+        return inspect_predict_output(output_uri, console, storage_options)
+    return inspect_extract_output(output_uri, console, storage_options)
+
+
+def output_kind(output_uri: str, storage_options: dict | None = None) -> str:
+    """extract | predict | train, from the files each stage writes; a ConfigError when it is none of them."""
+    shown = storage.redact(output_uri)
+    plan_uri = storage.join(output_uri, writer.PLAN_FILE)
+    if storage.exists(plan_uri, storage_options):
+        return "extract" if "num_images" in writer.read_json(plan_uri, storage_options) else "predict"
+    if storage.exists(storage.join(output_uri, writer.METRICS_FILE), storage_options):
+        return "train"
+    if not storage.exists(output_uri, storage_options):
+        raise ConfigError(f"{shown} does not exist; give the output.uri of a featurize extract, train or predict run")
+    raise ConfigError(f"{shown} is not a featurize output (it has no {writer.PLAN_FILE} and no "
+                      f"{writer.METRICS_FILE}); give the output.uri of a featurize extract, train or predict run")
+
+
+def inspect_train_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
+    metrics = writer.read_json(storage.join(output_uri, writer.METRICS_FILE), storage_options)
+    table = Table(title=f"featurize inspect {storage.redact(output_uri)} (classifier)", show_header=False)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:.3f}")
+    for key in ("num_train", "num_test"):
+        if key in metrics:
+            table.add_row(key, str(metrics[key]))
+    table.add_row("classes", ", ".join(map(str, metrics.get("classes", []))))
+    console.print(table)
+    return {"kind": "train", **metrics}
+
+
+def inspect_predict_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
+    plan = writer.read_json(storage.join(output_uri, writer.PLAN_FILE), storage_options)
+    commits = writer.read_commits(output_uri, storage_options)
+    finished = storage.exists(storage.join(output_uri, writer.SUCCESS_FILE), storage_options)
+    num_shards = len(plan.get("files", []))
+    summary = {"kind": "predict", "shards_total": num_shards, "shards_committed": len(commits),
+               "shards_pending": num_shards - len(commits), "finished": finished,
+               "rows_ok": sum(record.ok for record in commits.values()),
+               "rows_error": sum(record.error for record in commits.values()),
+               "model_uri": plan.get("model_uri"), "features_uri": plan.get("features_uri"),
+               "fingerprint": plan.get("fingerprint")}
+    table = Table(title=f"featurize inspect {storage.redact(output_uri)} (predictions)", show_header=False)
+    table.add_row("status", "finished (_SUCCESS present)" if finished else "incomplete: rerun predict to finish")
+    table.add_row("rows", f"{summary['rows_ok']} ok, {summary['rows_error']} error")
+    table.add_row("shards", f"{len(commits)} committed, {summary['shards_pending']} pending of {num_shards}")
+    table.add_row("classifier", storage.redact(str(summary["model_uri"])))
+    table.add_row("features", storage.redact(str(summary["features_uri"])))
+    console.print(table)
+    return summary
+
+
+def inspect_extract_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
+    """Rows, error rows by reason, schema, provenance, committed vs pending shards of an extract output."""
     plan = writer.read_json(storage.join(output_uri, writer.PLAN_FILE), storage_options)
     commits = writer.read_commits(output_uri, storage_options)
     num_shards = -(-plan["num_images"] // plan["shard_size"])

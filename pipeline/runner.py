@@ -20,9 +20,11 @@ from pipeline import storage, writer
 from pipeline.config import ModelConfig, OutputConfig
 from pipeline.decode import DecodedImage, decode_image
 
-# Test hooks: a worker that meets a uri containing the marker dies on the spot, as a native crash would;
-# a delay per shard keeps a run going long enough to be interrupted.
+# Test hooks: a worker that meets a uri containing the crash marker dies on the spot, as a native crash would;
+# one containing the bug marker raises, as a bug in featurize's own code would; a delay per shard keeps a run
+# going long enough to be interrupted.
 CRASH_MARKER_VARIABLE = "FEATURIZE_TEST_CRASH_MARKER"
+BUG_MARKER_VARIABLE = "FEATURIZE_TEST_BUG_MARKER"
 SLOW_SECONDS_VARIABLE = "FEATURIZE_TEST_SLOW_SECONDS"
 
 
@@ -85,6 +87,9 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
         reason = f"fetch failed: {storage.describe_error(error)}"  # "not found", "access denied", ...; redacted
         return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
     fetched = time.perf_counter()
+    bug_marker = os.environ.get(BUG_MARKER_VARIABLE)
+    if bug_marker and bug_marker in uri:
+        raise AssertionError(f"test hook: a bug in featurize's own code while decoding {uri}")
     image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
     return Item(uri, label, image, fetched - started, time.perf_counter() - fetched)
 

@@ -546,6 +546,22 @@ def is_glob(uri: str) -> bool:
     return any(character in uri for character in "*?[")
 
 
+def split_glob(pattern: str) -> tuple[str, str]:
+    """(fixed directory, pattern below it): `data/*/x*.jpg` -> (`data`, `*/x*.jpg`)."""
+    first_wildcard = min((pattern.index(character) for character in "*?[" if character in pattern),
+                         default=len(pattern))
+    cut = pattern.rfind("/", 0, first_wildcard)
+    return pattern[:max(cut, 0)], pattern[cut + 1:]
+
+
+def listing_root(uri: str, storage_options: dict | None = None) -> str:
+    """The directory a listing of `uri` starts from (a glob's fixed directory), ending in '/' and spelled as
+    find_files spells what it finds, so that a found URI minus this prefix is its path below the root."""
+    fs, path = filesystem(uri, storage_options)
+    directory = split_glob(path)[0] if is_glob(path) else path
+    return full_uri(fs, directory.rstrip("/"), uri) + "/"
+
+
 def find_files(uri: str, storage_options: dict | None = None) -> list[str]:
     """Every file below a directory or matching a glob, as URIs of the same scheme, page by page."""
     fs, path = filesystem(uri, storage_options)
@@ -561,3 +577,9 @@ def is_directory(uri: str, storage_options: dict | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
     forget_cached_listing(fs, path)
     return with_retries(lambda: fs.isdir(path))
+
+
+def is_file(uri: str, storage_options: dict | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    forget_cached_listing(fs, path)
+    return with_retries(lambda: fs.isfile(path))

@@ -59,7 +59,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline import storage, writer
-from pipeline.config import ClassifierConfig, FeaturesConfig, SplitConfig, TrainConfig, to_dict
+from pipeline.config import ClassifierConfig, ConfigError, FeaturesConfig, SplitConfig, TrainConfig, to_dict
 
 # The provenance keys that must agree between features and a classifier (and among concatenated outputs).
 PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "input_size", "preprocess")
@@ -67,7 +67,7 @@ PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", 
 CLASSIFIER_FILE = "classifier.json"
 LOGISTIC_WEIGHTS_FILE = "classifier.npz"
 MLP_WEIGHTS_FILE = "classifier.keras"
-METRICS_FILE = "metrics.json"
+METRICS_FILE = writer.METRICS_FILE
 CONFUSION_PLOT_FILE = "confusion_matrix.png"
 F1_PLOT_FILE = "per_class_f1.png"
 FORMAT_VERSION = 1
@@ -126,13 +126,13 @@ def open_features(uris: tuple[str, ...], storage_options: dict | None = None) ->
     for uri, provenance in provenances[1:]:
         differences = provenance_differences(provenances[0][1], provenance, provenances[0][0], uri)
         if differences:
-            raise ValueError("features.uri lists outputs with different provenance, so their features are not "
+            raise ConfigError("features.uri lists outputs with different provenance, so their features are not "
                              f"comparable: {'; '.join(differences)}. Train on outputs of one extraction setup.")
     if len(set(dims.values())) > 1:
-        raise ValueError(f"features.uri lists outputs with different feature dims: {dims}. "
+        raise ConfigError(f"features.uri lists outputs with different feature dims: {dims}. "
                          "Train on outputs of one extraction setup.")
     if not dims:
-        raise ValueError(f"features.uri {list(uris)} holds no committed data files; nothing to train on")
+        raise ConfigError(f"features.uri {list(uris)} holds no committed data files; nothing to train on")
     return FeatureSet(tuple(uris), tuple(files), num_rows, next(iter(dims.values())), column_names,
                       provenances[0][1])
 
@@ -185,7 +185,7 @@ class LabelSource:
             self.table = read_labels_file(features.labels_file, self.label_column, split.column,
                                           features.storage_options)
         elif self.label_column not in column_names:
-            raise ValueError(f"features.label_column {self.label_column!r} is not a column of the features "
+            raise ConfigError(f"features.label_column {self.label_column!r} is not a column of the features "
                              f"(columns: {', '.join(column_names)}); name one of them, or set "
                              "features.labels_file to a CSV/Parquet file with `uri` and label columns")
         else:
@@ -194,7 +194,7 @@ class LabelSource:
         if split.column and not self.split_from_file:
             if split.column not in column_names:
                 where = f"features.labels_file or the features (columns: {', '.join(column_names)})"
-                raise ValueError(f"split.column {split.column!r} is in neither {where}; add a column with "
+                raise ConfigError(f"split.column {split.column!r} is in neither {where}; add a column with "
                                  "values train/test, or leave split.column empty for a stratified holdout")
             columns.append(split.column)
         self.feature_columns = columns
@@ -224,11 +224,11 @@ def read_labels_file(uri: str, label_column: str, split_column: str | None, stor
     elif uri.lower().endswith((".parquet", ".pq")):
         table = pq.read_table(data)
     else:
-        raise ValueError(f"features.labels_file {uri!r}: expected a .csv or .parquet file with columns "
+        raise ConfigError(f"features.labels_file {uri!r}: expected a .csv or .parquet file with columns "
                          f"uri and {label_column}")
     missing = [name for name in ("uri", label_column) if name not in table.column_names]
     if missing:
-        raise ValueError(f"features.labels_file {uri!r} lacks column(s) {', '.join(missing)} (it has "
+        raise ConfigError(f"features.labels_file {uri!r} lacks column(s) {', '.join(missing)} (it has "
                          f"{', '.join(table.column_names)}); it needs `uri` and the label column "
                          f"{label_column!r} (features.label_column)")
     keep = [name for name in text_columns if name in table.column_names]
@@ -236,7 +236,7 @@ def read_labels_file(uri: str, label_column: str, split_column: str | None, stor
     if pc.count_distinct(table["uri"]).as_py() != table.num_rows:
         counts = pc.value_counts(table["uri"]).to_pylist()
         duplicate = next(entry["values"] for entry in counts if entry["counts"] > 1)
-        raise ValueError(f"features.labels_file {uri!r} lists uri {duplicate!r} more than once; "
+        raise ConfigError(f"features.labels_file {uri!r} lists uri {duplicate!r} more than once; "
                          "keep one label per uri")
     return table
 
@@ -282,18 +282,18 @@ def is_test_split(splits: np.ndarray, column: str) -> np.ndarray:
     """True for rows whose split value is "test"; anything but train/test is an error."""
     bad = sorted({str(value) for value in splits if value not in ("train", "test")})
     if bad:
-        raise ValueError(f"split.column {column!r} holds value(s) {', '.join(bad[:5])}; allowed: train, test")
+        raise ConfigError(f"split.column {column!r} holds value(s) {', '.join(bad[:5])}; allowed: train, test")
     return splits == "test"
 
 
 def check_classes(classes: list[str], train_counts: np.ndarray) -> None:
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "no labelled rows at all"
-        raise ValueError(f"training needs at least 2 classes, found {found}; check the labels "
+        raise ConfigError(f"training needs at least 2 classes, found {found}; check the labels "
                          "(features.label_column / features.labels_file)")
     missing = [name for name, count in zip(classes, train_counts) if count == 0]
     if missing:
-        raise ValueError(f"class(es) {', '.join(map(repr, missing))} have no rows in the train split; "
+        raise ConfigError(f"class(es) {', '.join(map(repr, missing))} have no rows in the train split; "
                          "add labelled rows for them, drop them, or change the split")
 
 
@@ -423,7 +423,7 @@ def load_classifier(model_uri: str, storage_options: dict | None = None) -> tupl
     if document["kind"] == "mlp":
         with storage.local_copy(weights_uri, storage_options) as path:
             return document, MlpModel.load(path), storage.sha256_of_file(path)
-    raise ValueError(f"{model_uri}/{CLASSIFIER_FILE}: unknown classifier kind {document['kind']!r}; "
+    raise ConfigError(f"{model_uri}/{CLASSIFIER_FILE}: unknown classifier kind {document['kind']!r}; "
                      "expected logistic or mlp")
 
 
@@ -518,13 +518,13 @@ def train_in_memory(config: TrainConfig, features: FeatureSet, labels: LabelSour
     else:
         too_few = {name: count for name, count in zip(classes, counts.tolist()) if count < 2}
         if too_few:
-            raise ValueError(f"a stratified split needs at least 2 labelled rows per class; {too_few} have fewer. "
+            raise ConfigError(f"a stratified split needs at least 2 labelled rows per class; {too_few} have fewer. "
                              "Add rows for them, drop them from the labels, or set split.column")
         try:
             train_positions, test_positions = train_test_split(
                 positions, test_size=config.split.test_fraction, stratify=targets, random_state=config.split.seed)
         except ValueError as error:
-            raise ValueError(f"stratified holdout of {len(targets)} rows in {len(classes)} classes with "
+            raise ConfigError(f"stratified holdout of {len(targets)} rows in {len(classes)} classes with "
                              f"split.test_fraction={config.split.test_fraction} failed: {error}. Use a larger "
                              "test_fraction, more rows per class, or split.column") from error
         method = "stratified"
@@ -798,7 +798,7 @@ def classification_metrics(true: np.ndarray, predicted: np.ndarray, classes: lis
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     if len(true) == 0:
-        raise ValueError("the test split is empty: nothing to measure; raise split.test_fraction or add rows")
+        raise ConfigError("the test split is empty: nothing to measure; raise split.test_fraction or add rows")
     indices = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(true, predicted, labels=indices,
                                                                      zero_division=0)
@@ -897,13 +897,13 @@ def predict(model_uri: str, features_uri: str, output_uri: str, storage_options:
     """
     started = time.perf_counter()
     document, model, weights_sha256 = load_classifier(model_uri, storage_options)
-    provenance = writer.read_provenance(features_uri, storage_options)
+    success = writer.read_success(features_uri, storage_options, key="--features")
+    provenance = dict(success.get("provenance", {}))
     differences = provenance_differences(document["provenance"], provenance, "classifier", "features")
     if differences:
-        raise ValueError(f"features at {features_uri} were extracted differently from the features classifier "
+        raise ConfigError(f"features at {features_uri} were extracted differently from the features classifier "
                          f"{model_uri} was trained on: {'; '.join(differences)}. Extract features with the "
                          "classifier's settings, or train a classifier on these features")
-    success = writer.read_success(features_uri, storage_options)
     fingerprint = hashlib.sha256(json.dumps({
         "classifier": document, "weights_sha256": weights_sha256, "features_uri": features_uri,
         "features_fingerprint": success.get("fingerprint"), "features_files": success["files"],
@@ -912,7 +912,7 @@ def predict(model_uri: str, features_uri: str, output_uri: str, storage_options:
     if storage.exists(plan_uri, storage_options):
         planned = writer.read_json(plan_uri, storage_options).get("fingerprint")
         if planned != fingerprint:
-            raise ValueError(f"{output_uri} holds predictions of another classifier or other features "
+            raise ConfigError(f"{output_uri} holds predictions of another classifier or other features "
                              f"(fingerprint {planned} vs {fingerprint}); write to another output or remove it")
     else:
         writer.write_json(plan_uri, {"fingerprint": fingerprint, "model_uri": model_uri,
@@ -970,7 +970,7 @@ def predict_file(file_uri: str, model: LinearModel | MlpModel, classes: list[str
     with parquet_file(file_uri, storage_options) as parquet:
         dim = parquet.schema_arrow.field("features").type.list_size
         if dim != feature_dim:
-            raise ValueError(f"{file_uri} holds {dim}-dim features; the classifier expects {feature_dim}")
+            raise ConfigError(f"{file_uri} holds {dim}-dim features; the classifier expects {feature_dim}")
         columns = [name for name in ("uri", "label", "status", "error", "features")
                    if name in parquet.schema_arrow.names]
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):

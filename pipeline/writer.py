@@ -23,12 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.config import ConfigError
 
 DATA_DIR = "data"
 COMMITS_DIR = "_commits"
 SUCCESS_FILE = "_SUCCESS"
 PLAN_FILE = "_plan.json"
 MANIFEST_FILE = "_manifest.parquet"
+METRICS_FILE = "metrics.json"  # what `featurize train` writes last: its output is complete
 
 
 def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dict | None = None) -> pa.Schema:
@@ -171,12 +173,20 @@ def read_json(uri: str, storage_options: dict | None = None) -> dict:
     return json.loads(storage.read_bytes(uri, storage_options))
 
 
-def read_success(output_uri: str, storage_options: dict | None = None) -> dict:
+def read_success(output_uri: str, storage_options: dict | None = None, key: str = "features.uri") -> dict:
+    """The `_SUCCESS` of a finished extract output; a ConfigError naming `key` says why there is none:
+    nothing at that URI, something that is not a featurize output, or a run that has not finished."""
     uri = storage.join(output_uri, SUCCESS_FILE)
-    if not storage.exists(uri, storage_options):
-        raise FileNotFoundError(f"{output_uri} has no {SUCCESS_FILE}: the extract job has not finished "
-                                "(run `featurize extract` again with output.mode=resume to complete it)")
-    return read_json(uri, storage_options)
+    if storage.exists(uri, storage_options):
+        return read_json(uri, storage_options)
+    shown = storage.redact(output_uri)
+    if storage.exists(storage.join(output_uri, PLAN_FILE), storage_options):
+        raise ConfigError(f"{key}: {shown} has no {SUCCESS_FILE}: its extract job has not finished (run the same "
+                          "`featurize extract` again to resume it)")
+    if storage.exists(output_uri, storage_options):
+        raise ConfigError(f"{key}: {shown} is not a featurize extract output (no {PLAN_FILE}); give the "
+                          "output.uri of a `featurize extract` run")
+    raise ConfigError(f"{key}: {shown} does not exist; give the output.uri of a finished `featurize extract` run")
 
 
 def read_features(output_uri: str, storage_options: dict | None = None, columns: list[str] | None = None,

@@ -651,7 +651,7 @@ def test_lambda_model_is_refused_without_trust(tmp_path, ray_local, lambda_model
     started = time.perf_counter()
     assert main(["extract", "--config", str(config)]) == 2
     seconds = time.perf_counter() - started
-    message = " ".join(capsys.readouterr().out.split())
+    message = " ".join(capsys.readouterr().err.split())
     assert "Lambda" in message and "scale_by_lambda" in message and "model.trust" in message, message
     assert not (output / "_SUCCESS").exists() and not list((output / "_commits").glob("*.json"))
     assert seconds < 90  # refused once, not retried as if the actor had crashed
@@ -686,7 +686,7 @@ def test_weights_file_with_another_checksum_is_refused_at_actor_start(tmp_path, 
                           model={"backbone": "mobilenetv2", "weights": str(weights), "weights_sha256": wrong,
                                  "input_size": 32, "top_k": 0})
     assert main(["extract", "--config", str(config)]) == 2
-    message = " ".join(capsys.readouterr().out.split())
+    message = " ".join(capsys.readouterr().err.split())
     assert "model.weights_sha256" in message and wrong in message and checksum in message, message
     assert not (output / "_SUCCESS").exists()
 
@@ -718,7 +718,7 @@ def test_config_errors_exit_2_naming_key_value_and_allowed(tmp_path, ray_local, 
     else:
         override_args = ["--set", override]
     assert main(["extract", "--config", str(config), *override_args]) == 2
-    message = " ".join(capsys.readouterr().out.split())
+    message = " ".join(capsys.readouterr().err.split())
     for word in words:
         assert word in message, (word, message)
 

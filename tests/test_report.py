@@ -54,7 +54,7 @@ def test_inspect_reports_rows_reasons_schema_provenance_and_pending_shards(tmp_p
 
 def test_inspect_of_a_missing_output_is_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
-    assert "nothing" in capsys.readouterr().out
+    assert "nothing" in capsys.readouterr().err
 
 
 @pytest.mark.ray
@@ -70,5 +70,5 @@ def test_job_entry_point_joins_the_cluster_in_ray_address(tmp_path, ray_local, t
     done = subprocess.run([sys.executable, str(ROOT / "jobs" / "extract_features.py"), "--config", str(config)],
                           capture_output=True, text=True, env=environment, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "Connecting to existing Ray cluster" in done.stderr
+    assert "joined this Ray job's cluster" in done.stderr
     assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["rows"]["total"] == 6

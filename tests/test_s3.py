@@ -225,7 +225,7 @@ def ray_with_credentials(aws_environment):
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     session = Path(ray._private.worker._global_node.get_session_dir_path())  # logs, metadata, runtime envs
     yield session
     ray.shutdown()
@@ -526,7 +526,7 @@ def test_missing_bucket_or_bad_credentials_stop_the_job_at_once(
         seconds = time.perf_counter() - started
         captured = capfd.readouterr()
         assert_no_secret(captured.out, captured.err)
-        return code, seconds, " ".join(captured.out.split())
+        return code, seconds, " ".join(captured.err.split())
 
     code, seconds, message = extract(input={"uri": f"s3://{bucket}/images/", "storage_options": endpoint},
                                      output={"uri": "s3://no-such-bucket-featurize/features",
