@@ -4,7 +4,10 @@ An entry says how to build the network (`constructor`, a `keras.applications` fu
 (`input_size`, `preprocess`) and what it gives (`feature_dim`: the size of the globally pooled last
 feature map, the default feature cut). The numbers for `featurize models` come from the table of the
 Keras applications docs (https://keras.io/api/applications/); MobileNetV3, absent from that table,
-takes its numbers from the `keras.applications.MobileNetV3*` docstring.
+takes parameters and top-1 from the `keras.applications.MobileNetV3*` docstring, and its size the way the
+table's rows read: the HDF5 weights file of the whole model (head included) in MiB, measured by saving
+the weights=None model in Keras's HDF5 weights format (the same measurement gives the table's 16, 14
+and 23 for MobileNet, MobileNetV2 and NASNetMobile).
 
 Importing this module does not import Keras or TensorFlow: constructors resolve on first call, so
 `featurize models` stays fast.
@@ -15,6 +18,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from pipeline.config import ConfigError
 
 PREPROCESS_MODES = ("caffe", "torch", "tf", "none")
 # caffe: RGB->BGR, minus ImageNet channel means (VGG, ResNet v1)
@@ -58,14 +63,14 @@ class Backbone:
     preprocess: str  # one of PREPROCESS_MODES
     feature_dim: int  # size of the globally pooled last feature map (avg or max)
     parameters_millions: float  # with the classifier head, as the docs table lists it
-    size_mb: float | None  # weights file size, as the docs table lists it
+    size_mb: float  # weights file size in MiB, as the docs table lists it
     depth: int | None  # as the docs table lists it (None where it says "-")
     top1: float | None  # ImageNet top-1 accuracy, fraction (None where the docs say "-")
     top5: float | None
 
 
 def entry(keras_name: str, keras_module: str, input_size: int, preprocess: str, feature_dim: int,
-          parameters_millions: float, size_mb: float | None, depth: int | None,
+          parameters_millions: float, size_mb: float, depth: int | None,
           top1: float | None, top5: float | None, min_input_size: int = 32) -> Backbone:
     if preprocess not in PREPROCESS_MODES:
         raise ValueError(f"{keras_name}: preprocess {preprocess!r} not in {PREPROCESS_MODES}")
@@ -103,8 +108,8 @@ _ENTRIES = (
           min_input_size=75),
     entry("MobileNet", "mobilenet", 224, "tf", 1024, 4.3, 16, 55, 0.704, 0.895),
     entry("MobileNetV2", "mobilenet_v2", 224, "tf", 1280, 3.5, 14, 105, 0.713, 0.901),
-    entry("MobileNetV3Small", "mobilenet_v3", 224, "none", 576, 2.9, None, None, 0.681, None),
-    entry("MobileNetV3Large", "mobilenet_v3", 224, "none", 960, 5.4, None, None, 0.756, None),
+    entry("MobileNetV3Small", "mobilenet_v3", 224, "none", 576, 2.9, 10, None, 0.681, None),
+    entry("MobileNetV3Large", "mobilenet_v3", 224, "none", 960, 5.4, 21, None, 0.756, None),
     entry("DenseNet121", "densenet", 224, "torch", 1024, 8.1, 33, 242, 0.750, 0.923),
     entry("DenseNet169", "densenet", 224, "torch", 1664, 14.3, 57, 338, 0.762, 0.932),
     entry("DenseNet201", "densenet", 224, "torch", 1920, 20.2, 80, 402, 0.773, 0.936),
@@ -143,7 +148,7 @@ def get_backbone(name: str) -> Backbone:
     """The zoo entry for `name` (case-insensitive); unknown names fail with the list of known ones."""
     key = str(name).strip().lower()
     if key not in BACKBONES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)} "
             "(or give the path/URI of a saved .keras/.h5 model)"
         )

@@ -1,9 +1,16 @@
 """Decode image bytes into RGB uint8 pixels at a target size, or a recorded error.
 
-Stateless and thread-safe: bytes in, one :class:`DecodedImage` out. Bad bytes never
-raise; they come back as ``DecodedImage(error="...")`` with a specific reason, so the
-caller can write an error row. Only programming errors (an unknown resize mode, a
-malformed ``target_size``) raise ``ValueError``.
+Stateless and thread-safe: bytes in, one :class:`DecodedImage` out. Two phases:
+
+- Decode (reads the bytes): ``Image.open``, the pixel limit, draft, the decoder itself
+  (``load``), EXIF, transpose and colour conversion. Pillow raises many exception types
+  on bad or hostile data here, so every failure in this phase comes back as
+  ``DecodedImage(error="...")`` with a specific reason, and the caller writes an error row.
+- Resize (stretch, crop or pad): works on the decoded in-memory RGB image with sizes
+  featurize computed, so an exception there is a bug in featurize, not a bad image: it
+  propagates.
+
+Invalid arguments (an unknown resize mode, a malformed ``target_size``) raise ``ValueError``.
 
 Decisions (the "why" behind the behaviour):
 
@@ -39,7 +46,11 @@ Decisions (the "why" behind the behaviour):
   ``Image.open(f).convert("RGB").resize((w, h), Image.BILINEAR)``. "center_crop" scales
   the image to cover the target and takes the centre (one resize with a source box, as
   ``ImageOps.fit`` does). "pad" fits the image inside the target, keeping the aspect
-  ratio, centred on ``background``.
+  ratio, centred on ``background``. Sizes and boxes come from integer arithmetic,
+  rounded once: the crop box always lies within the decoded image (also after draft);
+  the padded image is rounded to the nearest pixel (ties to even), 1..target on each
+  side. (Float ratios were an ulp off and put the box at -1e-14 for sizes as plain as
+  244x367.)
 - Draft (JPEG/MPO only, on by default): when the source is at least 2x the size the
   image must be scaled to in both dimensions, libjpeg decodes at a reduced DCT scale
   (1/2, 1/4, 1/8) that still covers that size. Much faster for camera-size JPEGs, but
@@ -54,7 +65,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import re
 import threading
 from dataclasses import dataclass
@@ -133,12 +143,15 @@ def decode_image(
 ) -> DecodedImage:
     """Decode ``data`` to RGB uint8 of shape ``target_size`` (height, width).
 
-    Never raises for bad bytes: every failure is returned as ``DecodedImage.error``.
-    Raises ValueError for invalid arguments.
+    Never raises for bad bytes: every failure to decode them is returned as ``DecodedImage.error``.
+    Raises ValueError for invalid arguments, and lets an exception from the resize step propagate
+    (it works on pixels already decoded, so it is a bug in featurize, not a bad image).
     """
     _check_arguments(data, target_size, resize, background, max_pixels)
     if len(data) == 0:
         return _failed("empty file (0 bytes)")
+    # Python ints: numpy ones would overflow or round in the exact geometry of a huge image.
+    target_size, background = (int(target_size[0]), int(target_size[1])), tuple(background)
     pixel_limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     formats = _available_allowed_formats()
     try:
@@ -147,37 +160,41 @@ def decode_image(
         return _failed(_explain_unidentified(bytes(data[:16]), data, formats))
     except Exception as error:  # noqa: BLE001 - every Pillow failure becomes an error row
         return _failed(_describe_error(error, None, pixel_limit))
-    with image:
+    # The large-image turn, once taken, is held until the resize is done: the decoded image lives until then.
+    with image, contextlib.ExitStack() as large_image_turn:
         try:
-            return _decode_opened(image, tuple(target_size), resize, tuple(background), draft_margin,
-                                  pixel_limit)
-        except Exception as error:  # noqa: BLE001 - every Pillow failure becomes an error row
+            rgb, original_size = _decode_upright_rgb(image, target_size, resize, background, draft_margin,
+                                                     pixel_limit, large_image_turn)
+        except Exception as error:  # noqa: BLE001 - the decode phase reads the bytes: its failures are the image's
             return _failed(_describe_error(error, image.format, pixel_limit))
+        # Outside the error-row boundary on purpose: see the module docstring.
+        resized = _RESIZERS[resize](rgb, original_size, target_size, background)
+        return DecodedImage(np.asarray(resized), original_size[0], original_size[1], None)
 
 
-def _decode_opened(
+def _decode_upright_rgb(
     image: Image.Image,
     target_size: tuple[int, int],
     resize: str,
     background: tuple[int, int, int],
     draft_margin: int,
     pixel_limit: int | None,
-) -> DecodedImage:
+    large_image_turn: contextlib.ExitStack,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The decode phase: (upright RGB pixels, maybe draft-reduced; original upright (width, height))."""
     raw_width, raw_height = image.size  # header size: read before draft shrinks it
     _check_pixel_limit(raw_width, raw_height, pixel_limit)
     if draft_margin > 0 and image.format in _DRAFT_FORMATS:
         _draft_for_target(image, target_size, resize, draft_margin)
-    with _turn_for_large_images(image.size):
-        image.load()
-        orientation = _exif_orientation(image)
-        if orientation in _ORIENTATIONS_SWAPPING_AXES:
-            original_size = (raw_height, raw_width)
-        else:
-            original_size = (raw_width, raw_height)
-        upright = image.transpose(_UPRIGHT_TRANSPOSE[orientation]) if orientation in _UPRIGHT_TRANSPOSE else image
-        rgb = _to_rgb(upright, background)
-        resized = _RESIZERS[resize](rgb, original_size, target_size, background)
-        return DecodedImage(np.asarray(resized), original_size[0], original_size[1], None)
+    large_image_turn.enter_context(_turn_for_large_images(image.size))
+    image.load()
+    orientation = _exif_orientation(image)
+    if orientation in _ORIENTATIONS_SWAPPING_AXES:
+        original_size = (raw_height, raw_width)
+    else:
+        original_size = (raw_width, raw_height)
+    upright = image.transpose(_UPRIGHT_TRANSPOSE[orientation]) if orientation in _UPRIGHT_TRANSPOSE else image
+    return _to_rgb(upright, background), original_size
 
 
 @contextlib.contextmanager
@@ -341,13 +358,16 @@ def _draft_for_target(image: Image.Image, target_size: tuple[int, int], resize: 
 
 def _scaled_source_size(source_size: tuple[int, int], target_size: tuple[int, int], resize: str) -> tuple[int, int]:
     """(width, height) the whole source is scaled to by ``resize``, rounded up."""
-    source_width, source_height = source_size
-    target_height, target_width = target_size
     if resize == "stretch":
+        target_height, target_width = target_size
         return target_width, target_height
-    scales = (target_width / source_width, target_height / source_height)
-    scale = max(scales) if resize == "center_crop" else min(scales)
-    return math.ceil(source_width * scale), math.ceil(source_height * scale)
+    width_scale, height_scale = _fit_scales(source_size, target_size)
+    if resize == "center_crop":
+        scale = _larger(width_scale, height_scale)
+    else:
+        scale = _smaller(width_scale, height_scale)
+    source_width, source_height = source_size
+    return _divide_rounding_up(scale, source_height), _divide_rounding_up(scale, source_width)
 
 
 # --- colour ----------------------------------------------------------------------------
@@ -453,6 +473,72 @@ def _stretch_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray
 # Each resizer gets the RGB image (possibly draft-reduced), the original upright size,
 # the target (height, width) and the background; geometry is computed on the original
 # size so the output layout never depends on draft.
+#
+# Sizes and boxes are exact integer arithmetic with one rounding at the end. Float ratios
+# are not: 160 / (160 / 244) is 244.00000000000003, which put the crop box of a 244x367
+# image at -1.4e-14, a box Pillow refuses. The helpers use integer operators only, so they
+# are exact for ints of any size and also run elementwise on numpy integer arrays (the
+# tests check every size up to 1000x1000 at once).
+
+
+def _fit_scales(source_size: tuple[int, int], target_size: tuple[int, int]) -> tuple[int, int]:
+    """The scales that fit the source's width and its height to the target, as integers.
+
+    Both are multiplied by source width x height: target_width / source_width becomes
+    target_width x source_height, and likewise for the height.
+    """
+    source_width, source_height = source_size
+    target_height, target_width = target_size
+    return target_width * source_height, target_height * source_width
+
+
+def _crop_box(source_size: tuple[int, int], target_size: tuple[int, int], decoded_size: tuple[int, int]):
+    """The centred crop with the target's aspect ratio, as (left, top, right, bottom) in decoded pixels.
+
+    Scaled to cover the target, the source keeps width_scale / scale of its width and
+    height_scale / scale of its height (one of them 1). Each coordinate is one exact
+    fraction rounded once, so 0 <= left <= right <= decoded width (likewise for the height).
+    """
+    width_scale, height_scale = _fit_scales(source_size, target_size)
+    scale = _larger(width_scale, height_scale)
+    decoded_width, decoded_height = decoded_size
+    return (
+        decoded_width * (scale - width_scale) / (2 * scale),
+        decoded_height * (scale - height_scale) / (2 * scale),
+        decoded_width * (scale + width_scale) / (2 * scale),
+        decoded_height * (scale + height_scale) / (2 * scale),
+    )
+
+
+def _fitted_size(source_size: tuple[int, int], target_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the whole source scaled to fit inside the target: rounded, >= 1, <= target."""
+    width_scale, height_scale = _fit_scales(source_size, target_size)
+    scale = _smaller(width_scale, height_scale)
+    source_width, source_height = source_size
+    return (
+        _larger(1, _divide_rounding(scale, source_height)),
+        _larger(1, _divide_rounding(scale, source_width)),
+    )
+
+
+def _smaller(first, second):
+    return (first + second - abs(first - second)) // 2
+
+
+def _larger(first, second):
+    return (first + second + abs(first - second)) // 2
+
+
+def _divide_rounding_up(numerator, denominator):
+    return -(-numerator // denominator)
+
+
+def _divide_rounding(numerator, denominator):
+    """To the nearest integer, ties to even like Python's round(), which pad used on floats before."""
+    doubled_sum, doubled_denominator = 2 * numerator + denominator, 2 * denominator
+    quotient = doubled_sum // doubled_denominator
+    is_tie = doubled_sum % doubled_denominator == 0
+    return quotient - is_tie * (quotient % 2)
 
 
 def _resize_stretch(image, original_size, target_size, background) -> Image.Image:
@@ -462,22 +548,13 @@ def _resize_stretch(image, original_size, target_size, background) -> Image.Imag
 
 def _resize_center_crop(image, original_size, target_size, background) -> Image.Image:
     target_height, target_width = target_size
-    original_width, original_height = original_size
-    scale = max(target_width / original_width, target_height / original_height)
-    crop_width, crop_height = target_width / scale, target_height / scale
-    left, top = (original_width - crop_width) / 2, (original_height - crop_height) / 2
-    # Map the crop from original to decoded (maybe drafted) pixel coordinates.
-    scale_x, scale_y = image.width / original_width, image.height / original_height
-    box = (left * scale_x, top * scale_y, (left + crop_width) * scale_x, (top + crop_height) * scale_y)
+    box = _crop_box(original_size, target_size, image.size)
     return image.resize((target_width, target_height), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
 def _resize_pad(image, original_size, target_size, background) -> Image.Image:
     target_height, target_width = target_size
-    original_width, original_height = original_size
-    scale = min(target_width / original_width, target_height / original_height)
-    fitted_width = min(target_width, max(1, round(original_width * scale)))
-    fitted_height = min(target_height, max(1, round(original_height * scale)))
+    fitted_width, fitted_height = _fitted_size(original_size, target_size)
     fitted = image.resize((fitted_width, fitted_height), Image.Resampling.BILINEAR, reducing_gap=None)
     canvas = Image.new("RGB", (target_width, target_height), background)
     canvas.paste(fitted, ((target_width - fitted_width) // 2, (target_height - fitted_height) // 2))

@@ -149,20 +149,28 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signal_number  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+@dataclass
+class ReceivedSignal:
+    number: int = signal.SIGINT  # a KeyboardInterrupt with no signal recorded is Python's own SIGINT
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGINT and SIGTERM (`ray job stop`, Kubernetes) raise Interrupted in the scheduling loop, whose clean-up
-    stops the actors. Installed after Ray starts, which sets a SIGTERM handler of its own."""
+    stops the actors. Installed after Ray starts, which sets a SIGTERM handler of its own. Ray's blocking calls
+    re-raise a handler's exception as a plain KeyboardInterrupt, so the signal's number is also recorded."""
+    received = ReceivedSignal()
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
+        yield received
         return
 
     def interrupt(signal_number, frame):
+        received.number = signal_number
         raise Interrupted(signal_number)
 
     previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -225,17 +233,18 @@ class Driver:
         if todo:
             self.reporter.phase("starting Ray")
             self.reporter.phase(connect(self.config.run.address, verbose))
-            try:
-                with stop_on_signals():
+            with stop_on_signals() as received:
+                try:
                     self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
                                         done_images=sum(record.rows for record in commits.values()),
                                         done_errors=sum(record.error for record in commits.values()))
                     self.run_shards(plan, manifest, todo, commits)
-            except Interrupted as interruption:
-                raise Interrupted(interruption.signal_number, self.interrupted_message(
-                    interruption.signal_number, plan, commits)) from None
-            finally:
-                self.reporter.stop()
+                except KeyboardInterrupt:
+                    self.reporter.stop()
+                    raise Interrupted(received.number, self.interrupted_message(received.number, plan,
+                                                                                commits)) from None
+                finally:
+                    self.reporter.stop()
         return self.finish(plan, commits)
 
     @staticmethod

@@ -23,7 +23,12 @@ Feature cut (`model.layer`, default: the pooled layer before the classifier):
 
 Preprocessing (`model.preprocess`): `auto` is the zoo family's own mode; for a saved model `auto` means
 `none` (the model gets raw 0..255 float pixels), since a saved file does not say what its training
-pipeline did outside the graph: set `tf`, `caffe` or `torch` when it was trained that way.
+pipeline did outside the graph: set `tf`, `caffe` or `torch` when it was trained that way. A saved model
+that gets raw pixels and has no Rescaling/Normalization at its input most likely was: a warning says so.
+
+Problems the user can fix (a refused or unloadable model file, a layer or size that does not fit, a checksum
+that differs, class names that do not match the head) raise `pipeline.config.ConfigError`; any other
+exception is a bug in featurize.
 
 No Ray and no URLs here: files come through `pipeline.storage`; the actor owns threads and devices
 (see `configure_tensorflow`).
@@ -34,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -48,19 +54,21 @@ import numpy as np
 
 from pipeline import litert, storage
 from pipeline.backbones import PREPROCESS_MODES, Backbone, get_backbone
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig, is_saved_model_path
 
 logger = logging.getLogger(__name__)
 
-SAVED_MODEL_SUFFIXES = (".keras", ".h5")
 WEIGHTS_FILE_SUFFIXES = (".weights.h5", ".h5", ".keras")
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)  # caffe mode, as keras.applications.imagenet_utils
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # torch mode
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailableError(RuntimeError):
-    """ImageNet weights are neither in the Keras cache nor downloadable from here; the message says the fix."""
+class WeightsUnavailableError(ConfigError, RuntimeError):
+    """ImageNet weights are neither in the Keras cache nor downloadable from here; the message says the fix.
+
+    A ConfigError (the user fixes it: pull the weights elsewhere, or choose a file); still a RuntimeError for
+    callers that caught it as one."""
 
 
 @dataclass
@@ -135,13 +143,9 @@ def imagenet_class_names() -> list[str]:
 
 
 def is_saved_model(backbone: str) -> bool:
-    lowered = backbone.lower()
-    if lowered.endswith(".weights.h5"):
-        raise ValueError(
-            f"model.backbone: {backbone!r} is a weights file, not a model; set model.backbone to a zoo name "
-            f"(`featurize models`) and model.weights: {backbone}"
-        )
-    return lowered.endswith(SAVED_MODEL_SUFFIXES)
+    """`pipeline.config.is_saved_model_path` (the one rule, importable without Keras), under the name callers
+    of this module use."""
+    return is_saved_model_path(backbone)
 
 
 def keras_cache_dir() -> str:
@@ -167,12 +171,32 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def distribution_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def library_versions(runtime: str) -> dict[str, str]:
+    """Versions, besides Keras and TensorFlow, of what computes the stored values in this process: featurize
+    (preprocessing, cut, pooling), Pillow (decode and resize), NumPy (high-bit-depth pixel conversion, float16
+    rows, top-k under LiteRT) and, only where it runs the model, LiteRT."""
+    import PIL
+
+    versions = {"featurize_version": distribution_version("featurize"), "pillow_version": PIL.__version__,
+                "numpy_version": np.__version__}
+    if runtime == "litert":
+        versions["litert_version"] = litert.interpreter_version()
+    return versions
+
+
 def resolve_preprocess(model_config: ModelConfig, backbone: Backbone | None) -> str:
     mode = model_config.preprocess
     if mode == "auto":
         return backbone.preprocess if backbone is not None else "none"
     if mode not in PREPROCESS_MODES:
-        raise ValueError(f"model.preprocess: got {mode!r}; allowed: auto, {', '.join(PREPROCESS_MODES)}")
+        raise ConfigError(f"model.preprocess: got {mode!r}; allowed: auto, {', '.join(PREPROCESS_MODES)}")
     return mode
 
 
@@ -255,10 +279,10 @@ def find_layer_path(model, name: str) -> list | None:
     return None
 
 
-def unknown_layer_error(name: str, model, where: str) -> ValueError:
+def unknown_layer_error(name: str, model, where: str) -> ConfigError:
     names = layer_names(model)
     shown = names[-40:] if len(names) > 40 else names
-    return ValueError(
+    return ConfigError(
         f"model.layer: {name!r} is not a layer of {where}; some of its layers (the last {len(shown)} of "
         f"{len(names)}): {', '.join(shown)}"
     )
@@ -268,7 +292,7 @@ def single_output(layer, attribute: str):
     try:
         return getattr(layer, attribute)
     except (AttributeError, ValueError) as error:
-        raise ValueError(
+        raise ConfigError(
             f"layer {layer.name!r} is used more than once in the model (shared layer), so its {attribute} "
             f"is ambiguous; choose another model.layer ({error})"
         ) from error
@@ -312,7 +336,7 @@ def with_layer_output(model, path: list):
 
     clone = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call_function)
     if len(captured) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"sub-model {target.name!r} is called {len(captured)} times in {model.name!r}; "
             f"model.layer must name a layer of a sub-model used once"
         )
@@ -370,6 +394,68 @@ def pooled_feature_tensor(network):
     return single_output(anchor, "input")
 
 
+# Scanning a saved model from its input for something that scales the pixels. Pass-through layers keep values on
+# the 0..255 scale (augmentation, resizing, cropping, padding, casts; also any Random* augmentation layer), so
+# the scan looks past them; the first other layer ends it. Functional arithmetic on the input (`inputs / 255.0`)
+# is recorded by Keras as an op, not a layer, and scales as a Rescaling layer does.
+SCALING_LAYERS = frozenset({"Rescaling", "Normalization"})
+SCALING_OPERATIONS = frozenset({"TrueDivide", "Divide", "Multiply", "Subtract", "Add"})
+PASS_THROUGH_OPERATIONS = frozenset({"InputLayer", "Resizing", "CenterCrop", "Cropping2D", "ZeroPadding2D", "Cast"})
+INPUT_SCAN_LIMIT = 12  # operations looked at from the input, nested sub-models included
+
+
+def graph_operations(model) -> list:
+    """Layers and ops in graph order (Functional), or the layers (Sequential, which lists no ops)."""
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        return list(model.layers)
+    return list(getattr(model, "operations", model.layers))
+
+
+def type_names(operation) -> set[str]:
+    """Class names along the MRO, so subclasses of Keras layers count as their base."""
+    return {cls.__name__ for cls in type(operation).__mro__}
+
+
+def scan_input_scaling(model, budget: int = INPUT_SCAN_LIMIT) -> tuple[bool | None, int]:
+    """(True: the pixels are scaled before any computing layer; False: a computing layer comes first or the
+    budget ran out; None: `model` only passes its input through), and the budget left. Nested sub-models are
+    entered where they stand in the graph."""
+    import keras
+
+    for operation in graph_operations(model):
+        if isinstance(operation, keras.Model):
+            verdict, budget = scan_input_scaling(operation, budget)
+            if verdict is not None:
+                return verdict, budget
+            continue
+        names = type_names(operation)
+        if "InputLayer" in names:
+            continue
+        budget -= 1
+        if budget < 0:
+            return False, 0
+        is_layer = isinstance(operation, keras.layers.Layer)
+        if names & SCALING_LAYERS or (not is_layer and names & SCALING_OPERATIONS):
+            return True, budget
+        if not (names & PASS_THROUGH_OPERATIONS or type(operation).__name__.startswith("Random")):
+            return False, budget
+    return None, budget
+
+
+def warn_if_raw_pixels(model, uri: str, preprocess: str) -> None:
+    """A saved model fed raw 0..255 pixels with nothing at its input to scale them was most likely trained on
+    scaled pixels, and then gives wrong features without any error: say so, once per extractor."""
+    if preprocess != "none" or scan_input_scaling(model)[0]:
+        return
+    logger.warning(
+        "model.backbone: %s receives raw 0-255 pixels (model.preprocess resolves to none) and has no "
+        "Rescaling/Normalization layer at its input; if it was trained on scaled pixels, set model.preprocess "
+        "to the mode it was trained with (tf: [-1, 1], torch, caffe), or add a Rescaling layer to the model",
+        storage.redact(uri))
+
+
 def find_lambda_layers(config: Any) -> list[str]:
     """Names of Lambda layers anywhere in a serialized Keras model config (nested models included)."""
     found: list[str] = []
@@ -419,7 +505,7 @@ class FeatureExtractor:
         if batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size}; it must be a positive number")
         if model_config.top_k < 0:
-            raise ValueError(f"model.top_k: got {model_config.top_k}; use 0 (no predictions) or a positive count")
+            raise ConfigError(f"model.top_k: got {model_config.top_k}; use 0 (no predictions) or a positive count")
         import keras
         import tensorflow as tf
 
@@ -428,7 +514,9 @@ class FeatureExtractor:
         self.storage_options = storage_options
         self.num_threads = num_threads  # LiteRT's threads; None: all cores (TF's are set by configure_tensorflow)
         self.class_names: list[str] | None = None
+        self.class_names_sha256 = ""  # of the class-names file's bytes, when names were read from one
         self.weights_sha256 = ""
+        self.backbone_sha256 = ""  # of a saved model's file; zoo backbones are named, not files
         self.mixed_precision = False
         if is_saved_model(model_config.backbone):
             self.backbone = None
@@ -449,7 +537,7 @@ class FeatureExtractor:
         elif self.top_k and self.backbone is not None and self.num_classes == 1000:
             self.class_names = imagenet_class_names()
         if self.class_names is not None and self.num_classes and len(self.class_names) != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"model.class_names: {model_config.class_names} has {len(self.class_names)} names but the "
                 f"model's head has {self.num_classes} classes; give one name a line, in class-index order"
             )
@@ -471,13 +559,13 @@ class FeatureExtractor:
         config, backbone = self.model_config, self.backbone
         side = config.input_size or backbone.input_size
         if side < backbone.min_input_size:
-            raise ValueError(
+            raise ConfigError(
                 f"model.input_size: got {side}; {backbone.keras_name} needs at least {backbone.min_input_size}"
             )
         want_head = config.top_k > 0
         weights = config.weights
         if want_head and weights == "imagenet" and side != backbone.input_size:
-            raise ValueError(
+            raise ConfigError(
                 f"model.input_size: {side} with model.top_k: {config.top_k}: the ImageNet classifier head of "
                 f"{backbone.keras_name} needs its native {backbone.input_size}x{backbone.input_size} input; "
                 f"drop model.input_size, or set model.top_k: 0 for features only"
@@ -512,7 +600,7 @@ class FeatureExtractor:
             return self.construct(include_top, side, None)
         if weights == "imagenet":
             if config.weights_sha256:
-                raise ValueError(
+                raise ConfigError(
                     "model.weights_sha256 is set but model.weights is imagenet (Keras checks its own downloads); "
                     "pin a file instead: `featurize weights pull NAME --to URI`, then model.weights: URI"
                 )
@@ -547,7 +635,7 @@ class FeatureExtractor:
         """Build with random init, then load a weights file (the full-model file from `featurize weights
         pull` fits with and without the head; a `_notop` file only without)."""
         if not uri.lower().endswith(WEIGHTS_FILE_SUFFIXES):
-            raise ValueError(
+            raise ConfigError(
                 f"model.weights: {uri!r} is neither imagenet, none, nor a weights file "
                 f"({', '.join(WEIGHTS_FILE_SUFFIXES)}); get one with `featurize weights pull NAME --to URI`"
             )
@@ -562,21 +650,23 @@ class FeatureExtractor:
                     return network
                 except Exception as error:  # noqa: BLE001 - reported below with both attempts
                     errors.append(f"include_top={with_head}: {error}")
-        raise ValueError(
+        raise ConfigError(
             f"model.weights: {uri} does not fit {self.backbone.keras_name} at {side}x{side} "
             f"({'; '.join(errors)[:1500]}). A file from `featurize weights pull {self.backbone.name}` holds "
             f"the whole model; a '_notop' file only fits model.top_k: 0"
         )
 
-    def check_sha256(self, path: str, uri: str) -> None:
+    def check_sha256(self, path: str, uri: str) -> str:
+        """Refuse a file whose checksum differs from model.weights_sha256; record and return its checksum."""
         actual = storage.sha256_of_file(path)
         expected = self.model_config.weights_sha256
         if expected and expected.strip().lower() != actual:
-            raise ValueError(
+            raise ConfigError(
                 f"model.weights_sha256: expected {expected} but {uri} has sha256 {actual}; the file changed "
                 f"or the checksum is wrong (update model.weights_sha256 only if you trust the new file)"
             )
         self.weights_sha256 = actual
+        return actual
 
     @contextlib.contextmanager
     def dtype_policy(self):
@@ -597,45 +687,81 @@ class FeatureExtractor:
     # ---------------------------------------------------------------- saved models
 
     def load_saved_model(self):
+        config, uri = self.model_config, self.model_config.backbone
+        separate_weights = config.weights not in ("imagenet", "none")
+        if separate_weights:
+            logger.info("model.weights %s is loaded into the saved model %s", config.weights, uri)
+        with storage.local_copy(uri, self.storage_options) as path:
+            # The model file is the weights unless a weights file is given (then weights_sha256 is that file's).
+            self.backbone_sha256 = storage.sha256_of_file(path) if separate_weights else self.check_sha256(path, uri)
+            model = self.read_saved_model(path, uri)
+            if separate_weights:
+                self.load_separate_weights(model, uri)
+        return self.saved_model_core(as_functional(model), uri)
+
+    def read_saved_model(self, path: str, uri: str):
+        """keras.models.load_model in safe mode (unless model.trust); a file Keras cannot load is the user's to fix."""
         import keras
 
-        config, uri = self.model_config, self.model_config.backbone
-        if config.weights not in ("imagenet", "none"):
-            logger.info("model.weights %s is loaded into the saved model %s", config.weights, uri)
-        separate_weights = config.weights not in ("imagenet", "none")
-        with storage.local_copy(uri, self.storage_options) as path:
-            if not separate_weights:  # the saved model file is the weights; else the checksum is the weights file's
-                self.check_sha256(path, uri)
-            if not config.trust:
-                lambdas = find_lambda_layers(saved_model_config(path))
-                if lambdas:
-                    raise ValueError(
-                        f"model.backbone: {uri} contains Lambda layer(s) {', '.join(lambdas)}, which run arbitrary "
-                        f"Python code when loaded; refused in safe mode. If you trust this file, set "
-                        f"`model.trust: true`"
-                    )
+        trust = self.model_config.trust
+        if not trust:
+            self.refuse_lambda_layers(path, uri)
+        try:
+            return keras.models.load_model(path, compile=False, safe_mode=not trust)
+        except (ValueError, TypeError, OSError) as error:
+            if "safe_mode" in str(error):
+                raise ConfigError(
+                    f"model.backbone: {uri} needs unsafe deserialization ({error}); if you trust this file, "
+                    f"set `model.trust: true`"
+                ) from error
+            raise ConfigError(
+                f"model.backbone: {uri} could not be loaded by Keras {keras.__version__} "
+                f"({type(error).__name__}: {str(error)[:1500]}); give a whole model saved with `model.save` "
+                f"(.keras or .h5) whose layers are Keras's own (custom layer classes cannot be loaded here)"
+            ) from error
+
+    def refuse_lambda_layers(self, path: str, uri: str) -> None:
+        try:
+            architecture = saved_model_config(path)
+        except (OSError, KeyError, ValueError) as error:  # not a zip with config.json, nor an HDF5 file
+            raise ConfigError(
+                f"model.backbone: {uri} is not a saved Keras model: neither a .keras archive nor an HDF5 model "
+                f"file ({type(error).__name__}: {error})"
+            ) from error
+        lambdas = find_lambda_layers(architecture)
+        if lambdas:
+            raise ConfigError(
+                f"model.backbone: {uri} contains Lambda layer(s) {', '.join(lambdas)}, which run arbitrary "
+                f"Python code when loaded; refused in safe mode. If you trust this file, set "
+                f"`model.trust: true`"
+            )
+
+    def load_separate_weights(self, model, uri: str) -> None:
+        weights_uri = self.model_config.weights
+        with storage.local_copy(weights_uri, self.storage_options) as weights_path:
+            self.check_sha256(weights_path, weights_uri)
             try:
-                model = keras.models.load_model(path, compile=False, safe_mode=not config.trust)
-            except ValueError as error:
-                if "safe_mode" in str(error):
-                    raise ValueError(
-                        f"model.backbone: {uri} needs unsafe deserialization ({error}); if you trust this file, "
-                        f"set `model.trust: true`"
-                    ) from error
-                raise
-            if config.weights not in ("imagenet", "none"):
-                with storage.local_copy(config.weights, self.storage_options) as weights_path:
-                    self.check_sha256(weights_path, config.weights)
-                    model.load_weights(weights_path)
-        model = as_functional(model)
+                model.load_weights(weights_path)
+            except (ValueError, TypeError, OSError, KeyError) as error:
+                raise ConfigError(
+                    f"model.weights: {weights_uri} does not fit the saved model {uri} "
+                    f"({type(error).__name__}: {str(error)[:1500]}); give the weights of this architecture "
+                    f"(saved with `model.save_weights`), or leave model.weights unset to use the model's own"
+                ) from error
+
+    def saved_model_core(self, model, uri: str):
+        """(core model: float pixels -> [feature tensor, probabilities?], cut name, softmax?, (h, w))."""
+        import keras
+
+        config = self.model_config
         if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4 or model.inputs[0].shape[-1] != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"model.backbone: {uri} takes {[tuple(x.shape) for x in model.inputs]}; "
                 f"expected one (batch, height, width, 3) image input"
             )
         input_hw = self.saved_model_input_size(model, uri)
         if len(model.outputs) != 1:
-            raise ValueError(f"model.backbone: {uri} has {len(model.outputs)} outputs; expected one")
+            raise ConfigError(f"model.backbone: {uri} has {len(model.outputs)} outputs; expected one")
         if config.layer is not None:
             path_to_layer = find_layer_path(model, config.layer)
             if path_to_layer is None:
@@ -650,12 +776,13 @@ class FeatureExtractor:
         head_softmax = is_softmax_output(producer(model.outputs[0]))
         if config.top_k > 0:
             if not has_head:
-                raise ValueError(
+                raise ConfigError(
                     f"model.top_k: {config.top_k} but {uri} has no classifier head after the feature cut "
                     f"({cut_name}); set model.top_k: 0"
                 )
         else:
             core = keras.Model(core.inputs, core.outputs[0])
+        warn_if_raw_pixels(model, uri, resolve_preprocess(config, None))
         return core, cut_name, head_softmax, input_hw
 
     def saved_model_input_size(self, model, uri: str) -> tuple[int, int]:
@@ -663,19 +790,22 @@ class FeatureExtractor:
         wanted = self.model_config.input_size
         if height is None or width is None:
             if wanted is None:
-                raise ValueError(
+                raise ConfigError(
                     f"model.backbone: {uri} accepts any image size; set model.input_size to the side it was "
                     f"trained at"
                 )
             return wanted, wanted
         if wanted is not None and (wanted, wanted) != (height, width):
-            raise ValueError(
+            raise ConfigError(
                 f"model.input_size: got {wanted}; {uri} takes {height}x{width} images; drop model.input_size"
             )
         return int(height), int(width)
 
     def read_class_names(self, uri: str) -> list[str]:
-        text = storage.read_bytes(uri, self.storage_options).decode("utf-8")
+        """One name a line; the checksum is taken of the very bytes the names come from."""
+        data = storage.read_bytes(uri, self.storage_options)
+        self.class_names_sha256 = hashlib.sha256(data).hexdigest()
+        text = data.decode("utf-8")
         return [line.strip() for line in text.splitlines() if line.strip()]
 
     # ---------------------------------------------------------------- the compiled model
@@ -725,7 +855,7 @@ class FeatureExtractor:
                 return "litert", self.litert_forward()
             except litert.ConversionError as error:
                 if self.model_config.runtime == "litert":
-                    raise ValueError(f"model.runtime: litert cannot run this model ({error}); set model.runtime: "
+                    raise ConfigError(f"model.runtime: litert cannot run this model ({error}); set model.runtime: "
                                      "keras") from error
                 logger.warning("model.runtime auto: LiteRT cannot run this model (%s); running it on Keras", error)
         return "keras", self.compile_forward(tf)
@@ -822,6 +952,9 @@ class FeatureExtractor:
         return [[names[i] if names is not None else str(int(i)) for i in row] for row in np.asarray(indices)]
 
     def make_provenance(self, keras, tf) -> dict[str, str]:
+        """Everything that can change a stored value (the plan's fingerprint keys that reach the rows, and
+        library versions), as the strings Parquet key-value metadata holds. Existing keys keep their meaning:
+        other programs read them."""
         config = self.model_config
         saved = self.backbone is None
         if saved:
@@ -843,6 +976,12 @@ class FeatureExtractor:
             "runtime": self.runtime,
             "keras_version": keras.__version__,
             "tensorflow_version": tf.__version__,
+            "backbone_sha256": self.backbone_sha256,  # the saved model file; "" for zoo backbones
+            "resize": config.resize,
+            "draft_margin": str(config.draft_margin),
+            "class_names_sha256": self.class_names_sha256,  # "" when no class-names file was read
+            "xla": str(config.xla).lower(),
+            **library_versions(self.runtime),
         }
 
 

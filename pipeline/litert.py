@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import re
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,20 @@ def interpreter_class():
 
         return tf.lite.Interpreter
     return Interpreter
+
+
+def interpreter_version() -> str:
+    """The LiteRT that runs the models here, as `interpreter_class` picks it: ai-edge-litert's version, or
+    `tf.lite (tensorflow X)` for TensorFlow's bundled interpreter (for provenance: it computes the values)."""
+    interpreter = interpreter_class()
+    if interpreter.__module__.startswith("ai_edge_litert"):
+        try:
+            return metadata.version("ai-edge-litert")
+        except metadata.PackageNotFoundError:  # importable without its distribution metadata (vendored)
+            return "unknown"
+    import tensorflow as tf
+
+    return f"tf.lite (tensorflow {tf.__version__})"
 
 
 def cache_dir() -> Path:

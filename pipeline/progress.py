@@ -5,6 +5,7 @@ above the bar instead of gluing onto it."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from rich.console import Console
@@ -25,8 +26,7 @@ def configure_logging(verbose: bool = False) -> None:
     global HANDLER
     root = logging.getLogger()
     if HANDLER is None:
-        HANDLER = RichHandler(console=CONSOLE, show_path=False, markup=False)
-        HANDLER.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        HANDLER = new_handler(CONSOLE.is_terminal)
         root.addHandler(HANDLER)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for name in ("featurize", "pipeline"):
@@ -35,6 +35,30 @@ def configure_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. its token-auth notice on every local start
+
+
+class StandardErrorHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a harness may swap it), one plain line a record."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always answers
+        pass
+
+
+def new_handler(interactive: bool) -> logging.Handler:
+    """On a terminal, records go through the bar's console (printed above the bar, never glued onto it);
+    elsewhere (cluster jobs, CI, pipes) as plain timestamped lines."""
+    if interactive:
+        handler: logging.Handler = RichHandler(console=CONSOLE, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = StandardErrorHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    return handler
 
 
 class ProgressReporter:

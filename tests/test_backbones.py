@@ -175,3 +175,37 @@ def test_features_do_not_depend_on_the_head(name, tmp_path):
     assert with_head.class_names == imagenet_class_names()
     assert with_head.provenance["feature_dim"] == without_head.provenance["feature_dim"] == str(backbone.feature_dim)
     assert with_head.provenance["layer"] == without_head.provenance["layer"] == "default"
+
+
+def test_every_zoo_row_has_size_parameters_and_feature_dim():
+    """`featurize models` shows no `None` in these columns (MobileNetV3 once had no size)."""
+    for row in model_table():
+        for column in ("size_mb", "parameters_millions", "feature_dim"):
+            assert isinstance(row[column], (int, float)) and row[column] > 0, (row["name"], column)
+    by_name = {row["name"]: row for row in model_table()}
+    sizes = [by_name[name]["size_mb"] for name in ("mobilenetv3small", "mobilenetv2", "mobilenetv3large")]
+    assert sizes == sorted(sizes)  # as their parameter counts: 2.9M, 3.5M, 5.4M
+
+
+def test_unknown_backbone_is_a_config_error():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet51'"):
+        get_backbone("resnet51")
+
+
+def test_saved_model_path_rule_needs_no_keras():
+    """The extractor's saved-model rule is config's: applied before any worker exists, without TensorFlow."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pytest\n"
+        "from pipeline.config import ConfigError, is_saved_model_path\n"
+        "assert is_saved_model_path('s3://bucket/trucks.keras') and is_saved_model_path('/models/Dog.H5')\n"
+        "assert not is_saved_model_path('resnet50')\n"
+        "with pytest.raises(ConfigError, match='is a weights file, not a model'):\n"
+        "    is_saved_model_path('gs://bucket/resnet50.weights.h5')\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import EpsImagePlugin, Image, ImageOps
 
+from pipeline import decode
 from pipeline.decode import (
     ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -381,6 +382,28 @@ def test_invalid_arguments_raise_value_error_naming_them(arguments, message):
     with pytest.raises(ValueError) as raised:
         decode_image(**call)
     assert message in str(raised.value)
+
+
+# --- a bug in featurize is loud, not a bad-input reason ---------------------------------
+
+
+@pytest.mark.parametrize("bug", [ValueError("box offset can't be negative"), OSError("bad box")], ids=repr)
+def test_an_exception_in_the_resize_step_raises_and_bad_bytes_still_give_error_rows(monkeypatch, bug):
+    # The resize step gets pixels already decoded and sizes featurize computed; once, float rounding put its crop
+    # box outside the image and valid photos were filed as "corrupt JPEG image (ValueError)".
+    def broken_resizer(image, original_size, target_size, background):
+        raise bug
+
+    monkeypatch.setitem(decode._RESIZERS, "stretch", broken_resizer)
+    monkeypatch.setattr(decode, "LARGE_IMAGE_PIXELS", 0)  # so that the decode takes the large-image turn
+    for data in (images.photo_bytes("PNG"), images.photo_bytes("JPEG")):
+        with pytest.raises(type(bug), match=str(bug)):
+            decode_image(data, (8, 8))
+        assert not decode._LARGE_IMAGE_LOCK.locked()  # the turn is given back when the resize raises
+    truncated = decode_image(images.truncated(images.photo_bytes("JPEG")), (8, 8))
+    assert truncated.error.startswith("truncated image: image file is truncated"), truncated.error
+    corrupt = decode_image(images.png_with_corrupt_pixel_data(), (8, 8))
+    assert corrupt.error.startswith("corrupt PNG image:"), corrupt.error
 
 
 # --- fuzz: never raise ------------------------------------------------------------------

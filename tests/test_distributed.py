@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +176,104 @@ def test_error_rate_above_limit_fails_after_committing(tmp_path, ray_local, tiny
     rows, success = read_rows(tmp_path / "features")
     assert len(rows) == 6 and success["rows"]["error"] == 3
     assert all("empty file" in reason for reason in rows[rows["status"] == "error"]["error"])
+
+
+# --- loud bugs, interrupts, and never joining a stranger's Ray ---------------------------------------------
+
+
+def test_a_bug_in_featurize_fails_the_job_loudly_instead_of_making_error_rows(tmp_path, ray_local, tiny_model,
+                                                                              monkeypatch, capsys):
+    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=3)
+    monkeypatch.setenv("FEATURIZE_TEST_BUG_MARKER", paths[2].name)  # raises inside the worker, as a bug would
+    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"max_attempts": 2})
+    assert main(["extract", "--config", str(config)]) == 3
+    message = capsys.readouterr().err
+    assert "Traceback" in message and "test hook: a bug in featurize's own code" in message
+    assert "failed 2 times" in message  # retried, then the run failed
+    output = tmp_path / "features"
+    assert not (output / "_SUCCESS").exists() and not list((output / "_commits").glob("*.json"))
+
+
+def featurize_process(config: Path, **environment: str) -> subprocess.Popen:
+    """`featurize extract` in a process group of its own, as a terminal runs a foreground command."""
+    env = {**os.environ, **environment}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, cwd=Path(__file__).parent.parent)
+
+
+def wait_for_first_commit(output: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if list((output / "_commits").glob("shard-*.json")) if (output / "_commits").exists() else []:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no commit (exit code {process.poll()}): {process.stderr.read()[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_keeps_commits_says_so_in_one_line_and_the_rerun_resumes(tmp_path, ray_local, tiny_model,
+                                                                           signal_number, exit_code):
+    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=12)
+    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"shard_size": 4})
+    output = tmp_path / "features"
+    process = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="1.5")
+    wait_for_first_commit(output, process)
+    if signal_number == signal.SIGINT:
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    else:
+        process.send_signal(signal.SIGTERM)  # as `ray job stop` and Kubernetes send it
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == exit_code, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "interrupted by" in line]
+    committed = len(list((output / "_commits").glob("shard-*.json")))
+    assert lines == [f"interrupted by {signal_number.name}: {committed} of 6 shards are committed and kept; "
+                     "run the same command to resume"], stderr[-3000:]
+    assert 1 <= committed < 6 and not (output / "_SUCCESS").exists()
+
+    assert main(["extract", "--config", str(config)]) == 0  # the same command resumes
+    rows, success = read_rows(output)
+    assert sorted(rows["uri"]) == sorted(str(path) for path in paths)
+    assert success["shards"] == {"total": 6, "run": 6 - committed, "committed": 6}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def foreign_ray_head(tmp_path):
+    """Somebody else's Ray on this machine (no token auth, so joining it would succeed)."""
+    ray_command = str(Path(sys.executable).with_name("ray"))
+    environment = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    environment.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([ray_command, "start", "--head", f"--port={free_port()}", "--num-cpus=1",
+                             "--include-dashboard=false", "--block"], env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in head.stdout:
+        if "--block" in line or "Ray runtime started" in line:
+            break
+    yield head
+    head.terminate()
+    head.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_an_empty_run_address_never_joins_a_foreign_ray_on_the_machine(tmp_path, tiny_model, foreign_ray_head):
+    write_labelled_images(tmp_path / "images", num_classes=2, per_class=2)
+    config = write_config(tmp_path, tmp_path / "images", tiny_model)
+    environment = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    environment.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", "--verbose", "--config", str(config)],
+                          capture_output=True, text=True, env=environment, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "started a private local Ray" in done.stderr and "Started a local Ray instance" in done.stderr
+    assert "Connecting to existing Ray cluster" not in done.stderr
+    assert "Found multiple active Ray instances" not in done.stderr
+    assert read_rows(tmp_path / "features")[1]["rows"]["total"] == 4

