@@ -277,3 +277,18 @@ def test_an_empty_run_address_never_joins_a_foreign_ray_on_the_machine(tmp_path,
     assert "Connecting to existing Ray cluster" not in done.stderr
     assert "Found multiple active Ray instances" not in done.stderr
     assert read_rows(tmp_path / "features")[1]["rows"]["total"] == 4
+
+
+def test_a_saved_model_fed_raw_pixels_warns_on_the_drivers_terminal(tmp_path, ray_local, capsys):
+    """Actor logs stay off the terminal, so the actor's warnings travel back with its description."""
+    import keras
+
+    inputs = keras.Input((16, 16, 3))  # no Rescaling: it would see 0..255
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    model_path = tmp_path / "unscaled.keras"
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled)).save(model_path)
+    write_labelled_images(tmp_path / "images", num_classes=1, per_class=2)
+    config = write_config(tmp_path, tmp_path / "images", model_path, model={"top_k": 1})
+    assert main(["extract", "--config", str(config)]) == 0
+    message = " ".join(capsys.readouterr().err.split())
+    assert message.count("receives raw 0-255 pixels") == 1 and "model.preprocess" in message, message

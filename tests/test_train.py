@@ -415,3 +415,22 @@ def test_binary_classes_match_sklearn_and_stream(tmp_path, digits):
 
     streaming = train.train(train_config(features, str(tmp_path / "streaming"), max_in_memory_rows=100))
     assert streaming["classifier"]["mode"] == "streaming" and streaming["accuracy"] >= 0.95
+
+
+def test_inspect_summarises_train_and_predict_outputs(logistic_run, extract_output, digits, tmp_path, capsys):
+    from rich.console import Console
+
+    from pipeline.cli import main
+    from pipeline.report import inspect_output
+
+    model_uri, metrics = logistic_run
+    output = str(tmp_path / "predictions")
+    train.predict(model_uri, extract_output, output)
+    summary = inspect_output(output, Console(width=200))
+    assert summary["kind"] == "predict" and summary["finished"]
+    assert summary["shards_committed"] == summary["shards_total"] == 5 and summary["shards_pending"] == 0
+    assert (summary["rows_ok"], summary["rows_error"]) == (int(digits.ok.sum()), len(digits.error_rows))
+    assert main(["inspect", output]) == 0
+    assert main(["inspect", model_uri]) == 0
+    printed = capsys.readouterr().out
+    assert f"{metrics['accuracy']:.3f}" in printed and f"{metrics['macro_f1']:.3f}" in printed
