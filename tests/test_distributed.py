@@ -203,41 +203,26 @@ def featurize_process(config: Path, **environment: str) -> subprocess.Popen:
                             start_new_session=True, cwd=Path(__file__).parent.parent)
 
 
-def wait_for_first_commit(output: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+def committed_shards(output: Path) -> int:
+    commits = output / "_commits"
+    return len(list(commits.glob("shard-*.json"))) if commits.exists() else 0
+
+
+def wait_for_commits_beyond(count: int, output: Path, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
-        if list((output / "_commits").glob("shard-*.json")) if (output / "_commits").exists() else []:
+        if committed_shards(output) > count:
             return
         time.sleep(0.1)
-    raise AssertionError(f"no commit (exit code {process.poll()}): {process.stderr.read()[-3000:]}")
+    raise AssertionError(f"no new commit (exit code {process.poll()}): {process.stderr.read()[-3000:]}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_keeps_commits_says_so_in_one_line_and_the_rerun_resumes(tmp_path, ray_local, tiny_model,
-                                                                           signal_number, exit_code):
-    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=12)
-    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"shard_size": 4})
-    output = tmp_path / "features"
-    process = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="1.5")
-    wait_for_first_commit(output, process)
+def interrupt(process: subprocess.Popen, signal_number: int) -> str:
     if signal_number == signal.SIGINT:
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     else:
         process.send_signal(signal.SIGTERM)  # as `ray job stop` and Kubernetes send it
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == exit_code, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if "interrupted by" in line]
-    committed = len(list((output / "_commits").glob("shard-*.json")))
-    assert lines == [f"interrupted by {signal_number.name}: {committed} of 6 shards are committed and kept; "
-                     "run the same command to resume"], stderr[-3000:]
-    assert 1 <= committed < 6 and not (output / "_SUCCESS").exists()
-
-    assert main(["extract", "--config", str(config)]) == 0  # the same command resumes
-    rows, success = read_rows(output)
-    assert sorted(rows["uri"]) == sorted(str(path) for path in paths)
-    assert success["shards"] == {"total": 6, "run": 6 - committed, "committed": 6}
+    return process.communicate(timeout=120)[1]
 
 
 def free_port() -> int:
@@ -247,8 +232,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def foreign_ray_head(tmp_path):
-    """Somebody else's Ray on this machine (no token auth, so joining it would succeed)."""
+def foreign_ray_head():
+    """Somebody else's Ray on this machine: one CPU, no token auth, so joining it would succeed."""
     ray_command = str(Path(sys.executable).with_name("ray"))
     environment = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     environment.pop("RAY_ADDRESS", None)
@@ -264,19 +249,36 @@ def foreign_ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_empty_run_address_never_joins_a_foreign_ray_on_the_machine(tmp_path, tiny_model, foreign_ray_head):
-    write_labelled_images(tmp_path / "images", num_classes=2, per_class=2)
-    config = write_config(tmp_path, tmp_path / "images", tiny_model)
-    environment = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    environment.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", "--verbose", "--config", str(config)],
-                          capture_output=True, text=True, env=environment, timeout=300,
-                          cwd=Path(__file__).parent.parent)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "started a private local Ray" in done.stderr and "Started a local Ray instance" in done.stderr
-    assert "Connecting to existing Ray cluster" not in done.stderr
-    assert "Found multiple active Ray instances" not in done.stderr
-    assert read_rows(tmp_path / "features")[1]["rows"]["total"] == 4
+def test_interrupts_keep_commits_say_so_in_one_line_and_a_foreign_ray_is_never_joined(
+        tmp_path, ray_local, tiny_model, foreign_ray_head):
+    """With a stranger's Ray on the machine: SIGTERM, then SIGINT on the resumed run, then the rest."""
+    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=12)
+    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"shard_size": 4})
+    output = tmp_path / "features"
+    for signal_number, exit_code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        before = committed_shards(output)
+        process = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="1.5", RAY_AUTH_MODE="disabled")
+        wait_for_commits_beyond(before, output, process)
+        stderr = interrupt(process, signal_number)
+        assert process.returncode == exit_code, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        # its own Ray (two CPUs), not the foreign one (one CPU)
+        assert "started a private local Ray (2 CPUs)" in stderr and "Found multiple active Ray" not in stderr
+        committed = committed_shards(output)
+        lines = [line for line in stderr.splitlines() if "interrupted by" in line]
+        assert lines == [f"interrupted by {signal_number.name}: {committed} of 6 shards are committed and kept; "
+                         "run the same command to resume"], stderr[-3000:]
+        assert before < committed < 6 and not (output / "_SUCCESS").exists()
+        phases = ["planning", "24 images in 6 shards", "starting Ray", "loading the model on 1 actor",
+                  "model ready on an actor", "first shard committed"]
+        positions = [stderr.find(phase) for phase in phases]
+        assert -1 not in positions and positions == sorted(positions), stderr[-3000:]
+        assert "oneDNN" not in stderr and "Token authentication" not in stderr  # library noise stays in the logs
+
+    assert main(["extract", "--config", str(config)]) == 0  # the same command resumes
+    rows, success = read_rows(output)
+    assert sorted(rows["uri"]) == sorted(str(path) for path in paths)
+    assert success["shards"] == {"total": 6, "run": 6 - committed, "committed": 6}
 
 
 def test_a_saved_model_fed_raw_pixels_warns_on_the_drivers_terminal(tmp_path, ray_local, capsys):
@@ -288,7 +290,7 @@ def test_a_saved_model_fed_raw_pixels_warns_on_the_drivers_terminal(tmp_path, ra
     model_path = tmp_path / "unscaled.keras"
     keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled)).save(model_path)
     write_labelled_images(tmp_path / "images", num_classes=1, per_class=2)
-    config = write_config(tmp_path, tmp_path / "images", model_path, model={"top_k": 1})
+    config = write_config(tmp_path, tmp_path / "images", model_path)
     assert main(["extract", "--config", str(config)]) == 0
     message = " ".join(capsys.readouterr().err.split())
     assert message.count("receives raw 0-255 pixels") == 1 and "model.preprocess" in message, message
