@@ -240,7 +240,6 @@ class Driver:
                                         done_errors=sum(record.error for record in commits.values()))
                     self.run_shards(plan, manifest, todo, commits)
                 except KeyboardInterrupt:
-                    self.reporter.stop()
                     raise Interrupted(received.number, self.interrupted_message(received.number, plan,
                                                                                 commits)) from None
                 finally:

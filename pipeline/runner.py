@@ -83,7 +83,9 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
         os._exit(77)
     try:
         data = storage.read_bytes(uri, settings.input_storage_options)
-    except Exception as error:  # noqa: BLE001 - any fetch failure is this image's error row
+    except Exception as error:  # noqa: BLE001 - classified just below
+        if not is_fetch_failure(error):
+            raise  # a bug in featurize, not a property of this image: loud, the shard is retried
         reason = f"fetch failed: {storage.describe_error(error)}"  # "not found", "access denied", ...; redacted
         return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
     fetched = time.perf_counter()
@@ -92,6 +94,12 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
         raise AssertionError(f"test hook: a bug in featurize's own code while decoding {uri}")
     image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
     return Item(uri, label, image, fetched - started, time.perf_counter() - fetched)
+
+
+def is_fetch_failure(error: Exception) -> bool:
+    """What the store or the URI itself caused (missing, denied, unreachable, not a regular file, an unknown
+    protocol or a malformed URL in a manifest): that image's error row. Anything else is a bug."""
+    return isinstance(error, (OSError, ValueError)) or storage.is_storage_failure(error)
 
 
 def decoded_items(task: ShardTask, target_size: tuple[int, int], settings: ShardSettings,
