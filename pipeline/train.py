@@ -415,7 +415,11 @@ def fit_mlp(model, train_data: dict, validation_data, config: ClassifierConfig, 
 
 def load_classifier(model_uri: str, storage_options: dict | None = None) -> tuple[dict, LinearModel | MlpModel, str]:
     """(classifier.json, model, sha256 of the weights file); nothing is unpickled."""
-    document = writer.read_json(storage.join(model_uri, CLASSIFIER_FILE), storage_options)
+    document_uri = storage.join(model_uri, CLASSIFIER_FILE)
+    if not storage.exists(document_uri, storage_options):
+        raise ConfigError(f"--model: {storage.redact(model_uri)} holds no {CLASSIFIER_FILE}; give the output.uri of "
+                          "a finished `featurize train` run")
+    document = writer.read_json(document_uri, storage_options)
     weights_uri = storage.join(model_uri, document["weights_file"])
     if document["kind"] == "logistic":
         data = storage.read_bytes(weights_uri, storage_options)

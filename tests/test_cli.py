@@ -149,3 +149,9 @@ def test_bench_help_explains_every_option_with_its_default(capsys):
 def test_models_table_has_a_size_for_every_backbone(capsys):
     assert main(["models"]) == 0
     assert " None " not in capsys.readouterr().out
+
+
+def test_predict_with_a_missing_model_or_features_names_the_option(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path / "nope"), "--features", str(tmp_path),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "--model:" in capsys.readouterr().err
