@@ -249,8 +249,7 @@ class Lease:
         while not self.stopping.wait(interval):
             try:
                 self.refresh()
-            except LeaseLost as lost:
-                log.warning("%s", lost)
+            except LeaseLost:  # the run says so itself, at its next check
                 return
             except Exception as error:  # noqa: BLE001 - a store hiccup: the next beat tries again
                 log.warning("could not refresh the lease on %s: %s", storage.redact(self.output),

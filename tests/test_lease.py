@@ -263,6 +263,7 @@ def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny
     refused_after = time.perf_counter() - started
     winner = next(run for run in runs if run is not loser)
     assert_refused(loser, winner)
+    assert refused_after < 20  # seconds: no Ray, no model (1-2 s here, most of it Python's imports)
     assert winner.poll() is None, "the refused run must not have stopped the other"
 
     third = featurize_process(config)  # while the first is still going
@@ -279,6 +280,12 @@ def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny
     assert not (output / lease.LEASE_FILE).exists()
 
     assert main(["extract", "--config", str(config)]) == 0  # finished: a rerun does nothing (and starts no Ray)
+    assert json.loads((output / "_SUCCESS").read_text())["shards"]["run"] == 0
+
+    plant(str(output), {}, heartbeat_at=time.time(), expires_after=1.0)  # a run on another host, alive just now
+    assert main(["extract", "--config", str(config)]) == 2
+    time.sleep(1.2)  # ... and silent for longer than its expiry since
+    assert main(["extract", "--config", str(config)]) == 0
     assert json.loads((output / "_SUCCESS").read_text())["shards"]["run"] == 0
     print(f"\n[lease] the second of two runs started together exited 2 after {refused_after:.1f} s")
 
@@ -334,8 +341,10 @@ def test_two_extracts_started_together_on_s3(tmp_path, tiny_model, s3, bucket, m
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=4, size=(20, 16))
     options = {"client_kwargs": {"endpoint_url": moto_endpoint}}
     config = write_config(tmp_path, tiny_model, f"s3://{bucket}/features", storage_options=options)
+    started = time.perf_counter()
     runs = [featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.5") for _ in range(2)]
     loser = first_to_exit(runs)
+    assert time.perf_counter() - started < 20
     winner = next(run for run in runs if run is not loser)
     assert_refused(loser, winner)
     _, stderr = winner.communicate(timeout=300)
