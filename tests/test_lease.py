@@ -185,7 +185,9 @@ def test_lease_break_command_and_best_effort_stores(tmp_path, capsys, caplog):
     assert main(["lease", "break", uri]) == 0
     assert "has no lease: nothing to break" in " ".join(capsys.readouterr().out.split())
     planted = plant(uri, {}, heartbeat_at=time.time())
-    assert main(["lease", "break", uri]) == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"output": {"uri": uri, "storage_options": {}}}))
+    assert main(["lease", "break", uri, "--config", str(config)]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert f"broke the lease on {uri} held by run {planted.run_id[:8]} (extract) on host elsewhere" in printed
     assert holder(uri, {}) is None
