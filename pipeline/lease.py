@@ -274,7 +274,11 @@ class Lease:
             self.last_refresh = time.monotonic()
 
     def check(self) -> None:
-        """Fencing, before every write that publishes: raise LeaseLost unless this run still holds the lease."""
+        """Fencing, before every write that publishes: raise LeaseLost unless this run still holds the lease.
+
+        The check and the write after it are two requests. A run that passes it has refreshed its heartbeat within
+        half the expiry (else it refreshes here first), so nobody can find it expired in between unless clocks
+        disagree by that much; only a `featurize lease break` can land in that gap."""
         with self.lock:
             if self.lost:
                 raise self.lost
