@@ -450,6 +450,12 @@ class Outcome:
 def train(config: TrainConfig, console=None) -> dict:
     """Fit the configured classifier on committed features and write it, metrics.json and plots."""
     config.validate()
+    # One writer per output (pipeline/lease.py): a second train on the same output stops before fitting.
+    with lease.held(config.output.uri, config.output.storage_options, "train") as output_lease:
+        return fit_and_write(config, console, output_lease)
+
+
+def fit_and_write(config: TrainConfig, console, output_lease: lease.Lease) -> dict:
     started = time.perf_counter()
     log = console.log if console is not None else (lambda *args, **kwargs: None)
     features = open_features(config.features.uri, config.features.storage_options)
@@ -488,12 +494,14 @@ def train(config: TrainConfig, console=None) -> dict:
                      "seconds": {"fit": round(fitted - started, 3)}},
     }
     output_uri, options = config.output.uri, config.output.storage_options
+    output_lease.check()
     storage.make_dirs(output_uri, options)
     outcome.model.save(output_uri, options)
     writer.write_json(storage.join(output_uri, CLASSIFIER_FILE), document, options)
     storage.write_bytes(storage.join(output_uri, CONFUSION_PLOT_FILE),
                         confusion_matrix_png(metrics["confusion_matrix"], outcome.classes), options)
     storage.write_bytes(storage.join(output_uri, F1_PLOT_FILE), per_class_f1_png(metrics["per_class"]), options)
+    output_lease.check()
     writer.write_json(storage.join(output_uri, METRICS_FILE), metrics, options)  # last: marks the output done
     log(f"wrote classifier and metrics to {output_uri} in {time.perf_counter() - started:.1f}s")
     if console is not None:

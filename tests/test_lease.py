@@ -22,7 +22,7 @@ from pipeline.lease import LeaseHeld, LeaseLost, LeaseRecord
 from tests.conftest import write_labelled_images
 from tests.test_distributed import featurize_process, wait_for_first_commit
 from tests.test_s3 import aws_environment, bucket, moto_endpoint, s3  # noqa: F401 - fixtures
-from tests.test_train import digits, extract_output, logistic_run  # noqa: F401 - fixtures
+from tests.test_train import digits, extract_output, logistic_run, train_config  # noqa: F401 - fixtures
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -199,8 +199,13 @@ def test_lease_break_command_and_best_effort_stores(tmp_path, capsys, caplog):
     assert caplog.text.count("memory:// has no conditional writes") == 1
 
 
-def test_predict_takes_the_same_lease(tmp_path, digits, extract_output, logistic_run):
+def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output, logistic_run):
     from pipeline import train
+
+    model_output = str(tmp_path / "model")
+    with lease.held(model_output, stage="train"), pytest.raises(LeaseHeld, match=r"\(train\) on host"):
+        train.train(train_config(extract_output, model_output))
+    assert not (tmp_path / "model" / writer.METRICS_FILE).exists()
 
     output = str(tmp_path / "predictions")
     with lease.held(output, stage="extract"), pytest.raises(LeaseHeld, match="--output: .* is being written"):
