@@ -347,6 +347,24 @@ def held(output_uri: str, storage_options: dict | None = None, stage: str = "ext
         lease.release()
 
 
+def current(output_uri: str, storage_options: dict | None = None) -> LeaseRecord | None:
+    """The lease on an output now (None when no run holds it), e.g. for `featurize inspect`."""
+    found = storage.read_with_token(lease_uri(output_uri), storage_options)
+    return LeaseRecord.from_bytes(found[0]) if found else None
+
+
+def state(output_uri: str, storage_options: dict | None = None) -> str | None:
+    """One line about the output's lease for people: who writes there now, or a dead run's lease left behind."""
+    record = current(output_uri, storage_options)
+    if record is None:
+        return None
+    reason = takeover_reason(record, time.time())
+    if reason is None:
+        return f"being written now by {record.describe()}"
+    return (f"a lease left by {record.describe()}, dead ({reason}): the next run takes it over, or "
+            f"{break_command(output_uri)}")
+
+
 def break_lease(output_uri: str, storage_options: dict | None = None) -> LeaseRecord | None:
     """Delete the output's lease whoever holds it (for a run known to be dead); the record it held, or None.
     A run still alive finds out at its next check and stops without writing."""

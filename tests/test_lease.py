@@ -21,6 +21,7 @@ from pipeline.cli import main
 from pipeline.lease import LeaseHeld, LeaseLost, LeaseRecord
 from tests.conftest import write_labelled_images
 from tests.test_distributed import featurize_process, wait_for_first_commit
+from tests.test_report import unfinished_output
 from tests.test_s3 import aws_environment, bucket, moto_endpoint, s3  # noqa: F401 - fixtures
 from tests.test_train import digits, extract_output, logistic_run, train_config  # noqa: F401 - fixtures
 
@@ -45,8 +46,7 @@ def plant(output_uri: str, options: dict, **fields) -> LeaseRecord:
 
 
 def holder(output_uri: str, options: dict) -> LeaseRecord | None:
-    found = storage.read_with_token(lease.lease_uri(output_uri), options)
-    return LeaseRecord.from_bytes(found[0]) if found else None
+    return lease.current(output_uri, options)
 
 
 def dead_pid() -> int:
@@ -199,6 +199,16 @@ def test_lease_break_command_and_best_effort_stores(tmp_path, capsys, caplog):
     assert caplog.text.count("memory:// has no conditional writes") == 1
 
 
+def test_inspect_says_who_writes_the_output(tmp_path, capsys):
+    output = unfinished_output(tmp_path)
+    with lease.held(str(output)) as held:
+        assert main(["inspect", str(output)]) == 0
+        printed = " ".join(capsys.readouterr().out.split())
+        assert f"lease: being written now by run {held.tag} (extract) on host {held.record.host}" in printed
+    assert main(["inspect", str(output)]) == 0
+    assert "lease:" not in capsys.readouterr().out
+
+
 def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output, logistic_run):
     from pipeline import train
 
@@ -300,7 +310,7 @@ def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_broken_lease_stops_the_run_and_a_sigkilled_driver_is_taken_over_at_once(tmp_path, tiny_model,
-                                                                                   ray_local, caplog):
+                                                                                   ray_local, caplog, capsys):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=6, size=(20, 16))
     output = tmp_path / "features"
     config = write_config(tmp_path, tiny_model, str(output))
@@ -323,6 +333,8 @@ def test_a_broken_lease_stops_the_run_and_a_sigkilled_driver_is_taken_over_at_on
     killed.wait()
     dead = holder(str(output), {})
     assert dead.pid == killed.pid  # the dead driver's lease is left behind
+    assert main(["inspect", str(output)]) == 0
+    assert f"(pid {killed.pid}) on this host is gone" in " ".join(capsys.readouterr().out.split())
     committed = commit_count(output)
     assert committed < 6
 
