@@ -309,48 +309,54 @@ def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_broken_lease_stops_the_run_and_a_sigkilled_driver_is_taken_over_at_once(tmp_path, tiny_model,
-                                                                                   ray_local, caplog, capsys):
+def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_run(
+        tmp_path, tiny_model, ray_local, caplog, capsys, monkeypatch):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=6, size=(20, 16))
     output = tmp_path / "features"
     config = write_config(tmp_path, tiny_model, str(output))
 
-    broken = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.6")
-    wait_for_first_commit(output, broken)
-    assert main(["lease", "break", str(output)]) == 0
-    committed = commit_count(output)
-    _, stderr = broken.communicate(timeout=120)
-    message = " ".join(stderr.split())
-    assert broken.returncode == 2, message[-3000:]
-    assert "no longer holds the output's lease: its lease was broken" in message and "Traceback" not in message
-    assert commit_count(output) == committed and not (output / "_SUCCESS").exists()  # nothing more written
-
     killed = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.6")
-    deadline = time.time() + 240
-    while commit_count(output) == committed and time.time() < deadline and killed.poll() is None:
-        time.sleep(0.05)
+    wait_for_first_commit(output, killed)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     dead = holder(str(output), {})
     assert dead.pid == killed.pid  # the dead driver's lease is left behind
     assert main(["inspect", str(output)]) == 0
     assert f"(pid {killed.pid}) on this host is gone" in " ".join(capsys.readouterr().out.split())
-    committed = commit_count(output)
-    assert committed < 6
 
+    # The rerun (here, in this process) takes the dead driver's lease over at once, without waiting for its
+    # expiry; then its lease is broken mid-run, and it stops without writing anything more.
     caplog.set_level(logging.WARNING, logger="featurize")
-    assert main(["extract", "--config", str(config)]) == 0  # at once: no waiting for the expiry
+    monkeypatch.setenv("FEATURIZE_TEST_SLOW_SECONDS", "0.6")  # reaches the actors: FEATURIZE_* is forwarded
+    before = commit_count(output)
+    codes = []
+    rerun = threading.Thread(target=lambda: codes.append(main(["extract", "--config", str(config)])))
+    rerun.start()
+    deadline = time.time() + 240
+    while commit_count(output) == before and rerun.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert f"took over the lease of run {dead.run_id[:8]}" in caplog.text
     assert f"(pid {killed.pid}) on this host is gone" in caplog.text
+    assert main(["lease", "break", str(output)]) == 0
+    committed = commit_count(output)
+    rerun.join(timeout=120)
+    message = " ".join(capsys.readouterr().err.split())
+    assert codes == [2], message[-3000:]
+    assert "no longer holds the output's lease: its lease was broken" in message and "Traceback" not in message
+    assert commit_count(output) == committed < 6 and not (output / "_SUCCESS").exists()  # nothing more written
+
+    monkeypatch.delenv("FEATURIZE_TEST_SLOW_SECONDS")
+    assert main(["extract", "--config", str(config)]) == 0  # resumes: nothing lost, nothing twice
     success = json.loads((output / "_SUCCESS").read_text())
     assert success["shards"] == {"total": 6, "run": 6 - committed, "committed": 6}
     # Every listed file exists. Files the dead driver's actor (Ray's workers outlive a SIGKILLed driver for a
-    # moment) wrote after the rerun took the lease are left alone: only older ones count as orphans here.
+    # moment) wrote after a rerun took the lease are left alone: only older ones count as orphans then.
     on_disk = set(os.listdir(output / "data"))
     listed = {Path(path).name for path in success["files"]}
     assert listed <= on_disk and all(f"-{dead.run_id[:8]}-" in name for name in on_disk - listed)
     uris = [uri for table in read_output(lambda path: str(output / path), success["files"])
             for uri in table.column("uri").to_pylist()]
-    assert sorted(uris) == sorted(str(path) for path in paths)  # nothing lost, nothing twice
+    assert sorted(uris) == sorted(str(path) for path in paths)
 
 
 @pytest.mark.ray
