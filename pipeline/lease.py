@@ -2,13 +2,16 @@
 
 Two runs on one output (a job submitted twice, a restarted pod whose old one still runs) would otherwise
 delete each other's files as orphans and overwrite each other's commit records. So every stage that writes an
-output (extract, predict) takes the lease first, with an atomic create-if-absent, and a second run that finds a
+output (extract, predict, train) takes the lease first, with an atomic create-if-absent, and a second run that finds a
 live lease stops at once with exit 2, naming the holder. The holder:
 - refreshes `heartbeat_at` every `expires_after / 3` seconds from a daemon thread, by a compare-and-replace
   that succeeds only while the object is still the version it wrote last;
 - checks that it still holds the lease (reads it back) before each commit record, before removing orphans and
   before `_SUCCESS` ("fencing"), and stops without writing (exit 2) once it does not;
 - deletes it at the end, on failure and on interrupt too (again only if it is still its own).
+Orphan data files are removed only under the lease, and only those no newer than the lease's creation on the
+store's clock or named with the run's own tag (writer.remove_orphans), so the workers of a run that lost its
+lease, which may still be writing, never lose a file from under them.
 
 Dead holders do not block: a lease whose process is gone on this machine (same host name, boot and pid
 namespace) is taken over at once, so a rerun after a SIGKILLed driver resumes as before; one whose heartbeat is
@@ -70,9 +73,11 @@ def lease_seconds() -> float:
 def machine_identity() -> str:
     """Host name, boot and pid namespace: where a pid means the same process as ours."""
     parts = [socket.gethostname()]
-    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
-        with contextlib.suppress(OSError):
-            parts.append(os.readlink(source) if source.endswith("/pid") else open(source).read().strip())
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            parts.append(handle.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
     return "|".join(parts)
 
 
