@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("output", help="output directory of `featurize extract`")
     inspect.set_defaults(handler=command_inspect)
 
+    lease = commands.add_parser("lease", help="the lease that keeps two runs off one output")
+    lease_commands = lease.add_subparsers(required=True, metavar="ACTION")
+    break_ = lease_commands.add_parser("break", parents=[common],
+                                       help="delete an output's lease left by a run that is dead",
+                                       description="Delete the lease (OUTPUT/_LEASE) a dead run left on an output, "
+                                                   "so that the next run need not wait for its expiry. A run still "
+                                                   "alive that loses its lease stops without writing (exit 2).")
+    break_.add_argument("output", help="the output directory (output.uri of extract, --output of predict)")
+    break_.add_argument("--config", help="a config whose output.storage_options reach the output (endpoint, "
+                                         "profile); without it the store's defaults")
+    break_.set_defaults(handler=command_lease_break)
+
     weights = commands.add_parser("weights", help="manage weights files")
     weights_commands = weights.add_subparsers(required=True, metavar="ACTION")
     pull = weights_commands.add_parser("pull", parents=[common],
@@ -192,6 +204,28 @@ def command_inspect(arguments) -> int:
     from pipeline.report import inspect_output
 
     inspect_output(arguments.output, console)
+    return 0
+
+
+def command_lease_break(arguments) -> int:
+    from pipeline import lease, storage
+    from pipeline.config import read_yaml
+
+    options = {}
+    if arguments.config:
+        options = dict((read_yaml(arguments.config).get("output") or {}).get("storage_options") or {})
+    try:
+        holder = lease.break_lease(arguments.output, options)
+    except Exception as error:  # noqa: BLE001 - a storage failure gets a clear message, the rest goes on up
+        if not storage.is_storage_failure(error):
+            raise
+        raise storage.access_error("OUTPUT", arguments.output, "write to", error) from None
+    shown = storage.redact(arguments.output)
+    if holder is None:
+        console.print(f"{shown} has no lease: nothing to break")
+    else:
+        console.print(f"broke the lease on {shown} held by {holder.describe()}; if that run is still alive it "
+                      "stops at its next commit without writing")
     return 0
 
 

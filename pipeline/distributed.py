@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from pipeline import storage, writer
+from pipeline import lease, storage, writer
 from pipeline.config import ConfigError, ExtractConfig, ModelConfig
 from pipeline.plan import Plan, pending_shards, prepare
 from pipeline.progress import ProgressReporter
@@ -223,8 +223,14 @@ class Driver:
 
     def run(self, verbose: bool = False) -> dict:
         """Every check that needs no cluster (config, model files, output mode, fingerprint, listing) runs in
-        `prepare`, before Ray starts; Ray starts only when there is work left."""
+        `prepare`, before Ray starts; Ray starts only when there is work left. The output's lease is taken first
+        (a second run on the output stops here, in about a second) and held to the end."""
         self.reporter.phase(f"planning {storage.redact(self.output)}")
+        with lease.held(self.output, self.options, "extract") as self.lease:
+            self.settings = dataclasses.replace(self.settings, run_tag=self.lease.tag)
+            return self.run_leased(verbose)
+
+    def run_leased(self, verbose: bool) -> dict:
         plan, manifest = prepare(self.config)
         commits = writer.read_commits(self.output, self.options)
         todo = pending_shards(plan, commits)
@@ -266,6 +272,7 @@ class Driver:
                             f"{f', {self.shape.num_gpus:g} GPUs' if self.shape.num_gpus else ''} each)")
         try:
             while self.states:
+                self.lease.raise_if_lost()  # the heartbeat found the lease gone: stop before more work is done
                 self.assign()
                 refs = list(self.owner) + [slot.ready for slot in self.slots if not slot.is_ready]
                 done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
@@ -382,7 +389,7 @@ class Driver:
         description = self.actor_description or {"feature_dim": 1, "provenance": {}}
         schema = writer.row_schema(description["feature_dim"], self.settings.feature_dtype,
                                    description["provenance"])
-        relative_path = writer.new_data_file_name(task.shard)
+        relative_path = writer.new_data_file_name(task.shard, self.lease.tag)
         writer.write_data_file(self.output, relative_path, rows.to_table(schema), self.settings.row_group_size,
                                self.options)
         reason = reason_category(rows.error[0])
@@ -416,6 +423,7 @@ class Driver:
             shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
             ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
             errors_by_reason=dict(reasons), committed_at=time.time())
+        self.lease.check()  # fencing: a run that lost the output's lease commits nothing
         writer.write_commit(self.output, record, self.options)
         self.commits[shard] = record
         self.shards_run += 1
@@ -434,7 +442,9 @@ class Driver:
     # --- the end ---------------------------------------------------------------------------------
 
     def finish(self, plan: Plan, commits: dict) -> dict:
-        writer.remove_orphans(self.output, commits, self.options)
+        self.lease.check()
+        writer.remove_orphans(self.output, commits, self.options, written_before=self.lease.started_on_store,
+                              run_tag=self.lease.tag)
         ordered = [commits[index] for index in sorted(commits)]
         reasons = collections.Counter()
         for record in ordered:
@@ -457,6 +467,7 @@ class Driver:
             "max_error_rate": self.config.run.max_error_rate,
             "output": storage.redact(self.output),
         }
+        self.lease.check()
         writer.write_json(storage.join(self.output, writer.SUCCESS_FILE), success, self.options)
         return success
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage, writer
 from pipeline.config import ConfigError, ExtractConfig, is_saved_model_path, is_weights_file
+from pipeline.lease import LEASE_FILE
 from pipeline.listing import list_images
 
 
@@ -105,7 +106,9 @@ def prepare(config: ExtractConfig) -> tuple[Plan, pa.Table]:
         raise ConfigError(f"output.uri: {storage.redact(output)} already holds a featurize output and output.mode "
                           "is 'error'; use output.mode: resume to finish it or overwrite to start again")
     if exists and config.output.mode == "overwrite":
-        storage.remove(output, options, recursive=True)
+        for name in storage.list_names(output, options):  # everything but the lease this run holds
+            if name != LEASE_FILE:
+                storage.remove(storage.join(output, name), options, recursive=True)
         exists = False
     if exists:
         return resume_plan(output, options, inputs)

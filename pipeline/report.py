@@ -7,7 +7,7 @@ import collections
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import storage, writer
+from pipeline import lease, storage, writer
 from pipeline.config import ConfigError
 
 
@@ -36,11 +36,12 @@ def add_stage_split(table: Table, timings: dict) -> None:
 def inspect_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
     """A summary of whatever featurize output lies at `output_uri`: extract, predict or train."""
     kind = output_kind(output_uri, storage_options)
-    if kind == "train":
-        return inspect_train_output(output_uri, console, storage_options)
-    if kind == "predict":
-        return inspect_predict_output(output_uri, console, storage_options)
-    return inspect_extract_output(output_uri, console, storage_options)
+    inspect = {"train": inspect_train_output, "predict": inspect_predict_output}.get(kind, inspect_extract_output)
+    summary = inspect(output_uri, console, storage_options)
+    summary["lease"] = lease.state(output_uri, storage_options)
+    if summary["lease"]:
+        console.print(f"lease: {summary['lease']}", highlight=False)
+    return summary
 
 
 def output_kind(output_uri: str, storage_options: dict | None = None) -> str:

@@ -52,6 +52,7 @@ class ShardSettings:
     feature_dtype: str = OutputConfig.feature_dtype
     row_group_size: int = OutputConfig.row_group_size
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
+    run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
 
 
 @dataclass
@@ -147,7 +148,7 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings, batch_siz
             waited = time.perf_counter()
     time.sleep(float(os.environ.get(SLOW_SECONDS_VARIABLE, "0")))
     started = time.perf_counter()
-    relative_path = writer.new_data_file_name(task.shard)
+    relative_path = writer.new_data_file_name(task.shard, settings.run_tag)
     schema = writer.row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)
     writer.write_data_file(settings.output_uri, relative_path, rows.to_table(schema), settings.row_group_size,
                            settings.output_storage_options)

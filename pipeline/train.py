@@ -58,7 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline import storage, writer
+from pipeline import lease, storage, writer
 from pipeline.config import ClassifierConfig, ConfigError, FeaturesConfig, SplitConfig, TrainConfig, to_dict
 
 # The provenance keys that must agree between features and a classifier (and among concatenated outputs).
@@ -454,6 +454,12 @@ class Outcome:
 def train(config: TrainConfig, console=None) -> dict:
     """Fit the configured classifier on committed features and write it, metrics.json and plots."""
     config.validate()
+    # One writer per output (pipeline/lease.py): a second train on the same output stops before fitting.
+    with lease.held(config.output.uri, config.output.storage_options, "train") as output_lease:
+        return fit_and_write(config, console, output_lease)
+
+
+def fit_and_write(config: TrainConfig, console, output_lease: lease.Lease) -> dict:
     started = time.perf_counter()
     log = console.log if console is not None else (lambda *args, **kwargs: None)
     features = open_features(config.features.uri, config.features.storage_options)
@@ -492,12 +498,14 @@ def train(config: TrainConfig, console=None) -> dict:
                      "seconds": {"fit": round(fitted - started, 3)}},
     }
     output_uri, options = config.output.uri, config.output.storage_options
+    output_lease.check()
     storage.make_dirs(output_uri, options)
     outcome.model.save(output_uri, options)
     writer.write_json(storage.join(output_uri, CLASSIFIER_FILE), document, options)
     storage.write_bytes(storage.join(output_uri, CONFUSION_PLOT_FILE),
                         confusion_matrix_png(metrics["confusion_matrix"], outcome.classes), options)
     storage.write_bytes(storage.join(output_uri, F1_PLOT_FILE), per_class_f1_png(metrics["per_class"]), options)
+    output_lease.check()
     writer.write_json(storage.join(output_uri, METRICS_FILE), metrics, options)  # last: marks the output done
     log(f"wrote classifier and metrics to {output_uri} in {time.perf_counter() - started:.1f}s")
     if console is not None:
@@ -912,59 +920,65 @@ def predict(model_uri: str, features_uri: str, output_uri: str, storage_options:
         "classifier": document, "weights_sha256": weights_sha256, "features_uri": features_uri,
         "features_fingerprint": success.get("fingerprint"), "features_files": success["files"],
     }, sort_keys=True).encode()).hexdigest()
-    plan_uri = storage.join(output_uri, writer.PLAN_FILE)
-    if storage.exists(plan_uri, storage_options):
-        planned = writer.read_json(plan_uri, storage_options).get("fingerprint")
-        if planned != fingerprint:
-            raise ConfigError(f"{output_uri} holds predictions of another classifier or other features "
-                             f"(fingerprint {planned} vs {fingerprint}); write to another output or remove it")
-    else:
-        writer.write_json(plan_uri, {"fingerprint": fingerprint, "model_uri": model_uri,
-                                     "features_uri": features_uri, "files": success["files"]}, storage_options)
-    commits = writer.read_commits(output_uri, storage_options)
-    writer.remove_orphans(output_uri, commits, storage_options)
-    classes = document["classes"]
-    schema = PREDICTION_SCHEMA.with_metadata({"model_uri": model_uri, "features_uri": features_uri,
-                                              "kind": document["kind"], "classes": json.dumps(classes),
-                                              "fingerprint": fingerprint})
-    first_commit = None
-    num_run = 0
-    for shard, path in enumerate(success["files"]):
-        if shard in commits:
-            continue
-        shard_started = time.perf_counter()
-        table = predict_file(storage.join(features_uri, path), model, classes, document["feature_dim"], schema,
-                             storage_options, batch_rows)
-        predicted = time.perf_counter()
-        data_path = writer.new_data_file_name(shard)
-        writer.write_data_file(output_uri, data_path, table, PREDICTION_ROW_GROUP_SIZE, storage_options)
-        num_ok = int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
-        record = writer.CommitRecord(shard=shard, files=[data_path], rows=table.num_rows, ok=num_ok,
-                                     error=table.num_rows - num_ok,
-                                     timings={"predict": round(predicted - shard_started, 4),
-                                              "write": round(time.perf_counter() - predicted, 4)})
-        writer.write_commit(output_uri, record, storage_options)
-        commits[shard] = record
-        num_run += 1
-        first_commit = first_commit or time.perf_counter()
-    records = [commits[shard] for shard in sorted(commits)]
-    finished = time.perf_counter()
-    summary = {
-        "files": [path for record in records for path in record.files],
-        "rows": {"total": sum(record.rows for record in records), "ok": sum(record.ok for record in records),
-                 "error": sum(record.error for record in records)},
-        "shards": {"total": len(success["files"]), "run": num_run},
-        "fingerprint": fingerprint,
-        "seconds": {"total": round(finished - started, 3),
-                    "startup": round((first_commit or finished) - started, 3)},
-        "classes": classes,
-        "kind": document["kind"],
-        "model_uri": model_uri,
-        "features_uri": features_uri,
-        "provenance": provenance,
-    }
-    writer.write_json(storage.join(output_uri, writer.SUCCESS_FILE), summary, storage_options)
-    return summary
+    # One writer per output: the lease is taken before the output is read or written (pipeline/lease.py).
+    with lease.held(output_uri, storage_options, "predict", key="--output") as output_lease:
+        plan_uri = storage.join(output_uri, writer.PLAN_FILE)
+        if storage.exists(plan_uri, storage_options):
+            planned = writer.read_json(plan_uri, storage_options).get("fingerprint")
+            if planned != fingerprint:
+                raise ConfigError(f"{output_uri} holds predictions of another classifier or other features "
+                                 f"(fingerprint {planned} vs {fingerprint}); write to another output or remove it")
+        else:
+            writer.write_json(plan_uri, {"fingerprint": fingerprint, "model_uri": model_uri,
+                                         "features_uri": features_uri, "files": success["files"]}, storage_options)
+        commits = writer.read_commits(output_uri, storage_options)
+        output_lease.check()
+        writer.remove_orphans(output_uri, commits, storage_options, written_before=output_lease.started_on_store,
+                              run_tag=output_lease.tag)
+        classes = document["classes"]
+        schema = PREDICTION_SCHEMA.with_metadata({"model_uri": model_uri, "features_uri": features_uri,
+                                                  "kind": document["kind"], "classes": json.dumps(classes),
+                                                  "fingerprint": fingerprint})
+        first_commit = None
+        num_run = 0
+        for shard, path in enumerate(success["files"]):
+            if shard in commits:
+                continue
+            shard_started = time.perf_counter()
+            table = predict_file(storage.join(features_uri, path), model, classes, document["feature_dim"], schema,
+                                 storage_options, batch_rows)
+            predicted = time.perf_counter()
+            data_path = writer.new_data_file_name(shard, output_lease.tag)
+            writer.write_data_file(output_uri, data_path, table, PREDICTION_ROW_GROUP_SIZE, storage_options)
+            num_ok = int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
+            record = writer.CommitRecord(shard=shard, files=[data_path], rows=table.num_rows, ok=num_ok,
+                                         error=table.num_rows - num_ok,
+                                         timings={"predict": round(predicted - shard_started, 4),
+                                                  "write": round(time.perf_counter() - predicted, 4)})
+            output_lease.check()  # fencing: a run that lost the output's lease commits nothing
+            writer.write_commit(output_uri, record, storage_options)
+            commits[shard] = record
+            num_run += 1
+            first_commit = first_commit or time.perf_counter()
+        records = [commits[shard] for shard in sorted(commits)]
+        finished = time.perf_counter()
+        summary = {
+            "files": [path for record in records for path in record.files],
+            "rows": {"total": sum(record.rows for record in records), "ok": sum(record.ok for record in records),
+                     "error": sum(record.error for record in records)},
+            "shards": {"total": len(success["files"]), "run": num_run},
+            "fingerprint": fingerprint,
+            "seconds": {"total": round(finished - started, 3),
+                        "startup": round((first_commit or finished) - started, 3)},
+            "classes": classes,
+            "kind": document["kind"],
+            "model_uri": model_uri,
+            "features_uri": features_uri,
+            "provenance": provenance,
+        }
+        output_lease.check()
+        writer.write_json(storage.join(output_uri, writer.SUCCESS_FILE), summary, storage_options)
+        return summary
 
 
 def predict_file(file_uri: str, model: LinearModel | MlpModel, classes: list[str], feature_dim: int,

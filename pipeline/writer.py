@@ -107,9 +107,11 @@ def features_array(rows: list, feature_type: pa.FixedSizeListType) -> pa.FixedSi
     return pa.FixedSizeListArray.from_arrays(flat, type=feature_type, mask=mask)
 
 
-def new_data_file_name(shard_index: int) -> str:
-    """Unique per attempt, so two attempts of one shard never touch the same object."""
-    return f"{DATA_DIR}/shard-{shard_index:05d}-{uuid.uuid4().hex[:12]}.parquet"
+def new_data_file_name(shard_index: int, run_tag: str = "") -> str:
+    """Unique per attempt, so two attempts of one shard never touch the same object. `run_tag` (the lease's
+    short run id) marks the files of one run, which remove_orphans may delete however new they are."""
+    attempt = f"{run_tag}-{uuid.uuid4().hex[:12]}" if run_tag else uuid.uuid4().hex[:12]
+    return f"{DATA_DIR}/shard-{shard_index:05d}-{attempt}.parquet"
 
 
 def write_data_file(output_uri: str, relative_path: str, table: pa.Table, row_group_size: int,
@@ -155,11 +157,30 @@ def read_commits(output_uri: str, storage_options: dict | None = None) -> dict[i
     return records
 
 
-def remove_orphans(output_uri: str, commits: dict[int, CommitRecord], storage_options: dict | None = None) -> int:
-    """Delete data files no commit record names (left by crashed or duplicate attempts)."""
+def remove_orphans(output_uri: str, commits: dict[int, CommitRecord], storage_options: dict | None = None,
+                   written_before: float | None = None, run_tag: str = "") -> int:
+    """Delete data files no commit record names (left by crashed or duplicate attempts).
+
+    Under the output's lease (pipeline/lease.py), `written_before` is the lease's own modification time on the
+    store's clock: only files no newer than that, or named with this run's `run_tag`, are deleted, so a file that
+    an actor of another run (one that lost the lease, but whose workers still write) wrote since is never touched.
+    Without it every file no record names is deleted."""
     named = {path for record in commits.values() for path in record.files}
-    orphans = [name for name in storage.list_names(storage.join(output_uri, DATA_DIR), storage_options)
-               if f"{DATA_DIR}/{name}" not in named]
+    directory = storage.join(output_uri, DATA_DIR)
+    fenced = written_before is not None or bool(run_tag)
+    if fenced:
+        candidates = storage.modified_times(directory, storage_options)
+    else:
+        candidates = dict.fromkeys(storage.list_names(directory, storage_options))
+
+    def removable(name: str, modified: float | None) -> bool:
+        if f"{DATA_DIR}/{name}" in named:
+            return False
+        ours = bool(run_tag) and f"-{run_tag}-" in name
+        older = written_before is not None and modified is not None and modified <= written_before
+        return not fenced or ours or older
+
+    orphans = [name for name, modified in candidates.items() if removable(name, modified)]
     for name in orphans:
         storage.remove(storage.join(output_uri, DATA_DIR, name), storage_options)
     return len(orphans)
