@@ -20,7 +20,7 @@ from pipeline import lease, storage, writer
 from pipeline.cli import main
 from pipeline.lease import LeaseHeld, LeaseLost, LeaseRecord
 from tests.conftest import write_labelled_images
-from tests.test_distributed import featurize_process, wait_for_first_commit
+from tests.test_distributed import featurize_process, wait_for_commits_beyond
 from tests.test_report import unfinished_output
 from tests.test_s3 import aws_environment, bucket, moto_endpoint, s3  # noqa: F401 - fixtures
 from tests.test_train import digits, extract_output, logistic_run, train_config  # noqa: F401 - fixtures
@@ -316,7 +316,7 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
     config = write_config(tmp_path, tiny_model, str(output))
 
     killed = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.6")
-    wait_for_first_commit(output, killed)
+    wait_for_commits_beyond(0, output, killed)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     dead = holder(str(output), {})
