@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rich.console import Console  # noqa: E402
 
-from pipeline.bench import BenchSettings, run_bench  # noqa: E402
+from pipeline.tools.bench import BenchSettings, run_bench  # noqa: E402
 
 
 def main() -> int:

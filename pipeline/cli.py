@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import ConfigError, ExtractConfig, TrainConfig, load_config
-from pipeline.storage import StorageError
+from pipeline.io.faults import StorageError
 
 console = Console(stderr=False)  # results; progress, logs and errors go to stderr
 error_console = Console(stderr=True)
@@ -28,7 +28,7 @@ USER_ERRORS = (ConfigError, StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.progress import configure_logging
+    from pipeline.extract.progress import configure_logging
 
     parser = build_parser()
     arguments = parser.parse_args(argv)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:  # what the user can fix: config, paths, credentials, a refused model
         error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True, markup=True)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt as interruption:  # SIGINT, or SIGTERM during a run (pipeline.distributed.Interrupted)
+    except KeyboardInterrupt as interruption:  # SIGINT, or SIGTERM during a run (pipeline.extract.driver.Interrupted)
         message = getattr(interruption, "message", "") or "interrupted; run the same command to resume"
         error_console.print(f"[bold yellow]{message}[/]", highlight=False, soft_wrap=True)
         return getattr(interruption, "exit_code", 130)
@@ -142,8 +142,8 @@ def command_extract(arguments) -> int:
 
 
 def run_extract_and_report(config: ExtractConfig, verbose: bool = False) -> int:
-    from pipeline.distributed import run_extract
-    from pipeline.report import print_extract_summary
+    from pipeline.extract.driver import run_extract
+    from pipeline.tools.report import print_extract_summary
 
     success = run_extract(config, verbose=verbose)
     print_extract_summary(success, console)
@@ -155,7 +155,7 @@ def run_extract_and_report(config: ExtractConfig, verbose: bool = False) -> int:
 
 
 def command_train(arguments) -> int:
-    from pipeline.train import print_summary, train
+    from pipeline.train.fit import print_summary, train
 
     config = load_config(TrainConfig, arguments.config, arguments.set)
     metrics = train(config)
@@ -165,7 +165,7 @@ def command_train(arguments) -> int:
 
 
 def command_compare(arguments) -> int:
-    from pipeline.compare import compare, load_compare_config
+    from pipeline.tools.compare import compare, load_compare_config
 
     config = load_compare_config(arguments.config, arguments.set)
     compare(config, console)
@@ -174,7 +174,7 @@ def command_compare(arguments) -> int:
 
 
 def command_predict(arguments) -> int:
-    from pipeline.train import predict
+    from pipeline.train.fit import predict
 
     success = predict(arguments.model, arguments.features, arguments.output)
     console.print(f"{success['rows']['total']} predictions written to {arguments.output}")
@@ -182,7 +182,7 @@ def command_predict(arguments) -> int:
 
 
 def command_models(arguments) -> int:
-    from pipeline.backbones import model_table
+    from pipeline.models.zoo import model_table
 
     table = Table(title="featurize backbone zoo (Keras applications)")
     for column in ("name", "Keras name", "size (MB)", "top-1", "top-5", "params (M)", "depth", "input",
@@ -201,14 +201,15 @@ def format_accuracy(value: float | None) -> str:
 
 
 def command_inspect(arguments) -> int:
-    from pipeline.report import inspect_output
+    from pipeline.tools.report import inspect_output
 
     inspect_output(arguments.output, console)
     return 0
 
 
 def command_lease_break(arguments) -> int:
-    from pipeline import lease, storage
+    from pipeline.output import lease
+    from pipeline.io import faults, redaction
     from pipeline.config import read_yaml
 
     options = {}
@@ -217,10 +218,10 @@ def command_lease_break(arguments) -> int:
     try:
         holder = lease.break_lease(arguments.output, options)
     except Exception as error:  # noqa: BLE001 - a storage failure gets a clear message, the rest goes on up
-        if not storage.is_storage_failure(error):
+        if not faults.is_storage_failure(error):
             raise
-        raise storage.access_error("OUTPUT", arguments.output, "write to", error) from None
-    shown = storage.redact(arguments.output)
+        raise faults.access_error("OUTPUT", arguments.output, "write to", error) from None
+    shown = redaction.redact(arguments.output)
     if holder is None:
         console.print(f"{shown} has no lease: nothing to break")
     else:
@@ -230,7 +231,7 @@ def command_lease_break(arguments) -> int:
 
 
 def command_weights_pull(arguments) -> int:
-    from pipeline.extractor import pull_weights
+    from pipeline.models.extractor import pull_weights
 
     checksum = pull_weights(arguments.name, arguments.destination)
     console.print(f"wrote {arguments.destination} (sha256 {checksum}); use it with model.weights: "
@@ -241,7 +242,7 @@ def command_weights_pull(arguments) -> int:
 def command_bench(arguments) -> int:
     from pathlib import Path
 
-    from pipeline.bench import BenchSettings, run_bench
+    from pipeline.tools.bench import BenchSettings, run_bench
 
     settings = BenchSettings(backbone=arguments.backbone, input_size=arguments.input_size,
                              batch_size=arguments.batch_size, num_images=arguments.images,
@@ -252,7 +253,7 @@ def command_bench(arguments) -> int:
 
 
 def command_demo(arguments) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.tools.demo import run_demo
 
     return run_demo(arguments.workdir, console, arguments.verbose)
 

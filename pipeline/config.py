@@ -197,7 +197,7 @@ def is_weights_file(weights: str) -> bool:
 
 def check_backbone(backbone: str) -> None:
     """A zoo name must be known (fail before any cluster starts); a saved-model file is checked by the preflight."""
-    from pipeline.backbones import get_backbone
+    from pipeline.models.zoo import get_backbone
 
     if is_saved_model_path(backbone):
         return

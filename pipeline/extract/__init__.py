@@ -1,0 +1,1 @@
+"""The extract stage: listing, plan, driver, actor, worker, decode, progress."""

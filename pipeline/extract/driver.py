@@ -1,0 +1,500 @@
+"""The only module that imports Ray: the actor pool, pull-based scheduling, retries, progress, commits.
+
+The driver keeps a queue of shard pieces and gives each actor at most `run.shards_in_flight_per_actor`
+at a time. Actors write uniquely named data files; the driver alone writes commit records, once all
+pieces of a shard are back, so a shard is visible exactly once whatever dies along the way:
+- an actor that dies (crash, OOM, lost node) is replaced; the piece it was running counts an attempt,
+  the pieces only queued behind it go back unharmed;
+- a piece that used up `run.max_attempts` is bisected; a single image that still kills its worker is
+  quarantined as an error row, so one poison image cannot fail a job.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from pipeline.output import lease
+from pipeline.io import faults, redaction, storage
+from pipeline.output import writer
+from pipeline.config import ConfigError, ExtractConfig, ModelConfig
+from pipeline.extract.plan import Plan, pending_shards, prepare
+from pipeline.extract.progress import ProgressReporter
+from pipeline.extract.worker import (ShardResult, ShardSettings, ShardTask, process_shard, quarantine_rows,
+                             reason_category)
+
+log = logging.getLogger("featurize")
+
+ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+USER_ERRORS = (ConfigError, faults.StorageError)  # exit 2: the message says what to fix
+MAX_FAILED_STARTS_PER_ACTOR = 3
+
+
+class ExtractorActor:
+    """Holds one FeatureExtractor (built once) and processes shard pieces one at a time."""
+
+    def __init__(self, model_config: ModelConfig, batch_size: int, num_threads: int,
+                 storage_options: dict, output_storage_options: dict | None = None):
+        started = time.perf_counter()
+        self.batch_size = batch_size
+        self.build_error: Exception | None = None
+        with collected_warnings() as self.warnings:  # shown by the driver: actor logs stay off the terminal
+            try:
+                from pipeline.models.extractor import FeatureExtractor, configure_tensorflow  # TF only inside actors
+
+                configure_tensorflow(num_threads)
+                self.extractor = FeatureExtractor(model_config, batch_size=batch_size,
+                                                  storage_options=storage_options, num_threads=num_threads)
+            except Exception as error:  # noqa: BLE001 - reported by describe() as a task error (a RayTaskError
+                self.build_error = error  # with the cause); raised from __init__, Ray only says "the actor died"
+        self.load_seconds = time.perf_counter() - started
+        # Storage options arrive once, here; tasks carry them without credentials (redaction.public_options).
+        self.input_storage_options = storage_options
+        self.output_storage_options = output_storage_options
+
+    def describe(self) -> dict:
+        if self.build_error is not None:
+            raise self.build_error
+        return {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
+                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "runtime": self.extractor.runtime, "load_seconds": self.load_seconds, "warnings": self.warnings}
+
+    def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
+        if self.output_storage_options is not None:
+            settings = dataclasses.replace(settings, input_storage_options=self.input_storage_options,
+                                           output_storage_options=self.output_storage_options)
+        return process_shard(task, self.extractor, settings, self.batch_size)
+
+
+@dataclass
+class ShardState:
+    """Pieces of one shard still out, and the results already back."""
+
+    outstanding: int = 1
+    results: list[ShardResult] = field(default_factory=list)
+
+
+@dataclass
+class ActorSlot:
+    handle: ray.actor.ActorHandle
+    ready: ray.ObjectRef
+    is_ready: bool = False
+    in_flight: list = field(default_factory=list)  # object refs in submission order
+
+
+@dataclass(frozen=True)
+class ActorShape:
+    count: int
+    num_cpus: float
+    num_gpus: float
+
+
+class WarningCollector(logging.Handler):
+    """Keeps the warnings an actor logs while it builds its model, for the driver to show once."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(redaction.redact(record.getMessage()))
+
+
+@contextlib.contextmanager
+def collected_warnings():
+    collector = WarningCollector()
+    loggers = [logging.getLogger(name) for name in ("featurize", "pipeline")]
+    for logger in loggers:
+        logger.addHandler(collector)
+    try:
+        yield collector.messages
+    finally:
+        for logger in loggers:
+            logger.removeHandler(collector)
+
+
+def connect(address: str, verbose: bool = False) -> str:
+    """Join the cluster `run.address` or the Ray job names; otherwise start a private local Ray. Never
+    `ray.init()` without an address: it attaches to whatever Ray already runs on the machine. Returns what
+    it did, for the progress display. Ray's and the actors' logs stay in Ray's log files unless `verbose`."""
+    if ray.is_initialized():
+        return "using the Ray already initialised in this process"
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    if address:
+        ray.init(address=address, **quiet)
+        return f"joined the Ray cluster at {redaction.redact(address)}"
+    if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: the job's own cluster
+        ray.init(**quiet)
+        return f"joined this Ray job's cluster ({redaction.redact(os.environ['RAY_ADDRESS'])})"
+    ray.init(address="local", include_dashboard=False, **quiet)
+    return f"started a private local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a run: actors are stopped, every commit is kept, the same command resumes."""
+
+    def __init__(self, signal_number: int, message: str = ""):
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.message = message
+        self.exit_code = 128 + signal_number  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@dataclass
+class ReceivedSignal:
+    number: int = signal.SIGINT  # a KeyboardInterrupt with no signal recorded is Python's own SIGINT
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM (`ray job stop`, Kubernetes) raise Interrupted in the scheduling loop, whose clean-up
+    stops the actors. Installed after Ray starts, which sets a SIGTERM handler of its own. Ray's blocking calls
+    re-raise a handler's exception as a plain KeyboardInterrupt, so the signal's number is also recorded."""
+    received = ReceivedSignal()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield received
+        return
+
+    def interrupt(signal_number, frame):
+        received.number = signal_number
+        raise Interrupted(signal_number)
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def actor_shape(config: ExtractConfig) -> ActorShape:
+    """How many actors and what each holds: one per GPU, or one per node using its cores."""
+    resources = ray.cluster_resources()
+    total_gpus = resources.get("GPU", 0)
+    gpus = config.run.gpus_per_actor if config.run.gpus_per_actor is not None else (1.0 if total_gpus else 0.0)
+    nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+    if config.run.actors:
+        count = config.run.actors
+    elif gpus:
+        count = max(1, int(total_gpus // gpus))
+    else:
+        count = max(1, len(nodes))
+    if config.run.cpus_per_actor is not None:
+        cpus = config.run.cpus_per_actor
+    else:
+        smallest_node = min((node["Resources"]["CPU"] for node in nodes), default=1)
+        actors_per_node = max(1, -(-count // max(1, len(nodes))))
+        cpus = max(1.0, smallest_node // actors_per_node)
+    return ActorShape(count, float(cpus), float(gpus))
+
+
+class Driver:
+    """One extract run: plan, pool, scheduling loop, commits, `_SUCCESS`."""
+
+    def __init__(self, config: ExtractConfig, reporter: ProgressReporter):
+        self.config = config
+        self.reporter = reporter
+        self.started = time.time()
+        self.first_commit_at: float | None = None
+        self.output = config.output.uri
+        self.options = config.output.storage_options
+        self.settings = ShardSettings(
+            output_uri=self.output, output_storage_options=redaction.public_options(self.options),
+            input_storage_options=redaction.public_options(config.input.storage_options), resize=config.model.resize,
+            draft_margin=config.model.draft_margin,
+            feature_dtype=config.output.feature_dtype, row_group_size=config.output.row_group_size,
+            decode_threads=config.run.decode_threads)
+        self.actor_description: dict | None = None
+        self.failed_starts = 0  # actor deaths before the model was ready, since the last good start
+        self.timings: collections.Counter = collections.Counter()
+        self.shards_run = 0
+        self.rows_run = 0  # rows of the shards this run committed (a resume does only some)
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    def run(self, verbose: bool = False) -> dict:
+        """Every check that needs no cluster (config, model files, output mode, fingerprint, listing) runs in
+        `prepare`, before Ray starts; Ray starts only when there is work left. The output's lease is taken first
+        (a second run on the output stops here, in about a second) and held to the end."""
+        self.reporter.phase(f"planning {redaction.redact(self.output)}")
+        with lease.held(self.output, self.options, "extract") as self.lease:
+            self.settings = dataclasses.replace(self.settings, run_tag=self.lease.tag)
+            return self.run_leased(verbose)
+
+    def run_leased(self, verbose: bool) -> dict:
+        plan, manifest = prepare(self.config)
+        commits = writer.read_commits(self.output, self.options)
+        todo = pending_shards(plan, commits)
+        self.reporter.phase(f"{plan.num_images} images in {plan.num_shards} shards, {len(commits)} already "
+                            f"committed")
+        if todo:
+            self.reporter.phase("starting Ray")
+            self.reporter.phase(connect(self.config.run.address, verbose))
+            with stop_on_signals() as received:
+                try:
+                    self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
+                                        done_images=sum(record.rows for record in commits.values()),
+                                        done_errors=sum(record.error for record in commits.values()))
+                    self.run_shards(plan, manifest, todo, commits)
+                except KeyboardInterrupt:
+                    raise Interrupted(received.number, self.interrupted_message(received.number, plan,
+                                                                                commits)) from None
+                finally:
+                    self.reporter.stop()
+        return self.finish(plan, commits)
+
+    @staticmethod
+    def interrupted_message(signal_number: int, plan: Plan, commits: dict) -> str:
+        return (f"interrupted by {signal.Signals(signal_number).name}: {len(commits)} of {plan.num_shards} shards "
+                "are committed and kept; run the same command to resume")
+
+    def run_shards(self, plan: Plan, manifest, todo: list[int], commits: dict) -> None:
+        self.shape = actor_shape(self.config)
+        decode_threads = self.config.run.decode_threads or max(4, int(self.shape.num_cpus))
+        self.settings = dataclasses.replace(self.settings, decode_threads=decode_threads)
+        self.actor_class = ray.remote(num_cpus=self.shape.num_cpus, num_gpus=self.shape.num_gpus,
+                                      max_restarts=0, max_concurrency=1)(ExtractorActor)
+        self.commits = commits
+        self.queue = collections.deque(self.whole_shard(plan, manifest, index) for index in todo)
+        self.states = {index: ShardState() for index in todo}
+        self.owner: dict[ray.ObjectRef, tuple[ActorSlot, ShardTask]] = {}
+        self.slots = [self.start_actor() for _ in range(min(self.shape.count, len(todo)))]
+        self.reporter.phase(f"loading the model on {len(self.slots)} actor(s) ({self.shape.num_cpus:g} CPUs"
+                            f"{f', {self.shape.num_gpus:g} GPUs' if self.shape.num_gpus else ''} each)")
+        try:
+            while self.states:
+                self.lease.raise_if_lost()  # the heartbeat found the lease gone: stop before more work is done
+                self.assign()
+                refs = list(self.owner) + [slot.ready for slot in self.slots if not slot.is_ready]
+                done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+                self.reporter.update(actors_alive=sum(slot.is_ready for slot in self.slots))
+                for ref in done:
+                    if ref in self.owner:
+                        self.collect(ref)
+                    else:
+                        self.mark_ready(ref)
+        finally:
+            for slot in self.slots:
+                with contextlib.suppress(Exception):  # on an interrupt Ray itself may be going down
+                    ray.kill(slot.handle, no_restart=True)
+
+    def start_actor(self) -> ActorSlot:
+        run = self.config.run
+        num_threads = max(1, int(self.shape.num_cpus))
+        handle = self.actor_class.options(scheduling_strategy="SPREAD", runtime_env=forwarded_environment()).remote(
+            self.config.model, run.batch_size, num_threads, self.config.input.storage_options, self.options)
+        return ActorSlot(handle=handle, ready=handle.describe.remote())
+
+    def mark_ready(self, ref: ray.ObjectRef) -> None:
+        slot = next(slot for slot in self.slots if slot.ready == ref)
+        try:
+            description = ray.get(ref)
+        except ACTOR_LOST:
+            self.failed_starts += 1
+            if self.failed_starts > MAX_FAILED_STARTS_PER_ACTOR * len(self.slots):
+                raise RuntimeError(f"actors died {self.failed_starts} times while loading the model; check the "
+                                   "worker logs (out of memory? a GPU fault?). Committed shards are kept: "
+                                   "run again to resume") from None
+            self.replace(slot)
+            return
+        except RayTaskError as error:
+            if isinstance(error.cause, USER_ERRORS):  # a refused or mismatched model: the user can fix it
+                raise ConfigError(f"the model could not be built: {redaction.redact(str(error.cause))}") from None
+            raise  # a bug: the RayTaskError carries the actor's traceback
+        slot.is_ready = True
+        self.failed_starts = 0
+        if self.actor_description is None:
+            for warning in description["warnings"]:
+                log.warning("%s", warning)
+        self.actor_description = self.actor_description or description
+        self.reporter.phase(f"model ready on an actor in {description['load_seconds']:.1f} s "
+                            f"(runtime {description['runtime']}"
+                            + (", converted for LiteRT once a node, cached for next time)"
+                               if description["runtime"] == "litert" else ")"))
+
+    def assign(self) -> None:
+        """Pull model: each ready actor gets pieces until it holds its bounded share."""
+        limit = self.config.run.shards_in_flight_per_actor
+        for slot in self.slots:
+            while slot.is_ready and self.queue and len(slot.in_flight) < limit:
+                task = self.queue.popleft()
+                ref = slot.handle.process.remote(task, self.settings)
+                slot.in_flight.append(ref)
+                self.owner[ref] = (slot, task)
+
+    def collect(self, ref: ray.ObjectRef) -> None:
+        slot, task = self.owner[ref]
+        try:
+            result: ShardResult = ray.get(ref)
+        except ACTOR_LOST:
+            self.on_actor_lost(slot)
+            return
+        except RayTaskError as error:
+            self.forget(ref)
+            self.retry_or_fail(task, error)
+            return
+        self.forget(ref)
+        self.timings.update(result.timings)
+        self.add_result(task.shard, result)
+
+    def forget(self, ref: ray.ObjectRef) -> None:
+        slot, _ = self.owner.pop(ref)
+        slot.in_flight.remove(ref)
+
+    def add_result(self, shard: int, result: ShardResult) -> None:
+        self.reporter.advance(images=result.rows, errors=result.error)
+        state = self.states[shard]
+        state.results.append(result)
+        state.outstanding -= 1
+        if state.outstanding == 0:
+            self.commit(shard, self.states.pop(shard).results)
+
+    def on_actor_lost(self, slot: ActorSlot) -> None:
+        """The piece the actor was running (its oldest) counts an attempt; pieces queued behind it go back
+        as they were. Every attempt makes progress: retry, then bisect, then quarantine one image."""
+        running, *queued = [self.owner.pop(ref)[1] for ref in slot.in_flight]
+        slot.in_flight.clear()
+        log.warning("actor lost while processing shard %d [%d:%d] (attempt %d)",
+                    running.shard, running.start, running.stop, running.attempt)
+        self.replace(slot)
+        self.queue.extendleft(reversed(queued))
+        if running.attempt < self.config.run.max_attempts:
+            self.queue.appendleft(with_attempt(running, running.attempt + 1))
+        elif len(running.uris) > 1:
+            self.bisect(running)
+        else:
+            self.quarantine(running)
+
+    def bisect(self, task: ShardTask) -> None:
+        """Split a piece that keeps killing workers, so the poison image ends up alone."""
+        middle = len(task.uris) // 2
+        halves = [ShardTask(task.shard, task.start, task.start + middle, task.uris[:middle], task.labels[:middle]),
+                  ShardTask(task.shard, task.start + middle, task.stop, task.uris[middle:], task.labels[middle:])]
+        self.states[task.shard].outstanding += 1
+        self.queue.extendleft(reversed(halves))
+
+    def quarantine(self, task: ShardTask) -> None:
+        """Record the image that kept killing workers as an error row, written by the driver itself."""
+        log.warning("quarantined %s after %d crashes", redaction.redact(task.uris[0]), task.attempt)
+        rows = quarantine_rows(task, task.attempt)
+        description = self.actor_description or {"feature_dim": 1, "provenance": {}}
+        schema = writer.row_schema(description["feature_dim"], self.settings.feature_dtype,
+                                   description["provenance"])
+        relative_path = writer.new_data_file_name(task.shard, self.lease.tag)
+        writer.write_data_file(self.output, relative_path, rows.to_table(schema), self.settings.row_group_size,
+                               self.options)
+        reason = reason_category(rows.error[0])
+        self.add_result(task.shard, ShardResult(task.shard, task.start, task.stop, relative_path, len(rows), 0,
+                                                len(rows), {}, {reason: len(rows)}))
+
+    def retry_or_fail(self, task: ShardTask, error: RayTaskError) -> None:
+        """An exception inside a worker is featurize's own (bad input never raises: it becomes an error row).
+        Loud: its traceback is logged, the piece retried, and the run fails if it persists."""
+        if task.attempt >= self.config.run.max_attempts:
+            raise RuntimeError(f"shard {task.shard} [{task.start}:{task.stop}] failed {task.attempt} times with an "
+                               f"error in featurize itself (committed shards are kept); the worker's traceback:\n"
+                               f"{redaction.redact(str(error))}") from None
+        log.warning("shard %d failed (attempt %d of %d), retrying; the worker's traceback:\n%s", task.shard,
+                    task.attempt, self.config.run.max_attempts, redaction.redact(str(error)))
+        self.queue.append(with_attempt(task, task.attempt + 1))
+
+    def replace(self, slot: ActorSlot) -> None:
+        ray.kill(slot.handle, no_restart=True)
+        fresh = self.start_actor()
+        slot.handle, slot.ready, slot.is_ready = fresh.handle, fresh.ready, False
+
+    def commit(self, shard: int, results: list[ShardResult]) -> None:
+        results.sort(key=lambda result: result.start)
+        timings = collections.Counter()
+        reasons = collections.Counter()
+        for result in results:
+            timings.update(result.timings)
+            reasons.update(result.errors_by_reason)
+        record = writer.CommitRecord(
+            shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
+            ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
+            errors_by_reason=dict(reasons), committed_at=time.time())
+        self.lease.check()  # fencing: a run that lost the output's lease commits nothing
+        writer.write_commit(self.output, record, self.options)
+        self.commits[shard] = record
+        self.shards_run += 1
+        self.rows_run += record.rows
+        if self.first_commit_at is None:
+            self.first_commit_at = time.time()
+            self.reporter.phase(f"first shard committed {self.first_commit_at - self.started:.1f} s after start")
+        self.reporter.shard_committed()
+
+    @staticmethod
+    def whole_shard(plan: Plan, manifest, index: int) -> ShardTask:
+        start, stop = plan.shard_bounds(index)
+        piece = manifest.slice(start, stop - start)
+        return ShardTask(index, start, stop, piece.column("uri").to_pylist(), piece.column("label").to_pylist())
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    def finish(self, plan: Plan, commits: dict) -> dict:
+        self.lease.check()
+        writer.remove_orphans(self.output, commits, self.options, written_before=self.lease.started_on_store,
+                              run_tag=self.lease.tag)
+        ordered = [commits[index] for index in sorted(commits)]
+        reasons = collections.Counter()
+        for record in ordered:
+            reasons.update(record.errors_by_reason)
+        rows = {"total": sum(r.rows for r in ordered), "ok": sum(r.ok for r in ordered),
+                "error": sum(r.error for r in ordered)}
+        finished = time.time()
+        success = {
+            "files": [path for record in ordered for path in record.files],
+            "rows": rows,
+            "errors_by_reason": dict(reasons),
+            "shards": {"total": plan.num_shards, "run": self.shards_run, "committed": len(commits)},
+            "fingerprint": plan.fingerprint,
+            "seconds": {"total": round(finished - self.started, 3),
+                        "startup": round((self.first_commit_at or finished) - self.started, 3)},
+            "timings": {key: round(value, 3) for key, value in self.timings.items()},
+            "provenance": self.provenance(ordered),
+            "images_per_second": round(self.rows_run / max(finished - self.started, 1e-9), 2),
+            "error_rate": rows["error"] / rows["total"] if rows["total"] else 0.0,
+            "max_error_rate": self.config.run.max_error_rate,
+            "output": redaction.redact(self.output),
+        }
+        self.lease.check()
+        writer.write_json(storage.join(self.output, writer.SUCCESS_FILE), success, self.options)
+        return success
+
+    def provenance(self, records: list[writer.CommitRecord]) -> dict:
+        if self.actor_description:
+            return {key: redaction.redact(value) for key, value in self.actor_description["provenance"].items()}
+        if not records or not records[0].files:  # a finished job rerun: read it back from a data file
+            return {}
+        return writer.read_file_metadata(self.output, records[0].files[0], self.options)
+
+
+def forwarded_environment() -> dict:
+    """FEATURIZE_* variables (settings and test hooks) reach actors on every node."""
+    variables = {key: value for key, value in os.environ.items() if key.startswith("FEATURIZE_")}
+    return {"env_vars": variables} if variables else {}
+
+
+def with_attempt(task: ShardTask, attempt: int) -> ShardTask:
+    return ShardTask(task.shard, task.start, task.stop, task.uris, task.labels, attempt)
+
+
+def run_extract(config: ExtractConfig, reporter: ProgressReporter | None = None, verbose: bool = False) -> dict:
+    """Run (or resume) an extract job; returns the `_SUCCESS` document."""
+    reporter = reporter or ProgressReporter(sys.stderr.isatty())
+    try:
+        return Driver(config, reporter).run(verbose)
+    finally:
+        reporter.stop()

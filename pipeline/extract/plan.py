@@ -1,0 +1,148 @@
+"""The plan: a frozen manifest, deterministic shards, and a fingerprint of everything that changes features.
+
+The first run lists the input and freezes it into the output (`_manifest.parquet`, `_plan.json`); every
+later run in `resume` mode reuses that manifest without listing again, so shard i always means the same
+images. A run whose fingerprint differs from the frozen one is refused with the keys that differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io import faults, redaction, storage
+from pipeline.output import writer
+from pipeline.config import ConfigError, ExtractConfig, is_saved_model_path, is_weights_file
+from pipeline.output.lease import LEASE_FILE
+from pipeline.extract.listing import list_images
+
+
+@dataclass(frozen=True)
+class Plan:
+    fingerprint: str
+    fingerprint_inputs: dict
+    num_images: int
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_bounds(self, shard_index: int) -> tuple[int, int]:
+        start = shard_index * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+
+def model_files(config: ExtractConfig) -> list[tuple[str, str]]:
+    """(config key, URI) of every file the model is built from."""
+    model = config.model
+    candidates = (("model.backbone", model.backbone, is_saved_model_path(model.backbone)),
+                  ("model.weights", model.weights, is_weights_file(model.weights)),
+                  ("model.class_names", model.class_names, model.class_names is not None))
+    return [(key, uri) for key, uri, is_file in candidates if is_file]
+
+
+def check_model_files(config: ExtractConfig) -> None:
+    """Every model file exists and is readable, checked on the driver before Ray starts, so a typo costs a
+    second and names its key instead of surfacing from an actor after start-up."""
+    options = config.input.storage_options
+    for key, uri in model_files(config):
+        try:
+            found = storage.exists(uri, options)
+        except Exception as error:  # noqa: BLE001 - storage failures get a clear message, the rest goes on up
+            if not faults.is_storage_failure(error):
+                raise
+            raise faults.access_error(key, uri, "read", error) from None
+        if not found:
+            raise ConfigError(f"{key}: {redaction.redact(uri)} does not exist; check the path (for a cloud URI also "
+                              "input.storage_options, which model files are read with)")
+
+
+def fingerprint_inputs(config: ExtractConfig) -> dict:
+    """Everything that changes the rows: model identity (checksums of files), cut, input, dtype, inputs."""
+    model = config.model
+    options = config.input.storage_options
+    checksums = {key: storage.sha256_of_uri(uri, options) for key, uri in model_files(config)}
+    return {
+        "backbone": redaction.redact(model.backbone),
+        "backbone_sha256": checksums.get("model.backbone"),
+        "weights": redaction.redact(model.weights),
+        "weights_sha256": checksums.get("model.weights"),
+        "layer": model.layer,
+        "pooling": model.pooling,
+        "input_size": model.input_size,
+        "preprocess": model.preprocess,
+        "resize": model.resize,
+        "draft_margin": model.draft_margin,
+        "top_k": model.top_k,
+        "class_names": redaction.redact(model.class_names),
+        "class_names_sha256": checksums.get("model.class_names"),  # the names land in top_k_labels
+        "mixed_precision": model.mixed_precision,
+        "feature_dtype": config.output.feature_dtype,
+        "input_uri": [redaction.redact(uri) for uri in config.input.uri],  # _plan.json holds no signature
+        "labels": config.input.labels,
+        "extensions": list(config.input.extensions),
+        "shard_size": config.run.shard_size,
+    }
+
+
+def digest(document: dict) -> str:
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(config: ExtractConfig) -> tuple[Plan, pa.Table]:
+    """Honour output.mode, then return the plan and the frozen manifest (listing the input only once)."""
+    output, options = config.output.uri, config.output.storage_options
+    plan_uri = storage.join(output, writer.PLAN_FILE)
+    check_model_files(config)
+    storage.check_writable(output, options)  # a missing bucket or bad credentials stop here, not after listing
+    inputs = fingerprint_inputs(config)
+    exists = storage.exists(plan_uri, options)
+    if exists and config.output.mode == "error":
+        raise ConfigError(f"output.uri: {redaction.redact(output)} already holds a featurize output and output.mode "
+                          "is 'error'; use output.mode: resume to finish it or overwrite to start again")
+    if exists and config.output.mode == "overwrite":
+        for name in storage.list_names(output, options):  # everything but the lease this run holds
+            if name != LEASE_FILE:
+                storage.remove(storage.join(output, name), options, recursive=True)
+        exists = False
+    if exists:
+        return resume_plan(output, options, inputs)
+    return new_plan(config, inputs)
+
+
+def resume_plan(output: str, options: dict, inputs: dict) -> tuple[Plan, pa.Table]:
+    frozen = writer.read_json(storage.join(output, writer.PLAN_FILE), options)
+    recorded = frozen["fingerprint_inputs"]
+    # A key the frozen plan lacks was added by a later featurize: the older run did not record it.
+    differences = [f"{key}: {recorded[key]!r} -> {value!r}"
+                   for key, value in inputs.items() if key in recorded and recorded[key] != value]
+    if differences:
+        raise ConfigError(f"output.uri: {redaction.redact(output)} was written with a different configuration, so "
+                          f"resuming would mix features. Differences: {'; '.join(differences)}. Use output.mode: "
+                          "overwrite or another output.uri.")
+    manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, writer.MANIFEST_FILE), options)))
+    return Plan(**{key: frozen[key] for key in ("fingerprint", "fingerprint_inputs", "num_images", "shard_size")}), manifest
+
+
+def new_plan(config: ExtractConfig, inputs: dict) -> tuple[Plan, pa.Table]:
+    output, options = config.output.uri, config.output.storage_options
+    manifest = list_images(config.input)
+    plan = Plan(fingerprint=digest(inputs), fingerprint_inputs=inputs, num_images=manifest.num_rows,
+                shard_size=config.run.shard_size)
+    storage.make_dirs(output, options)
+    buffer = io.BytesIO()
+    pq.write_table(manifest, buffer)
+    storage.write_bytes(storage.join(output, writer.MANIFEST_FILE), buffer.getvalue(), options)
+    # The plan file is written last: its presence means the manifest is complete.
+    writer.write_json(storage.join(output, writer.PLAN_FILE), asdict(plan), options)
+    return plan, manifest
+
+
+def pending_shards(plan: Plan, commits: dict) -> list[int]:
+    return [index for index in range(plan.num_shards) if index not in commits]

@@ -1,0 +1,191 @@
+"""process_shard: one piece of the manifest -> one Parquet data file, with per-stage timings. No Ray.
+
+Fetch and decode run in a thread pool a bounded window ahead of the forward pass, so the model does not
+wait on I/O; Pillow and the storage clients release the GIL for the heavy parts. Every input yields
+exactly one row: bytes that cannot be fetched or decoded become error rows with the reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.io import faults, storage
+from pipeline.output import writer
+from pipeline.config import ModelConfig, OutputConfig
+from pipeline.extract.decode import DecodedImage, decode_image
+
+# Test hooks: a worker that meets a uri containing the crash marker dies on the spot, as a native crash would;
+# one containing the bug marker raises, as a bug in featurize's own code would; a delay per shard keeps a run
+# going long enough to be interrupted.
+CRASH_MARKER_VARIABLE = "FEATURIZE_TEST_CRASH_MARKER"
+BUG_MARKER_VARIABLE = "FEATURIZE_TEST_BUG_MARKER"
+SLOW_SECONDS_VARIABLE = "FEATURIZE_TEST_SLOW_SECONDS"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """A contiguous piece [start, stop) of the manifest; a whole shard unless it was bisected."""
+
+    shard: int
+    start: int
+    stop: int
+    uris: list[str]
+    labels: list[str | None]
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What a worker needs of the job's config; defaults are the config's own (one place to change them)."""
+
+    output_uri: str
+    output_storage_options: dict
+    input_storage_options: dict
+    resize: str = ModelConfig.resize
+    draft_margin: int = ModelConfig.draft_margin
+    feature_dtype: str = OutputConfig.feature_dtype
+    row_group_size: int = OutputConfig.row_group_size
+    decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
+    run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    start: int
+    stop: int
+    file: str
+    rows: int
+    ok: int
+    error: int
+    timings: dict = field(default_factory=dict)
+    errors_by_reason: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Item:
+    uri: str
+    label: str | None
+    image: DecodedImage
+    fetch_seconds: float
+    decode_seconds: float
+
+
+def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], settings: ShardSettings) -> Item:
+    started = time.perf_counter()
+    crash_marker = os.environ.get(CRASH_MARKER_VARIABLE)
+    if crash_marker and crash_marker in uri:
+        os._exit(77)
+    try:
+        data = storage.read_bytes(uri, settings.input_storage_options)
+    except Exception as error:  # noqa: BLE001 - classified just below
+        if not is_fetch_failure(error):
+            raise  # a bug in featurize, not a property of this image: loud, the shard is retried
+        reason = f"fetch failed: {faults.describe_error(error)}"  # "not found", "access denied", ...; redacted
+        return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
+    fetched = time.perf_counter()
+    bug_marker = os.environ.get(BUG_MARKER_VARIABLE)
+    if bug_marker and bug_marker in uri:
+        raise AssertionError(f"test hook: a bug in featurize's own code while decoding {uri}")
+    image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
+    return Item(uri, label, image, fetched - started, time.perf_counter() - fetched)
+
+
+def is_fetch_failure(error: Exception) -> bool:
+    """What the store or the URI itself caused (missing, denied, unreachable, not a regular file, an unknown
+    protocol or a malformed URL in a manifest): that image's error row. Anything else is a bug."""
+    return isinstance(error, (OSError, ValueError)) or faults.is_storage_failure(error)
+
+
+def decoded_items(task: ShardTask, target_size: tuple[int, int], settings: ShardSettings,
+                  executor: ThreadPoolExecutor, window: int) -> Iterator[Item]:
+    """Items in manifest order, decoded at most `window` ahead of the consumer (bounded memory)."""
+    pending: collections.deque[Future] = collections.deque()
+    entries = iter(zip(task.uris, task.labels))
+    for uri, label in entries:
+        pending.append(executor.submit(fetch_and_decode, uri, label, target_size, settings))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
+    """Groups of items holding at most `batch_size` decodable images (error items ride along)."""
+    group: list[Item] = []
+    num_images = 0
+    for item in items:
+        group.append(item)
+        num_images += item.image.error is None
+        if num_images == batch_size:
+            yield group
+            group, num_images = [], 0
+    if group:
+        yield group
+
+
+def process_shard(task: ShardTask, extractor, settings: ShardSettings, batch_size: int) -> ShardResult:
+    """Fetch, decode, embed and write one piece; returns where its rows are and what it cost."""
+    timings = collections.Counter()
+    rows = writer.ShardRows()
+    class_names = extractor.class_names
+    with ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as executor:
+        waited = time.perf_counter()
+        for group in batches(decoded_items(task, extractor.input_size, settings, executor, 2 * batch_size),
+                             batch_size):
+            timings["wait"] += time.perf_counter() - waited
+            timings["fetch"] += sum(item.fetch_seconds for item in group)
+            timings["decode"] += sum(item.decode_seconds for item in group)
+            started = time.perf_counter()
+            add_rows(rows, group, extractor, class_names)
+            timings["forward"] += time.perf_counter() - started
+            waited = time.perf_counter()
+    time.sleep(float(os.environ.get(SLOW_SECONDS_VARIABLE, "0")))
+    started = time.perf_counter()
+    relative_path = writer.new_data_file_name(task.shard, settings.run_tag)
+    schema = writer.row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)
+    writer.write_data_file(settings.output_uri, relative_path, rows.to_table(schema), settings.row_group_size,
+                           settings.output_storage_options)
+    timings["write"] += time.perf_counter() - started
+    reasons = collections.Counter(reason_category(error) for error in rows.error if error is not None)
+    num_errors = sum(reasons.values())
+    return ShardResult(task.shard, task.start, task.stop, relative_path, len(rows), len(rows) - num_errors,
+                       num_errors, dict(timings), dict(reasons))
+
+
+def add_rows(rows: writer.ShardRows, group: list[Item], extractor, class_names: list[str] | None) -> None:
+    images = [item.image.pixels for item in group if item.image.error is None]
+    output = extractor(np.stack(images)) if images else None
+    position = 0
+    for item in group:
+        image = item.image
+        if image.error is not None:
+            rows.add_error(item.uri, item.label, image.error, image.width, image.height)
+            continue
+        indices = output.top_k_indices[position]
+        labels = [class_names[index] if class_names else str(index) for index in indices]
+        rows.add_ok(item.uri, item.label, image.width, image.height, output.features[position], labels,
+                    output.top_k_scores[position].tolist())
+        position += 1
+
+
+def reason_category(error: str) -> str:
+    """The stable part of a reason for grouping: what comes before the first ':' or ' (' (the details)
+    ("truncated image: ..." -> "truncated image", "format EPS not allowed (allowed: ...)" ->
+    "format EPS not allowed", "empty file (0 bytes)" -> "empty file")."""
+    return error.split(":", 1)[0].split(" (", 1)[0].strip()
+
+
+def quarantine_rows(task: ShardTask, attempts: int) -> writer.ShardRows:
+    """Error rows for images that killed their worker every time they were tried."""
+    rows = writer.ShardRows()
+    for uri, label in zip(task.uris, task.labels):
+        rows.add_error(uri, label, f"quarantined: the worker process crashed on this image {attempts} times")
+    return rows

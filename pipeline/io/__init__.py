@@ -1,0 +1,1 @@
+"""The fsspec edge: filesystem access, fault classification and retries, redaction of secrets."""

@@ -1,0 +1,1 @@
+"""Networks: the zoo, loading and safety, graph surgery, runtimes, and the extractor that assembles them."""

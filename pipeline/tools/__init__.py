@@ -1,0 +1,1 @@
+"""Product commands built on the stages: compare, bench, demo, inspect reports."""

@@ -1,0 +1,1 @@
+"""The train stage: features and labels, classifiers, fitting, metrics, predict."""

@@ -1,0 +1,69 @@
+"""The benchmark's measuring pieces (not timings: those are figures, never assertions)."""
+
+import pytest
+
+from pipeline.tools.bench import CpuMonitor, cpu_ceiling, plan_memory, read_cpu_counters
+
+
+@pytest.mark.slow
+def test_planning_a_million_entry_manifest_stays_within_one_gib():
+    memory = plan_memory(1_000_000)
+    assert memory["entries"] == 1_000_000
+    assert memory["peak_rss_bytes"] < 2**30, f"peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_bench_runs_end_to_end_and_writes_what_it_prints(tmp_path, ray_local):
+    """The harness itself, on a tiny setting: every figure present and consistent (values are not asserted)."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from pipeline.tools.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(backbone="mobilenetv2", input_size=32, batch_size=4, num_images=16, bare_images=8,
+                             loop_images=2, source_size=(64, 48), camera_images=0, manifest_entries=0)
+    printed = io.StringIO()
+    result = run_bench(settings, tmp_path, Console(file=printed, width=120))
+
+    assert result["runtime"] == result["pipeline"]["runtime"] == "litert"  # auto on a CPU: the same runtime
+    assert result["pipeline"]["rows"] == {"total": 16, "ok": 16, "error": 0}
+    assert len(result["bare_model_passes"]) == 4
+    assert result["bare_model_images_per_second"] == max(result["bare_model_passes"])
+    assert result["pipeline_over_bare"] == pytest.approx(
+        result["pipeline"]["images_per_second"] / result["bare_model_images_per_second"])
+    assert result["pipeline_over_keras_loop"] == pytest.approx(
+        result["pipeline"]["images_per_second"] / result["keras_loop_images_per_second"])
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert "(runtime litert)" in printed.getvalue() and "b / c" in printed.getvalue()
+    assert result["cpu_ceiling_over_bare"] == pytest.approx(cpu_ceiling(
+        result["bare_model_images_per_second"], result["decode_images_per_second_per_core"], result["cpu_count"]))
+    cpu = result["pipeline"]["cpu"]
+    assert 0 < cpu["busy_cores"] <= result["cpu_count"] + 0.1 and 0 <= cpu["steal_share"] < 1
+    assert "cores busy during (b)" in printed.getvalue() and "ceiling" in printed.getvalue()
+
+
+def test_cpu_ceiling_is_the_pipeline_rate_when_decode_and_model_share_the_cores():
+    # 2 cores, bare model 100 images/s (0.02 core-seconds an image), decode 50 images/s a core (0.02):
+    # 2 cores / 0.04 core-seconds = 50 images/s, half the bare model.
+    assert cpu_ceiling(bare=100.0, decode_rate=50.0, cores=2) == pytest.approx(0.5)
+    assert cpu_ceiling(bare=100.0, decode_rate=1e12, cores=2) == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(read_cpu_counters() is None, reason="/proc/stat is Linux only")
+def test_cpu_monitor_sees_a_busy_core():
+    import time
+
+    with CpuMonitor(interval_seconds=0.05) as monitor:
+        started = time.time()
+        while time.time() - started < 1.0:  # one thread spinning: about one core busy
+            pass
+        stopped = time.time()
+        time.sleep(0.1)
+    cpu = monitor.between(started, stopped)
+    assert 0.5 <= cpu["busy_cores"] and cpu["seconds"] == pytest.approx(1.0, abs=0.2)
+    assert 0 <= cpu["steal_share"] < 1
+    assert CpuMonitor().between(0, 1) is None  # never started: nothing to say
