@@ -15,8 +15,8 @@ import traceback
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import ConfigError, ExtractConfig, TrainConfig, load_config
-from pipeline.io.faults import StorageError
+from pipeline.config import ExtractConfig, TrainConfig, load_config
+from pipeline.errors import USER_ERRORS
 
 console = Console(stderr=False)  # results; progress, logs and errors go to stderr
 error_console = Console(stderr=True)
@@ -24,7 +24,6 @@ error_console = Console(stderr=True)
 EXIT_ERROR_RATE = 1
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 3
-USER_ERRORS = (ConfigError, StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +173,7 @@ def command_compare(arguments) -> int:
 
 
 def command_predict(arguments) -> int:
-    from pipeline.train.fit import predict
+    from pipeline.train.predict import predict
 
     success = predict(arguments.model, arguments.features, arguments.output)
     console.print(f"{success['rows']['total']} predictions written to {arguments.output}")
@@ -208,9 +207,9 @@ def command_inspect(arguments) -> int:
 
 
 def command_lease_break(arguments) -> int:
-    from pipeline.output import lease
-    from pipeline.io import faults, redaction
     from pipeline.config import read_yaml
+    from pipeline.io import faults, redaction
+    from pipeline.output import lease
 
     options = {}
     if arguments.config:

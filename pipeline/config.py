@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range; the message says how to fix it."""
+from pipeline.errors import ConfigError
 
 
 def choice(default: Any, allowed: tuple) -> Any:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models.zoo import BACKBONES
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, load_config
+from pipeline.models.zoo import BACKBONES
 from tests.conftest import write_labelled_images
 
 ROOT = Path(__file__).resolve().parent.parent

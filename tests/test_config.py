@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, ExtractConfig, TrainConfig, load_config
+from pipeline.config import ExtractConfig, TrainConfig, load_config
+from pipeline.errors import ConfigError
 
 
 def write(tmp_path, text):

@@ -25,19 +25,24 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from pipeline.output import lease
-from pipeline.io import faults, redaction, storage
-from pipeline.output import writer
-from pipeline.config import ConfigError, ExtractConfig, ModelConfig
+from pipeline.config import ExtractConfig, ModelConfig
+from pipeline.errors import USER_ERRORS, ConfigError
 from pipeline.extract.plan import Plan, pending_shards, prepare
 from pipeline.extract.progress import ProgressReporter
-from pipeline.extract.worker import (ShardResult, ShardSettings, ShardTask, process_shard, quarantine_rows,
-                             reason_category)
+from pipeline.extract.worker import (
+    ShardResult,
+    ShardSettings,
+    ShardTask,
+    process_shard,
+    quarantine_rows,
+    reason_category,
+)
+from pipeline.io import redaction, storage
+from pipeline.output import lease, writer
 
 log = logging.getLogger("featurize")
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
-USER_ERRORS = (ConfigError, faults.StorageError)  # exit 2: the message says what to fix
 MAX_FAILED_STARTS_PER_ACTOR = 3
 
 

@@ -28,8 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from pipeline.config import InputConfig
+from pipeline.errors import ConfigError
 from pipeline.io import faults, redaction, storage
-from pipeline.config import ConfigError, InputConfig
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".txt")
 LISTING_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("label", pa.string())])

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import ExtractConfig, is_saved_model_path, is_weights_file
+from pipeline.errors import ConfigError
+from pipeline.extract.listing import list_images
 from pipeline.io import faults, redaction, storage
 from pipeline.output import writer
-from pipeline.config import ConfigError, ExtractConfig, is_saved_model_path, is_weights_file
 from pipeline.output.lease import LEASE_FILE
-from pipeline.extract.listing import list_images
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.io import faults, storage
-from pipeline.output import writer
 from pipeline.config import ModelConfig, OutputConfig
 from pipeline.extract.decode import DecodedImage, decode_image
+from pipeline.io import faults, storage
+from pipeline.output import writer
 
 # Test hooks: a worker that meets a uri containing the crash marker dies on the spot, as a native crash would;
 # one containing the bug marker raises, as a bug in featurize's own code would; a delay per shard keeps a run

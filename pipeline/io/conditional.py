@@ -11,7 +11,14 @@ from typing import Any
 import fsspec
 
 from pipeline.io.faults import error_chain, error_code, http_status, with_retries
-from pipeline.io.storage import filesystem, forget_cached_listing, protocol_family, protocol_of, remove, write_local_atomically
+from pipeline.io.storage import (
+    filesystem,
+    forget_cached_listing,
+    protocol_family,
+    protocol_of,
+    remove,
+    write_local_atomically,
+)
 
 log = logging.getLogger("featurize.storage")
 

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-
 from pipeline.io.redaction import redact
 
 T = TypeVar("T")

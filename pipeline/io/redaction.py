@@ -10,8 +10,6 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-
-
 log = logging.getLogger("featurize.storage")
 
 

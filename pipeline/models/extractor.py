@@ -52,10 +52,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.models import litert
+from pipeline.config import ModelConfig, is_saved_model_path
+from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
+from pipeline.models import litert
 from pipeline.models.zoo import PREPROCESS_MODES, Backbone, get_backbone
-from pipeline.config import ConfigError, ModelConfig, is_saved_model_path
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 PREPROCESS_MODES = ("caffe", "torch", "tf", "none")
 # caffe: RGB->BGR, minus ImageNet channel means (VGG, ResNet v1)

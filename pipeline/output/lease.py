@@ -38,8 +38,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
+from pipeline.errors import ConfigError
 from pipeline.io import conditional, faults, redaction, storage
-from pipeline.config import ConfigError
 
 log = logging.getLogger("featurize")
 

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
-from pipeline.config import ConfigError
 
 DATA_DIR = "data"
 COMMITS_DIR = "_commits"

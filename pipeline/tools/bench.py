@@ -181,8 +181,8 @@ def cpu_ceiling(bare: float, decode_rate: float, cores: int) -> float:
 
 def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output: Path) -> dict:
     """(b) listing -> committed Parquet on a local Ray with one actor; steady state between commits."""
-    from pipeline.output import writer
     from pipeline.extract.driver import run_extract
+    from pipeline.output import writer
 
     config = load_config(ExtractConfig, None, [
         f"input.uri={image_dir}", f"model.backbone={settings.backbone}", f"model.weights={weights}",

@@ -51,11 +51,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import (
+    ClassifierConfig,
+    ExtractConfig,
+    FeaturesConfig,
+    InputConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+    SplitConfig,
+    TrainConfig,
+    TrainOutputConfig,
+    apply_override,
+    build,
+    read_yaml,
+    to_dict,
+)
+from pipeline.errors import ConfigError
 from pipeline.io import storage
 from pipeline.output import writer
-from pipeline.config import (ClassifierConfig, ConfigError, ExtractConfig, FeaturesConfig, InputConfig, ModelConfig,
-                             OutputConfig, RunConfig, SplitConfig, TrainConfig, TrainOutputConfig, apply_override,
-                             build, read_yaml, to_dict)
 
 COMPARE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
@@ -246,8 +260,8 @@ def random_init_model(candidate: CandidateConfig, storage_options: dict | None =
     """The candidate's architecture with freshly initialised weights, seeded by `candidate.seed`."""
     import keras
 
-    from pipeline.models.zoo import get_backbone
     from pipeline.models.extractor import is_saved_model
+    from pipeline.models.zoo import get_backbone
 
     if is_saved_model(candidate.backbone):
         with storage.local_copy(candidate.backbone, storage_options) as path:
@@ -267,8 +281,8 @@ def random_init_model(candidate: CandidateConfig, storage_options: dict | None =
 
 def baseline_model_config(candidate: CandidateConfig, model_uri: str) -> ModelConfig:
     """How the saved baseline is extracted: as a saved model, with the candidate's own preprocessing."""
-    from pipeline.models.zoo import get_backbone
     from pipeline.models.extractor import is_saved_model
+    from pipeline.models.zoo import get_backbone
 
     preprocess = candidate.preprocess
     if preprocess == "auto" and not is_saved_model(candidate.backbone):

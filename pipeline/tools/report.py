@@ -7,10 +7,9 @@ import collections
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.output import lease
+from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
-from pipeline.output import writer
-from pipeline.config import ConfigError
+from pipeline.output import lease, writer
 
 
 def print_extract_summary(success: dict, console: Console) -> None:

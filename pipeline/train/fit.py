@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import math
 import os
 import tempfile
@@ -58,10 +57,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline.output import lease
+from pipeline import charts
+from pipeline.config import ClassifierConfig, FeaturesConfig, SplitConfig, TrainConfig, to_dict
+from pipeline.errors import ConfigError
 from pipeline.io import faults, redaction, storage
-from pipeline.output import writer
-from pipeline.config import ClassifierConfig, ConfigError, FeaturesConfig, SplitConfig, TrainConfig, to_dict
+from pipeline.output import lease, writer
 
 # The provenance keys that must agree between features and a classifier (and among concatenated outputs).
 PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "input_size", "preprocess")
@@ -78,17 +78,6 @@ TRAIN, VALIDATION, TEST = 0, 1, 2  # row bands
 HASH_BUCKETS = 1000
 LOGISTIC_MAX_ITER = 5000
 STREAMING_LOSS_TOLERANCE = 1e-4  # smaller validation-loss gains count as no improvement
-PREDICTION_ROW_GROUP_SIZE = 4096
-
-PREDICTION_SCHEMA = pa.schema([
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("label", pa.string()),  # the label the features carried (null when unlabelled)
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error", pa.string()),
-    pa.field("predicted_label", pa.string()),
-    pa.field("predicted_score", pa.float32()),
-    pa.field("scores", pa.list_(pa.float32())),  # one per class, in the classifier's class order
-])
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -829,12 +818,6 @@ def classification_metrics(true: np.ndarray, predicted: np.ndarray, classes: lis
     }
 
 
-def figure_png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
 def confusion_matrix_png(matrix: list[list[int]], classes: list[str]) -> bytes:
     from matplotlib.figure import Figure  # Figure without pyplot renders with Agg: no GUI, no global state
 
@@ -856,7 +839,7 @@ def confusion_matrix_png(matrix: list[list[int]], classes: list[str]) -> bytes:
     axes.set_ylabel("true")
     axes.set_title("Confusion matrix (test split)")
     figure.tight_layout()
-    return figure_png(figure)
+    return charts.figure_png(figure)
 
 
 def per_class_f1_png(per_class: dict) -> bytes:
@@ -872,7 +855,7 @@ def per_class_f1_png(per_class: dict) -> bytes:
     axes.set_xlabel("F1 (test split)")
     axes.set_title("Per-class F1")
     figure.tight_layout()
-    return figure_png(figure)
+    return charts.figure_png(figure)
 
 
 def print_summary(metrics: dict, console) -> None:
@@ -897,125 +880,3 @@ def print_summary(metrics: dict, console) -> None:
         per_class.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}", f"{values['f1']:.3f}",
                           str(values["support"]))
     console.print(per_class)
-
-
-# ------------------------------------------------------------------------------------------------ predict
-
-
-def predict(model_uri: str, features_uri: str, output_uri: str, storage_options: dict | None = None,
-            batch_rows: int = 65536) -> dict:
-    """Apply a trained classifier to a finished extract output; returns the `_SUCCESS` document it writes.
-
-    One shard per input data file, written with the extract commit protocol, so a rerun resumes: committed
-    shards are kept, and an output made by another classifier or from other features is refused.
-    """
-    started = time.perf_counter()
-    document, model, weights_sha256 = load_classifier(model_uri, storage_options)
-    success = writer.read_success(features_uri, storage_options, key="--features")
-    provenance = dict(success.get("provenance", {}))
-    differences = provenance_differences(document["provenance"], provenance, "classifier", "features")
-    if differences:
-        raise ConfigError(f"features at {features_uri} were extracted differently from the features classifier "
-                         f"{model_uri} was trained on: {'; '.join(differences)}. Extract features with the "
-                         "classifier's settings, or train a classifier on these features")
-    fingerprint = hashlib.sha256(json.dumps({
-        "classifier": document, "weights_sha256": weights_sha256, "features_uri": features_uri,
-        "features_fingerprint": success.get("fingerprint"), "features_files": success["files"],
-    }, sort_keys=True).encode()).hexdigest()
-    # One writer per output: the lease is taken before the output is read or written (pipeline/output/lease.py).
-    with lease.held(output_uri, storage_options, "predict", key="--output") as output_lease:
-        plan_uri = storage.join(output_uri, writer.PLAN_FILE)
-        if storage.exists(plan_uri, storage_options):
-            planned = writer.read_json(plan_uri, storage_options).get("fingerprint")
-            if planned != fingerprint:
-                raise ConfigError(f"{output_uri} holds predictions of another classifier or other features "
-                                 f"(fingerprint {planned} vs {fingerprint}); write to another output or remove it")
-        else:
-            writer.write_json(plan_uri, {"fingerprint": fingerprint, "model_uri": model_uri,
-                                         "features_uri": features_uri, "files": success["files"]}, storage_options)
-        commits = writer.read_commits(output_uri, storage_options)
-        output_lease.check()
-        writer.remove_orphans(output_uri, commits, storage_options, written_before=output_lease.started_on_store,
-                              run_tag=output_lease.tag)
-        classes = document["classes"]
-        schema = PREDICTION_SCHEMA.with_metadata({"model_uri": model_uri, "features_uri": features_uri,
-                                                  "kind": document["kind"], "classes": json.dumps(classes),
-                                                  "fingerprint": fingerprint})
-        first_commit = None
-        num_run = 0
-        for shard, path in enumerate(success["files"]):
-            if shard in commits:
-                continue
-            shard_started = time.perf_counter()
-            table = predict_file(storage.join(features_uri, path), model, classes, document["feature_dim"], schema,
-                                 storage_options, batch_rows)
-            predicted = time.perf_counter()
-            data_path = writer.new_data_file_name(shard, output_lease.tag)
-            writer.write_data_file(output_uri, data_path, table, PREDICTION_ROW_GROUP_SIZE, storage_options)
-            num_ok = int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
-            record = writer.CommitRecord(shard=shard, files=[data_path], rows=table.num_rows, ok=num_ok,
-                                         error=table.num_rows - num_ok,
-                                         timings={"predict": round(predicted - shard_started, 4),
-                                                  "write": round(time.perf_counter() - predicted, 4)})
-            output_lease.check()  # fencing: a run that lost the output's lease commits nothing
-            writer.write_commit(output_uri, record, storage_options)
-            commits[shard] = record
-            num_run += 1
-            first_commit = first_commit or time.perf_counter()
-        records = [commits[shard] for shard in sorted(commits)]
-        finished = time.perf_counter()
-        summary = {
-            "files": [path for record in records for path in record.files],
-            "rows": {"total": sum(record.rows for record in records), "ok": sum(record.ok for record in records),
-                     "error": sum(record.error for record in records)},
-            "shards": {"total": len(success["files"]), "run": num_run},
-            "fingerprint": fingerprint,
-            "seconds": {"total": round(finished - started, 3),
-                        "startup": round((first_commit or finished) - started, 3)},
-            "classes": classes,
-            "kind": document["kind"],
-            "model_uri": model_uri,
-            "features_uri": features_uri,
-            "provenance": provenance,
-        }
-        output_lease.check()
-        writer.write_json(storage.join(output_uri, writer.SUCCESS_FILE), summary, storage_options)
-        return summary
-
-
-def predict_file(file_uri: str, model: LinearModel | MlpModel, classes: list[str], feature_dim: int,
-                 schema: pa.Schema, storage_options: dict | None, batch_rows: int) -> pa.Table:
-    """Prediction rows for every row of one features file, read `batch_rows` at a time."""
-    tables = []
-    with parquet_file(file_uri, storage_options) as parquet:
-        dim = parquet.schema_arrow.field("features").type.list_size
-        if dim != feature_dim:
-            raise ConfigError(f"{file_uri} holds {dim}-dim features; the classifier expects {feature_dim}")
-        columns = [name for name in ("uri", "label", "status", "error", "features")
-                   if name in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
-            tables.append(prediction_rows(pa.Table.from_batches([batch]), model, classes, feature_dim, schema))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def prediction_rows(table: pa.Table, model, classes: list[str], feature_dim: int, schema: pa.Schema) -> pa.Table:
-    ok = np.asarray(pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False), dtype=bool)
-    scores = np.zeros((table.num_rows, len(classes)), dtype=np.float32)
-    if ok.any():
-        scores[ok] = model.predict_proba(features_matrix(table["features"].filter(pa.array(ok)), feature_dim))
-    best = scores.argmax(axis=1)
-    missing = pa.array(~ok)
-    offsets = pa.array(np.arange(table.num_rows + 1, dtype=np.int32) * len(classes))
-    score_lists = pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), type=pa.float32()), mask=missing)
-    label = table["label"] if "label" in table.column_names else pa.nulls(table.num_rows, pa.string())
-    columns = {
-        "uri": table["uri"],
-        "label": label,
-        "status": table["status"],
-        "error": table["error"],
-        "predicted_label": pa.array(np.asarray(classes, dtype=object)[best], type=pa.string(), mask=~ok),
-        "predicted_score": pa.array(scores[np.arange(table.num_rows), best], type=pa.float32(), mask=~ok),
-        "scores": score_lists,
-    }
-    return pa.Table.from_arrays([pc.cast(columns[name], schema.field(name).type) for name in schema.names],
-                                schema=schema)

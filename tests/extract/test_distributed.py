@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.output import writer
 from pipeline.cli import main
+from pipeline.output import writer
 from tests.conftest import write_labelled_images
 
 pytestmark = pytest.mark.ray

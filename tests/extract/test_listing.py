@@ -2,7 +2,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, InputConfig
+from pipeline.config import InputConfig
+from pipeline.errors import ConfigError
 from pipeline.extract.listing import list_images
 from tests.conftest import write_labelled_images
 

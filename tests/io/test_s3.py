@@ -31,12 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io import faults, storage
-from pipeline.output import writer
 from pipeline.cli import main
 from pipeline.config import InputConfig
 from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
+from pipeline.io import faults, storage
+from pipeline.output import writer
 from tests.conftest import write_labelled_images
 
 pytestmark = pytest.mark.s3

@@ -7,10 +7,10 @@ import http.client
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 from botocore.exceptions import ClientError, NoCredentialsError
+from multidict import CIMultiDict, CIMultiDictProxy
 from s3fs.errors import translate_boto_error
+from yarl import URL
 
 from pipeline.io import faults, redaction, storage
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.models.zoo import BACKBONES, PREPROCESS_MODES, get_backbone, model_table
 from pipeline.config import ModelConfig
+from pipeline.models.zoo import BACKBONES, PREPROCESS_MODES, get_backbone, model_table
 
 # Every keras.applications image classifier, in the Keras docs table's order (MobileNetV3 after V2).
 KERAS_APPLICATIONS = [
@@ -188,7 +188,7 @@ def test_every_zoo_row_has_size_parameters_and_feature_dim():
 
 
 def test_unknown_backbone_is_a_config_error():
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown backbone 'resnet51'"):
         get_backbone("resnet51")

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.io import storage
 from pipeline.config import ModelConfig
+from pipeline.io import storage
+
 
 @pytest.fixture(autouse=True)
 def free_keras_memory():
@@ -455,7 +456,7 @@ USER_FIXABLE = {  # problem: (config for the problem, built in tmp_path; the mes
 @pytest.mark.parametrize("problem", list(USER_FIXABLE))
 def test_user_fixable_model_problems_are_config_errors(problem, tmp_path):
     """The driver exits 2 with the message for these, and prints a traceback for anything else."""
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
     from pipeline.models.extractor import FeatureExtractor
 
     make_config, message = USER_FIXABLE[problem]

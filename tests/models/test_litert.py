@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import ExtractConfig, ModelConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.models import litert
-from pipeline.config import ConfigError, ExtractConfig, ModelConfig, load_config
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -12,9 +12,9 @@ import numpy as np
 import PIL
 import pytest
 
+from pipeline.config import ModelConfig
 from pipeline.io import storage
 from pipeline.output import writer
-from pipeline.config import ModelConfig
 
 
 @pytest.fixture(autouse=True)

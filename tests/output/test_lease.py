@@ -16,15 +16,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import lease
-from pipeline.io import storage
-from pipeline.output import writer
 from pipeline.cli import main
+from pipeline.io import storage
+from pipeline.output import lease, writer
 from pipeline.output.lease import LeaseHeld, LeaseLost, LeaseRecord
 from tests.conftest import write_labelled_images
 from tests.extract.test_distributed import featurize_process, wait_for_commits_beyond
-from tests.tools.test_report import unfinished_output
 from tests.io.test_s3 import aws_environment, bucket, moto_endpoint, s3  # noqa: F401 - fixtures
+from tests.tools.test_report import unfinished_output
 from tests.train.test_train import digits, extract_output, logistic_run, train_config  # noqa: F401 - fixtures
 
 
@@ -213,6 +212,7 @@ def test_inspect_says_who_writes_the_output(tmp_path, capsys):
 
 def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output, logistic_run):
     from pipeline.train import fit as train
+    from pipeline.train import predict
 
     model_output = str(tmp_path / "model")
     with lease.held(model_output, stage="train"), pytest.raises(LeaseHeld, match=r"\(train\) on host"):
@@ -221,8 +221,8 @@ def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output,
 
     output = str(tmp_path / "predictions")
     with lease.held(output, stage="extract"), pytest.raises(LeaseHeld, match="--output: .* is being written"):
-        train.predict(logistic_run[0], extract_output, output)
-    success = train.predict(logistic_run[0], extract_output, output)
+        predict.predict(logistic_run[0], extract_output, output)
+    success = predict.predict(logistic_run[0], extract_output, output)
     assert not (tmp_path / "predictions" / lease.LEASE_FILE).exists()  # released at the end
     assert sorted(os.listdir(tmp_path / "predictions" / "data")) == sorted(Path(f).name for f in success["files"])
 

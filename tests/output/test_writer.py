@@ -7,8 +7,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.errors import ConfigError
 from pipeline.output import writer
-from pipeline.config import ConfigError
 
 
 def make_rows(num_rows: int, dim: int) -> writer.ShardRows:

@@ -31,10 +31,17 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from pipeline import cli
+from pipeline.config import ExtractConfig, TrainConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.output import writer
-from pipeline.tools.compare import (CandidateConfig, build_compare_config, compare, load_compare_config, recommend,
-                              transfer_gains)
-from pipeline.config import ConfigError, ExtractConfig, TrainConfig, load_config
+from pipeline.tools.compare import (
+    CandidateConfig,
+    build_compare_config,
+    compare,
+    load_compare_config,
+    recommend,
+    transfer_gains,
+)
 from pipeline.tools.demo import CONFIGS, write_digit_images
 from pipeline.train.fit import train
 

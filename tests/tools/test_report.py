@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.output import writer
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, load_config
 from pipeline.extract.plan import prepare
+from pipeline.output import writer
 from tests.conftest import write_labelled_images
 from tests.output.test_writer import make_rows
 

@@ -24,10 +24,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline.io import storage
-from pipeline.train import fit as train
-from pipeline.output import writer
 from pipeline.config import ClassifierConfig, FeaturesConfig, SplitConfig, TrainConfig, TrainOutputConfig
+from pipeline.io import storage
+from pipeline.output import writer
+from pipeline.train import fit as train
+from pipeline.train import predict
 
 PROVENANCE = {
     "backbone": "mobilenetv2", "weights": "imagenet", "weights_sha256": "9f2d" * 16, "layer": "global_pool",
@@ -193,7 +194,7 @@ def test_mlp_trains_deterministically_and_predicts_like_keras(mlp_run, extract_o
     assert train.train(train_config(extract_output, str(tmp_path / "again"), **FAST_MLP)) == metrics
 
     model = keras.saving.load_model(Path(output) / "classifier.keras", safe_mode=True, compile=False)
-    success = train.predict(output, extract_output, str(tmp_path / "predictions"))
+    success = predict.predict(output, extract_output, str(tmp_path / "predictions"))
     table = read_predictions(str(tmp_path / "predictions"), success).filter(pa.compute.equal(
         pa.compute.field("status"), "ok"))
     index_of = {uri: index for index, uri in enumerate(digits.uris)}
@@ -285,7 +286,7 @@ def read_predictions(output_uri: str, success: dict) -> pa.Table:
 def test_predict_matches_numpy_and_carries_errors(logistic_run, extract_output, digits, tmp_path):
     model_uri, metrics = logistic_run
     output = str(tmp_path / "predictions")
-    success = train.predict(model_uri, extract_output, output, batch_rows=100)
+    success = predict.predict(model_uri, extract_output, output, batch_rows=100)
     assert json.loads((tmp_path / "predictions" / "_SUCCESS").read_text()) == success
     assert success["rows"] == {"total": len(digits.uris), "ok": int(digits.ok.sum()),
                                "error": len(digits.error_rows)}
@@ -319,7 +320,7 @@ def test_predict_matches_numpy_and_carries_errors(logistic_run, extract_output, 
     np.testing.assert_allclose([row["predicted_score"] for row in ok_rows], expected.max(axis=1), rtol=1e-5)
     assert np.mean([row["predicted_label"] == row["label"] for row in ok_rows]) >= 0.95  # mostly train rows
 
-    again = train.predict(model_uri, extract_output, output)
+    again = predict.predict(model_uri, extract_output, output)
     assert again["shards"]["run"] == 0 and again["files"] == success["files"]
 
 
@@ -327,7 +328,7 @@ def test_predict_refuses_features_of_another_backbone(logistic_run, digits, tmp_
     other = write_extract_output(str(tmp_path / "resnet"), digits, rows=range(50),
                                  provenance={**PROVENANCE, "backbone": "resnet50", "input_size": "256"})
     with pytest.raises(ValueError, match="backbone") as caught:
-        train.predict(logistic_run[0], other, str(tmp_path / "predictions"))
+        predict.predict(logistic_run[0], other, str(tmp_path / "predictions"))
     message = str(caught.value)
     assert "'mobilenetv2'" in message and "'resnet50'" in message and "input_size" in message
     assert "pooling" not in message
@@ -370,7 +371,7 @@ def test_output_to_an_fsspec_uri(extract_output, tmp_path):
     assert "in_memory" in text and f"wrote classifier and metrics to {output}" in text and "Per class" in text
     assert json.loads(storage.read_bytes(f"{output}/metrics.json")) == metrics
     assert storage.read_bytes(f"{output}/per_class_f1.png").startswith(PNG_SIGNATURE)
-    success = train.predict(output, extract_output, "memory://featurize-train-test/predictions")
+    success = predict.predict(output, extract_output, "memory://featurize-train-test/predictions")
     assert success["rows"]["total"] == 1797
     storage.remove("memory://featurize-train-test", recursive=True)
 
@@ -408,7 +409,7 @@ def test_binary_classes_match_sklearn_and_stream(tmp_path, digits):
     fit_rows = [index for index in rows if index in train_rows and index not in digits.error_rows]
     reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(
         digits.features[fit_rows], [digits.labels[index] for index in fit_rows])
-    success = train.predict(model_uri, features, str(tmp_path / "predictions"))
+    success = predict.predict(model_uri, features, str(tmp_path / "predictions"))
     table = read_predictions(str(tmp_path / "predictions"), success).filter(pa.compute.equal(
         pa.compute.field("status"), "ok"))
     index_of = {uri: index for index, uri in enumerate(digits.uris)}
@@ -427,7 +428,7 @@ def test_inspect_summarises_train_and_predict_outputs(logistic_run, extract_outp
 
     model_uri, metrics = logistic_run
     output = str(tmp_path / "predictions")
-    train.predict(model_uri, extract_output, output)
+    predict.predict(model_uri, extract_output, output)
     summary = inspect_output(output, Console(width=200))
     assert summary["kind"] == "predict" and summary["finished"]
     assert summary["shards_committed"] == summary["shards_total"] == 5 and summary["shards_pending"] == 0
