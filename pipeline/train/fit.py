@@ -57,12 +57,12 @@ def train(config: TrainConfig) -> dict:
 def fit_and_write(config: TrainConfig, output_lease: lease.Lease) -> dict:
     started = time.perf_counter()
     features = open_features(config.features.uri, config.features.storage_options)
-    labels = LabelSource(config.features, config.split, features.column_names)
+    label_source = LabelSource(config.features, config.split, features.column_names)
     streaming = features.num_rows > config.classifier.max_in_memory_rows
     mode = "streaming" if streaming else "in_memory"
     log.info("training %s on %d rows (%s) of %s", config.classifier.kind, features.num_rows, mode,
              ", ".join(features.uris))
-    outcome = (train_streaming if streaming else train_in_memory)(config, features, labels)
+    outcome = (train_streaming if streaming else train_in_memory)(config, features, label_source)
     seconds = {"fit": round(time.perf_counter() - started, 3)}
     metrics = metrics_document(config, features, mode, outcome)
     document = classifier_document(config, features, mode, outcome, seconds)
@@ -115,10 +115,10 @@ def classifier_document(config: TrainConfig, features: FeatureSet, mode: str, ou
     }
 
 
-def train_in_memory(config: TrainConfig, features: FeatureSet, labels: LabelSource) -> Outcome:
+def train_in_memory(config: TrainConfig, features: FeatureSet, label_source: LabelSource) -> Outcome:
     options = config.features.storage_options
-    rows = Rows.concat([labelled_rows(writer.read_features(uri, options, columns=labels.feature_columns),
-                                      labels, features.feature_dim) for uri in features.uris])
+    rows = Rows.concat([labelled_rows(writer.read_features(uri, options, columns=label_source.feature_columns),
+                                      label_source, features.feature_dim) for uri in features.uris])
     classes = sorted(set(rows.labels.tolist()))
     targets = encode_labels(rows.labels, classes)
     check_classes(classes, np.bincount(targets, minlength=len(classes)))

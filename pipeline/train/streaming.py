@@ -21,17 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import ClassifierConfig, SplitConfig, TrainConfig
+from pipeline.train import labels
 from pipeline.train.classifiers import LinearModel, MlpModel, build_mlp, fit_mlp, standard_scaler
 from pipeline.train.features import FeatureSet, parquet_file
-from pipeline.train.labels import (
-    LabelSource,
-    Rows,
-    balanced_weights,
-    check_classes,
-    encode_labels,
-    is_test_split,
-    labelled_rows,
-)
 from pipeline.train.metrics import Outcome
 
 log = logging.getLogger(__name__)
@@ -63,10 +55,10 @@ def hash_below(uri: str, fraction: float, salt: str = "") -> bool:
     return zlib.crc32((salt + uri).encode("utf-8")) % HASH_BUCKETS < round(fraction * HASH_BUCKETS)
 
 
-def streaming_bands(rows: Rows, split: SplitConfig, validation_fraction: float) -> np.ndarray:
+def streaming_bands(rows: labels.Rows, split: SplitConfig, validation_fraction: float) -> np.ndarray:
     """TEST by split column or uri hash; VALIDATION by a second, salted uri hash among the rest; else TRAIN."""
     if split.column:
-        is_test = is_test_split(rows.splits, split.column)
+        is_test = labels.is_test_split(rows.splits, split.column)
     else:
         is_test = np.array([hash_below(uri, split.test_fraction) for uri in rows.uris], dtype=bool)
     is_validation = np.array([hash_below(uri, validation_fraction, "validation:") for uri in rows.uris], dtype=bool)
@@ -79,8 +71,8 @@ def streaming_bands(rows: Rows, split: SplitConfig, validation_fraction: float) 
 class StreamingReader:
     """Reads the labelled rows of one row group: (features, class indices, bands); `classes` is set by `scan`."""
 
-    def __init__(self, config: TrainConfig, features: FeatureSet, labels: LabelSource):
-        self.config, self.features, self.labels = config, features, labels
+    def __init__(self, config: TrainConfig, features: FeatureSet, label_source: labels.LabelSource):
+        self.config, self.features, self.label_source = config, features, label_source
         self.classes: list[str] = []
 
     def row_groups(self) -> Iterator[RowGroup]:
@@ -89,15 +81,15 @@ class StreamingReader:
                 num_row_groups = parquet.num_row_groups
             yield from (RowGroup(file, index) for index in range(num_row_groups))
 
-    def rows(self, group: RowGroup) -> tuple[Rows, np.ndarray]:
+    def rows(self, group: RowGroup) -> tuple[labels.Rows, np.ndarray]:
         with parquet_file(group.file, self.config.features.storage_options) as parquet:
-            table = parquet.read_row_group(group.index, columns=self.labels.feature_columns)
-        rows = labelled_rows(table, self.labels, self.features.feature_dim)
+            table = parquet.read_row_group(group.index, columns=self.label_source.feature_columns)
+        rows = labels.labelled_rows(table, self.label_source, self.features.feature_dim)
         return rows, streaming_bands(rows, self.config.split, self.config.classifier.validation_fraction)
 
     def read(self, group: RowGroup) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, bands = self.rows(group)
-        return rows.features, encode_labels(rows.labels, self.classes), bands
+        return rows.features, labels.encode_labels(rows.labels, self.classes), bands
 
 
 def scan(reader: StreamingReader) -> Scan:
@@ -122,16 +114,17 @@ def scan(reader: StreamingReader) -> Scan:
     return Scan(groups, classes, band_class_counts, scaler, num_error, num_unlabelled)
 
 
-def train_streaming(config: TrainConfig, features: FeatureSet, labels: LabelSource) -> Outcome:
-    reader = StreamingReader(config, features, labels)
+def train_streaming(config: TrainConfig, features: FeatureSet, label_source: labels.LabelSource) -> Outcome:
+    reader = StreamingReader(config, features, label_source)
     scanned = scan(reader)
-    check_classes(scanned.classes, scanned.band_class_counts[TRAIN])
+    labels.check_classes(scanned.classes, scanned.band_class_counts[TRAIN])
     num_train, num_validation, num_test = (int(count) for count in scanned.band_class_counts.sum(axis=1))
     log.info("scanned %d row groups: %d train (%d of them validation) / %d test rows, %d classes; skipped %d error "
              "and %d unlabelled rows", len(scanned.groups), num_train + num_validation, num_validation, num_test,
              len(scanned.classes), scanned.num_error, scanned.num_unlabelled)
     classifier = config.classifier
-    weights = balanced_weights(scanned.band_class_counts[TRAIN]) if classifier.class_weight == "balanced" else None
+    train_counts = scanned.band_class_counts[TRAIN]
+    weights = labels.balanced_weights(train_counts) if classifier.class_weight == "balanced" else None
     if classifier.kind == "logistic":
         model, epochs = fit_logistic_streaming(reader, scanned, classifier, config.split.seed, weights)
     else:
