@@ -154,7 +154,8 @@ def run_extract_and_report(config: ExtractConfig, verbose: bool = False) -> int:
 
 
 def command_train(arguments) -> int:
-    from pipeline.train.fit import print_summary, train
+    from pipeline.train.fit import train
+    from pipeline.train.metrics import print_summary
 
     config = load_config(TrainConfig, arguments.config, arguments.set)
     metrics = train(config)

@@ -75,7 +75,8 @@ def write_digit_images(directory: Path, images_per_class: int = IMAGES_PER_CLASS
 def run_demo(workdir: str, console: Console, verbose: bool = False) -> int:
     from pipeline.extract.driver import run_extract
     from pipeline.tools.report import print_extract_summary
-    from pipeline.train.fit import print_summary, train
+    from pipeline.train.fit import train
+    from pipeline.train.metrics import print_summary
 
     root = Path(workdir)
     images, models = root / "images", root / "models"

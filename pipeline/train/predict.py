@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 from pipeline.errors import ConfigError
 from pipeline.io import storage
 from pipeline.output import lease, writer
-from pipeline.train.fit import (LinearModel, MlpModel, features_matrix, load_classifier, parquet_file,
-                                provenance_differences)
+from pipeline.train.classifiers import LinearModel, MlpModel, load_classifier
+from pipeline.train.features import features_matrix, parquet_file, provenance_differences
 
 PREDICTION_ROW_GROUP_SIZE = 4096
 

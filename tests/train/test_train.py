@@ -27,8 +27,8 @@ from threadpoolctl import threadpool_limits
 from pipeline.config import ClassifierConfig, FeaturesConfig, SplitConfig, TrainConfig, TrainOutputConfig
 from pipeline.io import storage
 from pipeline.output import writer
-from pipeline.train import fit as train
-from pipeline.train import predict
+from pipeline.train import fit, predict
+from pipeline.train.metrics import print_summary
 
 PROVENANCE = {
     "backbone": "mobilenetv2", "weights": "imagenet", "weights_sha256": "9f2d" * 16, "layer": "global_pool",
@@ -116,13 +116,13 @@ def extract_output(tmp_path_factory, digits) -> str:
 @pytest.fixture(scope="module")
 def logistic_run(tmp_path_factory, extract_output) -> tuple[str, dict]:
     output = str(tmp_path_factory.mktemp("logistic"))
-    return output, train.train(train_config(extract_output, output))
+    return output, fit.train(train_config(extract_output, output))
 
 
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory, extract_output) -> tuple[str, dict]:
     output = str(tmp_path_factory.mktemp("mlp"))
-    return output, train.train(train_config(extract_output, output, **FAST_MLP))
+    return output, fit.train(train_config(extract_output, output, **FAST_MLP))
 
 
 def assert_valid_png(path: Path) -> None:
@@ -179,8 +179,8 @@ def test_logistic_metrics_contract_and_accuracy(logistic_run, digits):
 
 
 def test_same_seed_gives_identical_logistic_metrics(logistic_run, extract_output, tmp_path):
-    assert train.train(train_config(extract_output, str(tmp_path / "again"))) == logistic_run[1]
-    other_seed = train.train(train_config(extract_output, str(tmp_path / "seed"), split={"seed": 7}))
+    assert fit.train(train_config(extract_output, str(tmp_path / "again"))) == logistic_run[1]
+    other_seed = fit.train(train_config(extract_output, str(tmp_path / "seed"), split={"seed": 7}))
     assert other_seed["confusion_matrix"] != logistic_run[1]["confusion_matrix"]
 
 
@@ -191,7 +191,7 @@ def test_mlp_trains_deterministically_and_predicts_like_keras(mlp_run, extract_o
     assert metrics["classifier"]["kind"] == "mlp"
     assert metrics["accuracy"] >= 0.9
     assert 0 < metrics["num_validation"] < metrics["num_train"]
-    assert train.train(train_config(extract_output, str(tmp_path / "again"), **FAST_MLP)) == metrics
+    assert fit.train(train_config(extract_output, str(tmp_path / "again"), **FAST_MLP)) == metrics
 
     model = keras.saving.load_model(Path(output) / "classifier.keras", safe_mode=True, compile=False)
     success = predict.predict(output, extract_output, str(tmp_path / "predictions"))
@@ -207,7 +207,7 @@ def test_balanced_class_weights_on_imbalanced_labels(tmp_path, digits):
     zeros = [index for index, label in enumerate(digits.labels) if label == "0"]
     rows = [index for index in range(len(digits.uris)) if digits.labels[index] != "0" or index in zeros[:20]]
     features = write_extract_output(str(tmp_path / "imbalanced"), digits, rows=rows)
-    metrics = train.train(train_config(features, str(tmp_path / "model"), class_weight="balanced"))
+    metrics = fit.train(train_config(features, str(tmp_path / "model"), class_weight="balanced"))
     assert metrics["classifier"]["class_weight"] == "balanced"
     assert metrics["per_class"]["0"]["support"] == 4
     assert metrics["balanced_accuracy"] >= 0.85
@@ -226,8 +226,8 @@ def test_labels_file_joined_on_uri(tmp_path, digits, file_format):
     else:
         pq.write_table(table, labels_file)
     with pytest.raises(ValueError, match="features.label_column 'digit' is not a column"):
-        train.train(train_config(features, str(tmp_path / "model"), features={"label_column": "digit"}))
-    metrics = train.train(train_config(features, str(tmp_path / "model"),
+        fit.train(train_config(features, str(tmp_path / "model"), features={"label_column": "digit"}))
+    metrics = fit.train(train_config(features, str(tmp_path / "model"),
                                        features={"label_column": "digit", "labels_file": str(labels_file)}))
     assert metrics["skipped_unlabelled_rows"] == len(unlisted)
     assert metrics["skipped_error_rows"] == len(digits.error_rows)
@@ -240,7 +240,7 @@ def test_split_column_from_labels_file(tmp_path, extract_output, digits):
     labels_file = tmp_path / "labels.csv"
     splits = ["train" if index < 1400 else "test" for index in range(len(digits.uris))]
     pa_csv.write_csv(pa.table({"uri": digits.uris, "label": digits.labels, "fold": splits}), labels_file)
-    metrics = train.train(train_config(extract_output, str(tmp_path / "model"), split={"column": "fold"},
+    metrics = fit.train(train_config(extract_output, str(tmp_path / "model"), split={"column": "fold"},
                                        features={"labels_file": str(labels_file)}))
     assert metrics["split"]["method"] == "column"
     assert metrics["num_test"] == int(digits.ok[1400:].sum())
@@ -250,13 +250,13 @@ def test_split_column_from_labels_file(tmp_path, extract_output, digits):
     splits[3] = "holdout"
     pa_csv.write_csv(pa.table({"uri": digits.uris, "label": digits.labels, "fold": splits}), labels_file)
     with pytest.raises(ValueError, match="holdout"):
-        train.train(train_config(extract_output, str(tmp_path / "bad"), split={"column": "fold"},
+        fit.train(train_config(extract_output, str(tmp_path / "bad"), split={"column": "fold"},
                                  features={"labels_file": str(labels_file)}))
 
 
 def test_streaming_logistic_matches_in_memory(logistic_run, extract_output, digits, tmp_path):
     config = train_config(extract_output, str(tmp_path / "streaming"), max_in_memory_rows=500)
-    metrics = train.train(config)
+    metrics = fit.train(config)
     assert metrics["classifier"]["mode"] == "streaming" and metrics["split"]["method"] == "uri_hash"
     expected_test = sum(1 for index, uri in enumerate(digits.uris)
                         if index not in digits.error_rows and zlib.crc32(uri.encode()) % 1000 < 200)
@@ -266,13 +266,13 @@ def test_streaming_logistic_matches_in_memory(logistic_run, extract_output, digi
     assert metrics["accuracy"] >= 0.9
     # One-vs-rest SGD on a hash split vs multinomial lbfgs on a stratified one: a few points apart on digits.
     assert metrics["accuracy"] >= logistic_run[1]["accuracy"] - 0.05
-    assert train.train(dataclasses.replace(config, output=TrainOutputConfig(uri=str(tmp_path / "again")))) == metrics
+    assert fit.train(dataclasses.replace(config, output=TrainOutputConfig(uri=str(tmp_path / "again")))) == metrics
     for name in ("classifier.npz", "classifier.json", "confusion_matrix.png", "per_class_f1.png"):
         assert (tmp_path / "streaming" / name).exists()
 
 
 def test_streaming_mlp(extract_output, tmp_path):
-    metrics = train.train(train_config(extract_output, str(tmp_path / "streaming"), max_in_memory_rows=500,
+    metrics = fit.train(train_config(extract_output, str(tmp_path / "streaming"), max_in_memory_rows=500,
                                        class_weight="balanced", **FAST_MLP))
     assert metrics["classifier"]["mode"] == "streaming" and metrics["classifier"]["kind"] == "mlp"
     assert metrics["accuracy"] >= 0.85
@@ -339,7 +339,7 @@ def test_several_outputs_concatenate_only_with_one_provenance(tmp_path, digits):
     first = write_extract_output(str(tmp_path / "first"), digits, rows=range(900))
     second = write_extract_output(str(tmp_path / "second"), digits, rows=range(900, len(digits.uris)),
                                   feature_dtype="float16")
-    metrics = train.train(train_config([first, second], str(tmp_path / "model")))
+    metrics = fit.train(train_config([first, second], str(tmp_path / "model")))
     assert metrics["num_train"] + metrics["num_test"] == int(digits.ok.sum())
     assert metrics["features_uri"] == [first, second]
     assert metrics["accuracy"] >= 0.9
@@ -347,29 +347,34 @@ def test_several_outputs_concatenate_only_with_one_provenance(tmp_path, digits):
     other = write_extract_output(str(tmp_path / "max"), digits, rows=range(900, len(digits.uris)),
                                  provenance={**PROVENANCE, "pooling": "max"})
     with pytest.raises(ValueError, match="pooling: 'avg'.*'max'"):
-        train.train(train_config([first, other], str(tmp_path / "mixed")))
+        fit.train(train_config([first, other], str(tmp_path / "mixed")))
 
 
 def test_too_few_classes_or_rows_are_clear_errors(tmp_path, digits):
     ones = [index for index, label in enumerate(digits.labels) if label == "1" and index not in digits.error_rows]
     one_class = write_extract_output(str(tmp_path / "one"), digits, rows=ones)
     with pytest.raises(ValueError, match="at least 2 classes"):
-        train.train(train_config(one_class, str(tmp_path / "model")))
+        fit.train(train_config(one_class, str(tmp_path / "model")))
     sevens = [index for index, label in enumerate(digits.labels) if label == "7" and index not in digits.error_rows]
     lonely = write_extract_output(str(tmp_path / "lonely"), digits, rows=ones + sevens[:1])
     with pytest.raises(ValueError, match=r"at least 2 labelled rows per class.*'7': 1"):
-        train.train(train_config(lonely, str(tmp_path / "model")))
+        fit.train(train_config(lonely, str(tmp_path / "model")))
 
 
-def test_output_to_an_fsspec_uri(extract_output, tmp_path):
-    from rich.console import Console
+def test_output_to_an_fsspec_uri(extract_output, tmp_path, capsys):
+    from pipeline.cli import main
 
     output = "memory://featurize-train-test/model"
-    console = Console(record=True, width=120, file=io.StringIO())
-    metrics = train.train(train_config(extract_output, output, regularization=0.5), console=console)
-    text = console.export_text()
-    assert "in_memory" in text and f"wrote classifier and metrics to {output}" in text and "Per class" in text
-    assert json.loads(storage.read_bytes(f"{output}/metrics.json")) == metrics
+    config = tmp_path / "train.yaml"
+    config.write_text(json.dumps({"features": {"uri": extract_output}, "output": {"uri": output}}))
+    assert main(["train", "--config", str(config), "--set", "classifier.regularization=0.5"]) == 0
+    captured = capsys.readouterr()
+    printed, logged = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "rows (in_memory)" in logged and f"wrote classifier and metrics to {output}" in logged
+    metrics = json.loads(storage.read_bytes(f"{output}/metrics.json"))
+    assert metrics["classifier"]["regularization"] == 0.5
+    assert "(in_memory)" in printed and "Per class" in printed and f"{metrics['accuracy']:.4f}" in printed
+    assert f"classifier and metrics written to {output}" in printed
     assert storage.read_bytes(f"{output}/per_class_f1.png").startswith(PNG_SIGNATURE)
     success = predict.predict(output, extract_output, "memory://featurize-train-test/predictions")
     assert success["rows"]["total"] == 1797
@@ -381,7 +386,7 @@ def test_print_summary_shows_overall_and_per_class_metrics(logistic_run):
 
     metrics = logistic_run[1]
     console = Console(record=True, width=120)
-    train.print_summary(metrics, console)
+    print_summary(metrics, console)
     cells = {row[0]: row[1:] for row in ([cell.strip() for cell in line.strip().strip("│").split("│")]
                                          for line in console.export_text().splitlines() if line.startswith("│"))}
     assert cells["accuracy"] == [f"{metrics['accuracy']:.4f}"]
@@ -401,7 +406,7 @@ def test_binary_classes_match_sklearn_and_stream(tmp_path, digits):
                                "label": [digits.labels[index] for index in rows],
                                "fold": ["train" if index in train_rows else "test" for index in rows]}), labels_file)
     model_uri = str(tmp_path / "model")
-    metrics = train.train(train_config(features, model_uri, split={"column": "fold"},
+    metrics = fit.train(train_config(features, model_uri, split={"column": "fold"},
                                        features={"labels_file": str(labels_file)}))
     assert metrics["classes"] == ["0", "1"] and metrics["accuracy"] >= 0.95
 
@@ -416,7 +421,7 @@ def test_binary_classes_match_sklearn_and_stream(tmp_path, digits):
     expected = reference.predict_proba(digits.features[[index_of[uri] for uri in table["uri"].to_pylist()]])
     np.testing.assert_allclose(np.array(table["scores"].to_pylist()), expected, atol=1e-4)
 
-    streaming = train.train(train_config(features, str(tmp_path / "streaming"), max_in_memory_rows=100))
+    streaming = fit.train(train_config(features, str(tmp_path / "streaming"), max_in_memory_rows=100))
     assert streaming["classifier"]["mode"] == "streaming" and streaming["accuracy"] >= 0.95
 
 

@@ -1,0 +1,101 @@
+"""Features to train on or predict from: finished extract outputs, read through their `_SUCCESS`.
+
+Only committed data files are read: the file list comes from each output's `_SUCCESS`. Several outputs are
+combined only when their provenance agrees on every key of `PROVENANCE_KEYS`, and a classifier is applied only to
+features extracted the same way as those it was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError
+from pipeline.io import faults, storage
+from pipeline.output import writer
+
+# The provenance keys that must agree between features and a classifier (and among concatenated outputs).
+PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "input_size", "preprocess")
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One or more finished extract outputs that agree on provenance, seen through their `_SUCCESS`."""
+
+    uris: tuple[str, ...]
+    files: tuple[str, ...]  # every committed data file, as full URIs, in `_SUCCESS` order
+    num_rows: int
+    feature_dim: int
+    column_names: tuple[str, ...]
+    provenance: dict
+
+
+def open_features(uris: tuple[str, ...], storage_options: dict | None = None) -> FeatureSet:
+    files: list[str] = []
+    num_rows = 0
+    dims: dict[str, int] = {}
+    column_names: tuple[str, ...] = ()
+    provenances = []
+    for uri in uris:
+        success = writer.read_success(uri, storage_options)
+        output_files = [storage.join(uri, path) for path in success["files"]]
+        files.extend(output_files)
+        provenances.append((uri, writer.read_provenance(uri, storage_options)))
+        if output_files:
+            with parquet_file(output_files[0], storage_options) as first:
+                dims[uri] = first.schema_arrow.field("features").type.list_size
+                column_names = column_names or tuple(first.schema_arrow.names)
+        rows_total = success.get("rows", {}).get("total")
+        if rows_total is None:
+            rows_total = sum(count_rows(file, storage_options) for file in output_files)
+        num_rows += int(rows_total)
+    for uri, provenance in provenances[1:]:
+        differences = provenance_differences(provenances[0][1], provenance, provenances[0][0], uri)
+        if differences:
+            raise ConfigError("features.uri lists outputs with different provenance, so their features are not "
+                             f"comparable: {'; '.join(differences)}. Train on outputs of one extraction setup.")
+    if len(set(dims.values())) > 1:
+        raise ConfigError(f"features.uri lists outputs with different feature dims: {dims}. "
+                         "Train on outputs of one extraction setup.")
+    if not dims:
+        raise ConfigError(f"features.uri {list(uris)} holds no committed data files; nothing to train on")
+    return FeatureSet(tuple(uris), tuple(files), num_rows, next(iter(dims.values())), column_names,
+                      provenances[0][1])
+
+
+def normalise_provenance_value(value):
+    """Provenance may come as JSON values or as Parquet metadata strings; compare both as text."""
+    return None if value in (None, "None", "null") else str(value)
+
+
+def provenance_differences(expected: dict, actual: dict, expected_name: str, actual_name: str) -> list[str]:
+    """One line per key of PROVENANCE_KEYS on which the two disagree, with both values."""
+    return [f"{key}: {expected.get(key)!r} ({expected_name}) vs {actual.get(key)!r} ({actual_name})"
+            for key in PROVENANCE_KEYS
+            if normalise_provenance_value(expected.get(key)) != normalise_provenance_value(actual.get(key))]
+
+
+@contextlib.contextmanager
+def parquet_file(file_uri: str, storage_options: dict | None = None) -> Iterator[pq.ParquetFile]:
+    """A lazily read Parquet file: footer now, row groups on demand (ranged reads on object stores)."""
+    fs, path = storage.filesystem(file_uri, storage_options)
+    with faults.with_retries(lambda: fs.open(path, "rb")) as handle:
+        yield pq.ParquetFile(handle)
+
+
+def count_rows(file_uri: str, storage_options: dict | None = None) -> int:
+    with parquet_file(file_uri, storage_options) as parquet:
+        return parquet.metadata.num_rows
+
+
+def features_matrix(column: pa.Array | pa.ChunkedArray, feature_dim: int) -> np.ndarray:
+    """(rows, dim) float32 from a FixedSizeList column without nulls (float16 features are widened)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, feature_dim).astype(np.float32, copy=False)
