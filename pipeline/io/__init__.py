@@ -1,1 +1,1 @@
-"""The fsspec edge: filesystem access, fault classification and retries, redaction of secrets."""
+"""The fsspec edge: filesystem access, fault classification and retries, redaction of secrets, conditional writes."""

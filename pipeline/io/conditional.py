@@ -1,16 +1,20 @@
-"""Conditional writes: the primitives of the output lease (pipeline/output/lease.py)."""
+"""Conditional writes on one object: create if absent, replace or delete if unchanged since it was read.
+
+The primitives of the output lease (pipeline/output/lease.py). A token names the version read (the S3 ETag, or
+the bytes themselves elsewhere). Atomic on local disk (under a directory lock) and on S3 (conditional requests);
+on other stores best-effort: check, write, and read back.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 
-from pipeline.io.faults import error_chain, error_code, http_status, with_retries
+from pipeline.io.faults import precondition_failed, with_retries
 from pipeline.io.storage import (
     filesystem,
     forget_cached_listing,
@@ -20,24 +24,13 @@ from pipeline.io.storage import (
     write_local_atomically,
 )
 
-log = logging.getLogger("featurize.storage")
-
-
 CONDITIONAL_WRITES = {"file": "exclusive create and compare-and-replace under a directory lock",
                       "s3": "conditional requests (If-None-Match: *, If-Match: ETag)"}
-
-
-PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 
 def conditional_writes(uri: str) -> str | None:
     """How `uri`'s store makes the operations below atomic; None where they are only best-effort."""
     return CONDITIONAL_WRITES.get(protocol_family(protocol_of(uri)))
-
-
-def precondition_failed(error: BaseException) -> bool:
-    return any(error_code(cause) in PRECONDITION_CODES or http_status(cause) in (409, 412)
-               for cause in error_chain(error))
 
 
 @contextlib.contextmanager

@@ -1,6 +1,10 @@
 """Storage faults: transient (retried here), permanent per object (an error row), or the job's (stop at once).
 
-Classified by exception class, HTTP status, store error code and errno; by message only as a last resort."""
+with_retries is the retry layer above the storage clients, per object and for every fsspec backend (http has
+no retries of its own); storage.py bounds the clients' own retries below it. Errors are classified by exception
+class, HTTP status, store error code and errno; by message only as a last resort. StorageError and
+access_error turn the job's faults (a missing bucket, bad credentials) into a message that says what to fix.
+"""
 
 from __future__ import annotations
 
@@ -16,41 +20,32 @@ from pipeline.io.redaction import redact
 
 T = TypeVar("T")
 
-
 log = logging.getLogger("featurize.storage")
 
-
+# Transient: worth another attempt.
 TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                    "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException", "OperationAborted",
                    "ServerBusy", "500", "502", "503", "504"}
-
-
 TRANSIENT_CLASS_NAMES = {"IncompleteRead", "ClientPayloadError", "ServerDisconnectedError", "ClientConnectionError",
                          "ClientOSError", "ServerTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
                          "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError", "ProtocolError",
                          "HTTPClientError", "FSTimeoutError", "ChunkedEncodingError", "RemoteDisconnected",
                          "ServiceResponseError", "ResponseParserError"}
-
-
-CREDENTIAL_CLASS_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound",
-                          "CredentialRetrievalError", "DefaultCredentialsError", "ClientAuthenticationError"}
-
-
 TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
                     errno.ECONNREFUSED, errno.EPIPE, getattr(errno, "EREMOTEIO", errno.EIO)}
-
-
 TRANSIENT_MARKERS = ("slowdown", "reduce your request rate", "throttl", "service unavailable", "connection reset",
                      "connection aborted", "connection closed", "timed out", "temporarily", "incomplete read",
                      "broken pipe", "payload is not completed")
 
-
+# Permanent: told, never retried (per object an error row; for the job's own output, a StorageError).
+CREDENTIAL_CLASS_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound",
+                          "CredentialRetrievalError", "DefaultCredentialsError", "ClientAuthenticationError"}
 NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "BlobNotFound", "ContainerNotFound"}
-
-
 DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                 "AllAccessDisabled", "AuthorizationFailure", "AuthenticationFailed", "403", "401"}
 
+# A conditional request whose condition did not hold (S3 If-Match / If-None-Match): an answer, not a fault.
+PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 RETRIES: collections.Counter = collections.Counter()  # retries done in this process, by reason (tests, logs)
 
@@ -113,6 +108,11 @@ def is_transient(error: BaseException) -> bool:
             return True
     text = f"{type(error).__name__} {error}".lower()
     return any(marker in text for marker in TRANSIENT_MARKERS)
+
+
+def precondition_failed(error: BaseException) -> bool:
+    return any(error_code(cause) in PRECONDITION_CODES or http_status(cause) in (409, 412)
+               for cause in error_chain(error))
 
 
 def describe_error(error: BaseException) -> str:

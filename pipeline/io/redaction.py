@@ -1,20 +1,16 @@
 """Secrets: what counts as one, and keeping them out of every text that leaves the process.
 
-Used wherever text goes out (logs, error rows, _SUCCESS, messages), not only by storage code."""
+Used wherever text goes out (logs, error rows, _SUCCESS, messages), not only by storage code; public_options
+strips credentials from storage_options before they travel with Ray tasks."""
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Iterator
 from typing import Any
 
-log = logging.getLogger("featurize.storage")
-
-
 REDACTED = "***"
-
 
 # Option and parameter names whose values are credentials (storage_options keys, URL query parameters,
 # headers): s3fs key/secret/token, client_kwargs aws_*; adlfs account_key/sas_token/connection_string/
@@ -22,29 +18,21 @@ REDACTED = "***"
 SECRET_NAME = re.compile(r"secret|token|passw|credential|signature|auth|private|api_?key|access_?key|"
                          r"account_?key|sas|connection_?string|^key$|_key$|^sig$", re.IGNORECASE)
 
-
 # Environment variables whose values are credentials (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
 # AZURE_STORAGE_KEY, AZURE_CLIENT_SECRET, ...): scrubbed from any text that goes out, wherever it came from.
 SECRET_ENVIRONMENT = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|ACCOUNT_KEY|STORAGE_KEY|"
                                 r"CONNECTION_STRING|SAS|CREDENTIAL|API_KEY", re.IGNORECASE)
 
-
 MIN_SECRET_LENGTH = 8  # shorter values ("true", "anon") would scrub ordinary words
 
-
+# Where credentials stand in text: user info in a URL, name=value parameters, 'name': 'value' items of a
+# printed mapping, HTTP headers.
 URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#'\"]+@")
-
-
 PARAMETER = re.compile(r"(?<![\w.\-])([\w.\-]+)=([^&\s'\"#,;)]+)")
-
-
 MAPPING_ITEM = re.compile(r"""(['"])([\w.\-]+)\1(\s*:\s*)(['"])(.*?)\4""")
-
-
 HEADER = re.compile(r"(?i)\b(authorization|cookie|x-amz-security-token)(\s*:\s*)([^\r\n,'\"]+)")
 
-
-_remembered_secrets: set[str] = set()
+_remembered_secrets: set[str] = set()  # values given as credentials in storage_options, in this process
 
 
 def secret_values(options: Any) -> Iterator[str]:

@@ -1,12 +1,16 @@
-"""The fsspec edge: the only module that knows about URLs, filesystems, retries and storage options.
+"""Filesystem access through fsspec: the only module that knows URLs, filesystems and storage options.
 
-Object stores have no atomic rename, so nothing here relies on one: every write goes to a unique
-object name and becomes visible in one PUT (or, on local disk, an atomic rename of a temp file).
+Every read, write, listing and checksum of the package comes through here, wrapped in faults.with_retries.
+Object stores have no atomic rename, so nothing here relies on one: every write goes to a unique object name
+and becomes visible in one PUT (or, on local disk, an atomic rename of a temp file). Neighbours: faults.py
+classifies errors and retries them, redaction.py keeps secrets out of text, conditional.py holds the
+compare-and-swap writes of the output lease.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import logging
 import os
@@ -14,7 +18,7 @@ import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -25,19 +29,16 @@ from pipeline.io.redaction import redact, remember_secrets
 
 log = logging.getLogger("featurize.storage")
 
-
-# Retrying: with_retries is the layer above the clients, per object and for every fsspec backend (http has no
-# retries of its own). Classified by exception class, HTTP status, S3 error code and errno; by message only as a
-# last resort. Below it, S3 keeps botocore's retries (standard mode, S3_CLIENT_ATTEMPTS a call) and drops s3fs's
-# own loop: the three layers multiplied to 125 attempts an object (5 x 5 x 5), minutes of backoff before a dead
+# Below with_retries, S3 keeps botocore's retries (standard mode, S3_CLIENT_ATTEMPTS a call) and drops s3fs's own
+# loop: the three layers multiplied to 125 attempts an object (5 x 5 x 5), minutes of backoff before a dead
 # endpoint became an error row, and with botocore's 60 s connect timeout, hours.
 S3_CLIENT_ATTEMPTS = 3
 
-
+# The pip extra that installs each protocol's fsspec implementation, for the message when it is missing.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
           "http": "http", "https": "http"}
 
-
+# Spellings of one store, so that options keyed by one spelling apply to URIs written with another.
 PROTOCOL_FAMILIES = {"https": "http", "s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "local": "file"}
 
 
@@ -222,24 +223,39 @@ def make_dirs(uri: str, storage_options: dict | None = None) -> None:
             fs.makedirs(path, exist_ok=True)
 
 
-def sha256_of_file(path: str) -> str:
+def sha256_of_stream(handle: IO[bytes]) -> str:
+    """Checksum of everything left to read in a binary file object, a block at a time."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_of_file(path: str) -> str:
+    with open(path, "rb") as handle:
+        return sha256_of_stream(handle)
+
+
+def sha256_of_uri(uri: str, storage_options: dict | None = None) -> str:
+    """Checksum of any stored object, streamed (weights files can be hundreds of MB)."""
+    fs, path = filesystem(uri, storage_options)
+
+    def read_whole_object() -> str:  # a retry after a read failed part-way starts again from the first byte
+        with fs.open(path, "rb") as handle:
+            return sha256_of_stream(handle)
+
+    return with_retries(read_whole_object)
 
 
 @contextlib.contextmanager
 def local_copy(uri: str, storage_options: dict | None = None) -> Iterator[str]:
     """A local file path for `uri`: the file itself when local, else a temp download removed afterwards."""
+    fs, path = filesystem(uri, storage_options)
     if protocol_of(uri) == "file":
-        fs, path = filesystem(uri, storage_options)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{uri} does not exist")
         yield path
         return
-    fs, path = filesystem(uri, storage_options)
     suffix = "".join(os.path.basename(path).partition(".")[1:])  # keep .weights.h5, .keras, .h5
     with tempfile.TemporaryDirectory(prefix="featurize-") as directory:
         local_path = os.path.join(directory, "download" + ("." + suffix.lstrip(".") if suffix else ""))
@@ -255,20 +271,6 @@ def upload_file(local_path: str, uri: str, storage_options: dict | None = None) 
             write_local_atomically(path, handle.read())
     else:
         with_retries(lambda: fs.put_file(local_path, path))
-
-
-def sha256_of_uri(uri: str, storage_options: dict | None = None) -> str:
-    """Checksum of any stored object, streamed (weights files can be hundreds of MB)."""
-    fs, path = filesystem(uri, storage_options)
-    digest = hashlib.sha256()
-
-    def stream() -> None:
-        with fs.open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-
-    with_retries(stream)
-    return digest.hexdigest()
 
 
 def is_glob(uri: str) -> bool:
@@ -316,8 +318,6 @@ def is_file(uri: str, storage_options: dict | None = None) -> bool:
 
 def as_epoch_seconds(value: Any) -> float | None:
     """A listing's modification time (datetime, ISO string or epoch number) as epoch seconds."""
-    import datetime
-
     if isinstance(value, datetime.datetime):
         return (value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)).timestamp()
     if isinstance(value, (int, float)):

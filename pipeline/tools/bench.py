@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import ExtractConfig, ModelConfig, load_config
+from pipeline import charts
+from pipeline.config import ExtractConfig, InputConfig, ModelConfig, OutputConfig, RunConfig
 from pipeline.extract.decode import decode_image
+from pipeline.tools.plan_memory import plan_memory
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def random_weights_file(settings: BenchSettings, directory: Path) -> str:
     return path
 
 
-def shard_size(settings: BenchSettings, image_dir: Path) -> int:
+def shard_size(image_dir: Path) -> int:
     """Four shards: the first (startup) is left out of the steady state, the other three measure it."""
     return max(1, len(list(image_dir.glob("*.jpg"))) // 4)
 
@@ -184,12 +186,11 @@ def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output
     from pipeline.extract.driver import run_extract
     from pipeline.output import writer
 
-    config = load_config(ExtractConfig, None, [
-        f"input.uri={image_dir}", f"model.backbone={settings.backbone}", f"model.weights={weights}",
-        f"model.input_size={settings.input_size}", f"run.batch_size={settings.batch_size}", "run.actors=1",
-        f"run.shard_size={shard_size(settings, image_dir)}", f"output.uri={output}", "output.mode=overwrite",
-        f"model.runtime={settings.runtime}",
-        *([f"run.gpus_per_actor={settings.gpus_per_actor}"] if settings.gpus_per_actor is not None else [])])
+    gpus_per_actor = None if settings.gpus_per_actor is None else float(settings.gpus_per_actor)
+    config = ExtractConfig(input=InputConfig(uri=(str(image_dir),)), model=model_config(settings, weights),
+                           run=RunConfig(actors=1, batch_size=settings.batch_size, shard_size=shard_size(image_dir),
+                                         gpus_per_actor=gpus_per_actor),
+                           output=OutputConfig(uri=str(output), mode="overwrite")).validate()
     with CpuMonitor() as monitor:
         success = run_extract(config)
     commits = sorted(writer.read_commits(str(output)).values(), key=lambda record: record.committed_at)
@@ -249,40 +250,6 @@ def decode_per_core(settings: BenchSettings, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-# Peak RSS from /proc (VmHWM): getrusage's ru_maxrss survives exec, so a child forked from a large parent
-# would report the parent's peak.
-PLAN_MEMORY_SCRIPT = """
-import re, sys, tempfile, pyarrow as pa, pyarrow.parquet as pq
-from pipeline.config import ExtractConfig, load_config
-from pipeline.extract.plan import prepare
-count = int(sys.argv[1])
-with tempfile.TemporaryDirectory() as scratch:
-    uris = pa.array([f"s3://archive/images/{index // 1000:05d}/{index:09d}.jpg" for index in range(count)])
-    pq.write_table(pa.table({"uri": uris, "label": pa.array([str(index % 1000) for index in range(count)])}),
-                   f"{scratch}/manifest.parquet")
-    del uris
-    def peak():
-        return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-    before = peak()
-    config = load_config(ExtractConfig, None, [f"input.uri={scratch}/manifest.parquet", "input.labels=label",
-                                               f"output.uri={scratch}/out", "model.weights=none"])
-    plan, manifest = prepare(config)
-    assert plan.num_images == count
-    print(before * 1024, peak() * 1024)
-"""
-
-
-def plan_memory(num_entries: int) -> dict:
-    """Peak driver memory (RSS, whole process) to list and plan a manifest of `num_entries` URIs."""
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", PLAN_MEMORY_SCRIPT, str(num_entries)], capture_output=True,
-                          text=True, check=True)
-    before, peak = (int(value) for value in done.stdout.split())
-    return {"entries": num_entries, "peak_rss_bytes": peak, "peak_rss_before_plan_bytes": before}
-
-
 def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
     from pipeline.models.extractor import configure_tensorflow
 
@@ -323,7 +290,7 @@ def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
     if settings.manifest_entries:
         result["plan_memory"] = plan_memory(settings.manifest_entries)
     (output_dir / "bench.json").write_text(json.dumps(result, indent=2))
-    plot(result, output_dir / "bench.png")
+    (output_dir / "bench.png").write_bytes(plot(result))
     print_bench(result, console)
     return result
 
@@ -336,16 +303,15 @@ def pipeline_on_gpu(settings: BenchSettings) -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(result: dict) -> bytes:
+    """The three rates side by side as a PNG, with the CPU ceiling for (b) where there is one."""
+    from matplotlib.figure import Figure  # Figure without pyplot renders with Agg: no GUI, no global state
 
     names = ["bare model (a)", "pipeline (b)", "Keras loop (c)"]
     values = [result["bare_model_images_per_second"], result["pipeline"]["images_per_second"],
               result.get("keras_loop_images_per_second", 0.0)]
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     bars = axis.bar(names, values, color=["#888888", "#2a7ab0", "#c0504d"])
     axis.bar_label(bars, fmt="%.0f")
     if "cpu_ceiling_over_bare" in result:  # what (b) could reach with decode sharing the model's cores
@@ -358,42 +324,38 @@ def plot(result: dict, path: Path) -> None:
                    f"{result['runtime']}: "
                    f"b/a = {result['pipeline_over_bare']:.2f}, b/c = {result.get('pipeline_over_keras_loop', 0):.1f}")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    return charts.figure_png(figure, dpi=110)
 
 
 def print_bench(result: dict, console) -> None:
-    from rich.table import Table
+    from pipeline.tools.report import stage_split
 
-    from pipeline.tools.report import add_stage_split
-
-    table = Table(title="featurize bench", show_header=False)
-    table.add_row("(a) bare model", f"{result['bare_model_images_per_second']:.1f} images/s "
-                                    f"(runtime {result['runtime']})")
-    table.add_row("(b) pipeline, steady state", f"{result['pipeline']['images_per_second']:.1f} images/s")
-    table.add_row("b / a", f"{result['pipeline_over_bare']:.3f}")
+    pipeline, cores = result["pipeline"], result["cpu_count"]
+    lines = [("(a) bare model", f"{result['bare_model_images_per_second']:.1f} images/s (runtime {result['runtime']})"),
+             ("(b) pipeline, steady state", f"{pipeline['images_per_second']:.1f} images/s"),
+             ("b / a", f"{result['pipeline_over_bare']:.3f}")]
     if "cpu_ceiling_over_bare" in result:
-        table.add_row("b / a ceiling on this CPU", f"{result['cpu_ceiling_over_bare']:.3f} (decode shares the "
-                                                   f"model's {result['cpu_count']} cores)")
-    cpu = result["pipeline"].get("cpu")
-    if cpu:
-        table.add_row("cores busy during (b)", f"{cpu['busy_cores']:.2f} of {result['cpu_count']}; "
-                                               f"{cpu['steal_share']:.0%} stolen by the host")
+        lines.append(("b / a ceiling on this CPU",
+                      f"{result['cpu_ceiling_over_bare']:.3f} (decode shares the model's {cores} cores)"))
+    if pipeline.get("cpu"):
+        cpu = pipeline["cpu"]
+        lines.append(("cores busy during (b)",
+                      f"{cpu['busy_cores']:.2f} of {cores}; {cpu['steal_share']:.0%} stolen by the host"))
     if "keras_loop_images_per_second" in result:
-        table.add_row("(c) Keras-docs loop", f"{result['keras_loop_images_per_second']:.1f} images/s")
-        table.add_row("b / c", f"{result['pipeline_over_keras_loop']:.1f}")
-    table.add_row("startup (command to first commit)", f"{result['pipeline']['startup_seconds']:.1f} s")
-    add_stage_split(table, result["pipeline"]["timings"])
-    table.add_row("decode per core", f"{result['decode_images_per_second_per_core']:.0f} images/s; "
-                                     f"{result['cores_to_feed_bare_model']:.1f} cores feed the bare model")
+        lines.append(("(c) Keras-docs loop", f"{result['keras_loop_images_per_second']:.1f} images/s"))
+        lines.append(("b / c", f"{result['pipeline_over_keras_loop']:.1f}"))
+    lines.append(("startup (command to first commit)", f"{pipeline['startup_seconds']:.1f} s"))
+    lines += stage_split(pipeline["timings"])
+    lines.append(("decode per core", f"{result['decode_images_per_second_per_core']:.0f} images/s; "
+                                     f"{result['cores_to_feed_bare_model']:.1f} cores feed the bare model"))
     if "camera_jpeg_draft" in result:
         draft = result["camera_jpeg_draft"]
-        table.add_row("camera JPEG decode",
+        lines.append(("camera JPEG decode",
                       f"{draft['full_decode_ms']:.0f} ms full, {draft['draft_decode_ms']:.0f} ms draft margin "
-                      f"{draft['draft_margin']} ({draft['speedup']:.1f}x), {draft['draft_margin_1_ms']:.0f} ms margin 1")
-        table.add_row("camera JPEG pipeline", f"{result['camera_pipeline']['images_per_second']:.1f} images/s")
+                      f"{draft['draft_margin']} ({draft['speedup']:.1f}x), {draft['draft_margin_1_ms']:.0f} ms margin 1"))
+        lines.append(("camera JPEG pipeline", f"{result['camera_pipeline']['images_per_second']:.1f} images/s"))
     if "plan_memory" in result:
         memory = result["plan_memory"]
-        table.add_row("driver memory to plan", f"{memory['entries']:,} entries: peak RSS "
-                                               f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB")
-    console.print(table)
+        lines.append(("driver memory to plan",
+                      f"{memory['entries']:,} entries: peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB"))
+    console.print(charts.key_value_table("featurize bench", lines))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 
 from rich.console import Console
-from rich.table import Table
 
+from pipeline.charts import key_value_table
 from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
 from pipeline.output import lease, writer
@@ -14,24 +15,29 @@ from pipeline.output import lease, writer
 
 def print_extract_summary(success: dict, console: Console) -> None:
     rows, shards, seconds = success["rows"], success["shards"], success["seconds"]
-    table = Table(title="featurize extract", show_header=False)
-    table.add_row("output", success["output"])
-    table.add_row("rows", f"{rows['total']} ({rows['ok']} ok, {rows['error']} error)")
-    table.add_row("shards", f"{shards['committed']}/{shards['total']} committed, {shards['run']} run now")
-    table.add_row("throughput", f"{success.get('images_per_second', 0):.1f} images/s")
-    table.add_row("time", f"{seconds['total']:.1f} s total, {seconds['startup']:.1f} s to first commit")
-    add_stage_split(table, success.get("timings", {}))
-    for reason, count in sorted(success.get("errors_by_reason", {}).items()):
-        table.add_row("error", f"{count} x {reason}")
-    console.print(table)
+    console.print(key_value_table("featurize extract", [
+        ("output", success["output"]),
+        ("rows", f"{rows['total']} ({rows['ok']} ok, {rows['error']} error)"),
+        ("shards", f"{shards['committed']}/{shards['total']} committed, {shards['run']} run now"),
+        ("throughput", f"{success.get('images_per_second', 0):.1f} images/s"),
+        ("time", f"{seconds['total']:.1f} s total, {seconds['startup']:.1f} s to first commit"),
+        *stage_split(success.get("timings", {})),
+        *error_lines(sorted(success.get("errors_by_reason", {}).items()))]))
 
 
-def add_stage_split(table: Table, timings: dict) -> None:
-    """Per-stage seconds as shares (fetch/decode run in threads, so shares can overlap wall time)."""
-    if timings:
-        total = sum(timings.values()) or 1.0
-        table.add_row("stage split", ", ".join(f"{stage} {seconds:.1f}s ({seconds / total:.0%})"
-                                               for stage, seconds in sorted(timings.items())))
+def stage_split(timings: dict) -> list[tuple[str, str]]:
+    """Per-stage seconds as shares (fetch/decode run in threads, so shares can overlap wall time): one line,
+    none without timings."""
+    if not timings:
+        return []
+    total = sum(timings.values()) or 1.0
+    return [("stage split", ", ".join(f"{stage} {seconds:.1f}s ({seconds / total:.0%})"
+                                      for stage, seconds in sorted(timings.items())))]
+
+
+def error_lines(counts: Iterable[tuple[str, int]]) -> list[tuple[str, str]]:
+    """One line per error reason with its count of rows."""
+    return [("error", f"{count} x {reason}") for reason, count in counts]
 
 
 def inspect_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
@@ -61,71 +67,63 @@ def output_kind(output_uri: str, storage_options: dict | None = None) -> str:
 
 def inspect_train_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
     metrics = writer.read_json(storage.join(output_uri, writer.METRICS_FILE), storage_options)
-    table = Table(title=f"featurize inspect {redaction.redact(output_uri)} (classifier)", show_header=False)
-    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
-        if key in metrics:
-            table.add_row(key, f"{metrics[key]:.3f}")
-    for key in ("num_train", "num_test"):
-        if key in metrics:
-            table.add_row(key, str(metrics[key]))
-    table.add_row("classes", ", ".join(map(str, metrics.get("classes", []))))
-    console.print(table)
+    scores = [(key, f"{metrics[key]:.3f}") for key in ("accuracy", "balanced_accuracy", "macro_f1") if key in metrics]
+    counts = [(key, str(metrics[key])) for key in ("num_train", "num_test") if key in metrics]
+    console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)} (classifier)", [
+        *scores, *counts, ("classes", ", ".join(map(str, metrics.get("classes", []))))]))
     return {"kind": "train", **metrics}
+
+
+def ledger_summary(output_uri: str, num_shards: int, storage_options: dict | None) -> tuple[dict, dict]:
+    """Committed and pending shards of an extract or predict output with the rows they hold; and the commits."""
+    commits = writer.read_commits(output_uri, storage_options)
+    summary = {"shards_total": num_shards, "shards_committed": len(commits),
+               "shards_pending": num_shards - len(commits),
+               "finished": storage.exists(storage.join(output_uri, writer.SUCCESS_FILE), storage_options),
+               "rows_ok": sum(record.ok for record in commits.values()),
+               "rows_error": sum(record.error for record in commits.values())}
+    return summary, commits
+
+
+def status_line(summary: dict, unfinished_hint: str) -> tuple[str, str]:
+    return "status", "finished (_SUCCESS present)" if summary["finished"] else f"incomplete: {unfinished_hint}"
+
+
+def ledger_lines(summary: dict) -> list[tuple[str, str]]:
+    return [("rows", f"{summary['rows_ok']} ok, {summary['rows_error']} error"),
+            ("shards", f"{summary['shards_committed']} committed, {summary['shards_pending']} pending of "
+                       f"{summary['shards_total']}")]
 
 
 def inspect_predict_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
     plan = writer.read_json(storage.join(output_uri, writer.PLAN_FILE), storage_options)
-    commits = writer.read_commits(output_uri, storage_options)
-    finished = storage.exists(storage.join(output_uri, writer.SUCCESS_FILE), storage_options)
-    num_shards = len(plan.get("files", []))
-    summary = {"kind": "predict", "shards_total": num_shards, "shards_committed": len(commits),
-               "shards_pending": num_shards - len(commits), "finished": finished,
-               "rows_ok": sum(record.ok for record in commits.values()),
-               "rows_error": sum(record.error for record in commits.values()),
-               "model_uri": plan.get("model_uri"), "features_uri": plan.get("features_uri"),
-               "fingerprint": plan.get("fingerprint")}
-    table = Table(title=f"featurize inspect {redaction.redact(output_uri)} (predictions)", show_header=False)
-    table.add_row("status", "finished (_SUCCESS present)" if finished else "incomplete: rerun predict to finish")
-    table.add_row("rows", f"{summary['rows_ok']} ok, {summary['rows_error']} error")
-    table.add_row("shards", f"{len(commits)} committed, {summary['shards_pending']} pending of {num_shards}")
-    table.add_row("classifier", redaction.redact(str(summary["model_uri"])))
-    table.add_row("features", redaction.redact(str(summary["features_uri"])))
-    console.print(table)
+    summary, _ = ledger_summary(output_uri, len(plan.get("files", [])), storage_options)
+    summary = {"kind": "predict", **summary, "model_uri": plan.get("model_uri"),
+               "features_uri": plan.get("features_uri"), "fingerprint": plan.get("fingerprint")}
+    console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)} (predictions)", [
+        status_line(summary, "rerun predict to finish"), *ledger_lines(summary),
+        ("classifier", redaction.redact(str(summary["model_uri"]))),
+        ("features", redaction.redact(str(summary["features_uri"])))]))
     return summary
 
 
 def inspect_extract_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
     """Rows, error rows by reason, schema, provenance, committed vs pending shards of an extract output."""
     plan = writer.read_json(storage.join(output_uri, writer.PLAN_FILE), storage_options)
-    commits = writer.read_commits(output_uri, storage_options)
-    num_shards = -(-plan["num_images"] // plan["shard_size"])
-    finished = storage.exists(storage.join(output_uri, writer.SUCCESS_FILE), storage_options)
+    summary, commits = ledger_summary(output_uri, -(-plan["num_images"] // plan["shard_size"]), storage_options)
     reasons = collections.Counter()
     for record in commits.values():
         reasons.update(record.errors_by_reason)
-    summary = {
-        "images": plan["num_images"], "shards_total": num_shards, "shards_committed": len(commits),
-        "shards_pending": num_shards - len(commits), "finished": finished,
-        "rows_ok": sum(record.ok for record in commits.values()),
-        "rows_error": sum(record.error for record in commits.values()),
-        "errors_by_reason": dict(reasons), "fingerprint": plan["fingerprint"],
-    }
-    table = Table(title=f"featurize inspect {redaction.redact(output_uri)}", show_header=False)
-    table.add_row("status", "finished (_SUCCESS present)" if finished else "incomplete: resume to finish")
-    table.add_row("images", str(summary["images"]))
-    table.add_row("rows", f"{summary['rows_ok']} ok, {summary['rows_error']} error")
-    table.add_row("shards", f"{len(commits)} committed, {summary['shards_pending']} pending of {num_shards}")
-    table.add_row("fingerprint", plan["fingerprint"])
-    for reason, count in reasons.most_common():
-        table.add_row("error", f"{count} x {reason}")
+    summary = {"images": plan["num_images"], **summary, "errors_by_reason": dict(reasons),
+               "fingerprint": plan["fingerprint"]}
+    lines = [status_line(summary, "resume to finish"), ("images", str(summary["images"])), *ledger_lines(summary),
+             ("fingerprint", plan["fingerprint"]), *error_lines(reasons.most_common())]
     first_file = next((record.files[0] for record in commits.values() if record.files), None)
     if first_file:
         schema = writer.read_file_schema(output_uri, first_file, storage_options)
         summary["schema"] = str(schema.remove_metadata())
         summary["provenance"] = writer.read_file_metadata(output_uri, first_file, storage_options)
-        table.add_row("schema", summary["schema"])
-        for key, value in sorted(summary["provenance"].items()):
-            table.add_row(f"provenance.{key}", value)
-    console.print(table)
+        lines.append(("schema", summary["schema"]))
+        lines += [(f"provenance.{key}", value) for key, value in sorted(summary["provenance"].items())]
+    console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)}", lines))
     return summary
-

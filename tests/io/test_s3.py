@@ -12,6 +12,7 @@ searched for in every object the jobs wrote, in everything they printed or logge
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.client
 import io
 import json
@@ -64,13 +65,15 @@ class FaultyProxy:
     deny: GET/HEAD of a path containing one of these strings gets 403 AccessDenied, every time.
     refuse_all: every request gets 403 InvalidAccessKeyId (credentials the store does not know).
     latency: seconds added to every object GET (concurrency of fetches).
+    at: {("METHOD /path?query", n): fault}: the n-th such request gets that fault (e.g. the second ranged GET
+      of one object cut short), whatever fail_every says.
     """
 
     def __init__(self, upstream: str, fail_every: int = 0, faults=("slowdown",), deny=(), refuse_all=False,
-                 latency: float = 0.0):
+                 latency: float = 0.0, at: dict[tuple[str, int], str] | None = None):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
-        self.fail_every, self.faults, self.deny = fail_every, tuple(faults), tuple(deny)
+        self.fail_every, self.faults, self.deny, self.at = fail_every, tuple(faults), tuple(deny), dict(at or {})
         self.refuse_all, self.latency = refuse_all, latency
         self.counts: collections.Counter = collections.Counter()
         self.requests: collections.Counter = collections.Counter()  # by "METHOD /path?query"
@@ -108,7 +111,8 @@ class FaultyProxy:
     def decide(self, method: str, path: str) -> str | None:
         with self.lock:
             self.counts["requests"] += 1
-            self.requests[f"{method} {path}"] += 1
+            request = f"{method} {path}"
+            self.requests[request] += 1
             number = self.counts["requests"]
             if "list-type=2" in path:
                 self.counts["list pages"] += 1
@@ -118,6 +122,11 @@ class FaultyProxy:
             if method in ("GET", "HEAD") and any(key in path for key in self.deny):
                 self.counts["denied"] += 1
                 return "denied"
+            if (request, self.requests[request]) in self.at:
+                fault = self.at[request, self.requests[request]]
+                self.counts[fault] += 1
+                self.counts["injected"] += 1
+                return fault
             if self.fail_every and number % self.fail_every == 0:
                 fault = self.faults[(number // self.fail_every) % len(self.faults)]
                 if fault == "short" and (method != "GET" or "list-type" in path):
@@ -343,6 +352,19 @@ def test_transient_faults_are_retried_per_object(s3, bucket, moto_endpoint):
     assert s3_faults >= 5 and {"slowdown", "reset", "short"} <= set(proxy.counts)
     assert http_retries >= 1
     print(f"\n[s3 faults] {dict(proxy.counts)}; featurize retries on presigned URLs: {http_retries}")
+
+
+def test_a_checksum_read_cut_short_part_way_is_retried_from_the_first_byte(s3, bucket, moto_endpoint):
+    """A weights file is read in several ranged GETs; the second one cut short makes the read start again, and
+    the checksum (frozen into the plan's fingerprint) must be the object's, not two partial reads run together."""
+    data = os.urandom(3 * 2**20 + 12_345)
+    s3.pipe(f"{bucket}/models/big.weights.h5", data)
+    get = f"GET /{bucket}/models/big.weights.h5"
+    with FaultyProxy(moto_endpoint, at={(get, 2): "short"}) as proxy:
+        options = proxy.options(default_block_size=2**20)  # 1 MiB ranges: several GETs for one object
+        checksum = storage.sha256_of_uri(f"s3://{bucket}/models/big.weights.h5", options)
+    assert proxy.counts["short"] == 1 and proxy.requests[get] >= 3  # cut, then read again from the start
+    assert checksum == hashlib.sha256(data).hexdigest()
 
 
 def test_permanent_errors_are_not_retried(s3, bucket, moto_endpoint):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipeline.tools.bench import CpuMonitor, cpu_ceiling, plan_memory, read_cpu_counters
+from pipeline.tools.bench import CpuMonitor, cpu_ceiling, read_cpu_counters
+from pipeline.tools.plan_memory import plan_memory
 
 
 @pytest.mark.slow
