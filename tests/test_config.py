@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ExtractConfig, TrainConfig, load_config
+from pipeline.config import CompareConfig, ExtractConfig, TrainConfig, load_config
 from pipeline.errors import ConfigError
 
 
@@ -65,13 +65,9 @@ def test_every_shipped_config_loads():
     from pathlib import Path
 
     configs = Path(__file__).parent.parent / "configs"
-    from pipeline.tools.compare import load_compare_config
-
     for path in sorted(configs.glob("*.yaml")):
-        if path.stem == "compare":
-            load_compare_config(path)
-        else:
-            load_config(TrainConfig if path.stem == "train" else ExtractConfig, path)
+        kind = {"compare": CompareConfig, "train": TrainConfig}.get(path.stem, ExtractConfig)
+        load_config(kind, path)
 
 
 def test_unknown_zoo_backbone_fails_at_load_with_the_known_names(tmp_path):
