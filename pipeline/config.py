@@ -156,6 +156,24 @@ class ExtractConfig:
         return self
 
 
+SCHEDULING = "scheduling only: where and how fast rows are computed, not their values"
+FINGERPRINT_EXCLUDED = {  # the ExtractConfig keys that do not change the rows; every other key is fingerprinted
+    "input.storage_options": "how the input is reached (endpoint, credentials), not what it holds",
+    "model.weights_sha256": "a guard on the weights file, whose actual checksum is fingerprinted instead",
+    "model.trust": "permission to load Lambda layers; the model files themselves are fingerprinted",
+    "model.xla": "compiles the same computation",
+    "model.runtime": "keras and litert compute the same features (float32, within tolerance)",
+    "run.address": SCHEDULING, "run.actors": SCHEDULING, "run.gpus_per_actor": SCHEDULING,
+    "run.cpus_per_actor": SCHEDULING, "run.batch_size": SCHEDULING, "run.shards_in_flight_per_actor": SCHEDULING,
+    "run.decode_threads": SCHEDULING, "run.max_attempts": "retries only",
+    "run.max_error_rate": "when the job fails, not what it writes",
+    "output.uri": "where the rows go, not what they are", "output.mode": "what happens to an existing output",
+    "output.row_group_size": "Parquet layout, not values",
+    "output.storage_options": "how the output is reached (endpoint, credentials)",
+}
+FINGERPRINT_NAMES = {"input.uri": "input_uri"}  # a key's name in `_plan.json` where it is not its last part
+
+
 def check_runtime(model: ModelConfig, run: RunConfig, key: str = "model") -> None:
     """LiteRT is a float32 CPU runtime: GPU-only options contradict an explicit `model.runtime: litert`."""
     if model.runtime != "litert":

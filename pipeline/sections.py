@@ -214,4 +214,8 @@ def apply_override(data: dict, override: str) -> None:
             raise ConfigError(f"--set {override!r}: {part} is not a section")
     if not isinstance(node, dict):
         raise ConfigError(f"--set {override!r}: {'.'.join(parents)} is a list; name an item by its number")
-    node[leaf] = yaml.safe_load(raw_value)
+    try:
+        node[leaf] = yaml.safe_load(raw_value)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML: {describe_yaml_error(error)}; "
+                          "quote it, e.g. key='value'") from None
