@@ -93,6 +93,21 @@ def empty_if_none(cls, data: Any) -> Any:
     return {} if data is None else data
 
 
+def replace_keys(config: Any, changes: dict[str, Any]) -> Any:
+    """`config` with dotted keys set to typed values (`{"model.backbone": path}`), validated like any
+    construction: for code that builds a config, where a `--set` string would need YAML quoting."""
+    direct, nested = {}, {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, section_changes in nested.items():
+        direct[head] = replace_keys(getattr(config, head), section_changes)
+    return dataclasses.replace(config, **direct)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 EXPECTED = {"int_type": "expected a whole number", "float_type": "expected a number",

@@ -167,3 +167,14 @@ def test_fingerprint_equals_the_hand_kept_one_for_every_config(tmp_path, config_
         overrides = ["input.uri=imgs", "output.uri=out"] + [item.format(**files) for item in local + case]
         config = load_config(ExtractConfig, configs / f"{config_name}.yaml", overrides)
         assert fingerprint_inputs(config) == hand_kept_fingerprint_inputs(config), case
+
+
+def test_replace_keys_sets_typed_values_and_validates():
+    from pipeline.sections import replace_keys
+
+    config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
+    changed = replace_keys(config, {"input.uri": ("my #1: photos",), "model.input_size": 96, "run.batch_size": 8})
+    assert changed.input.uri == ("my #1: photos",) and changed.model.input_size == 96 and changed.run.batch_size == 8
+    assert changed.model.backbone == config.model.backbone
+    with pytest.raises(ConfigError, match=r"model\.draft_margin: got -1"):
+        replace_keys(config, {"model.draft_margin": -1})
