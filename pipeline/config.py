@@ -85,6 +85,9 @@ GpuShare = Annotated[Number | None, BeforeValidator(null_word),
 ErrorRate = Annotated[Number, rule(lambda value: 0.0 <= value <= 1.0, "allowed: a fraction in [0, 1]")]
 
 
+INPUT_URI_REQUIRED = "input.uri is required: a directory, glob or manifest file (or a list of them)"
+
+
 @section("input")
 class InputConfig:
     uri: Texts = ()  # dir, glob, or manifest (.csv/.parquet/.txt); a list of them is allowed
@@ -143,13 +146,10 @@ class ExtractConfig:
     run: RunConfig = field(default_factory=RunConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> ExtractConfig:
         """The keys every job needs and the rules across sections (each section checks its own keys)."""
         if not self.input.uri:
-            raise ConfigError("input.uri is required: a directory, glob or manifest file (or a list of them)")
+            raise ConfigError(INPUT_URI_REQUIRED)
         if not self.output.uri:
             raise ConfigError("output.uri is required: the directory (local or fsspec URI) to write Parquet to")
         check_runtime(self.model, self.run)
@@ -229,9 +229,6 @@ class TrainConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     output: TrainOutputConfig = field(default_factory=TrainOutputConfig)
-
-    def __post_init__(self):
-        self.validate()
 
     def validate(self) -> TrainConfig:
         if not self.features.uri:
@@ -314,12 +311,9 @@ class CompareConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     output: TrainOutputConfig = field(default_factory=TrainOutputConfig)
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> CompareConfig:
         if not self.input.uri:
-            raise ConfigError("input.uri is required: a directory, glob or manifest file (or a list of them)")
+            raise ConfigError(INPUT_URI_REQUIRED)
         if self.input.labels == "none":
             raise ConfigError("input.labels: got 'none'; compare needs labelled images: use from_dirs or the name "
                               "of a manifest column")

@@ -70,9 +70,12 @@ PositiveNumber = Annotated[Number, POSITIVE]
 
 
 def section(key: str):
-    """A frozen pydantic dataclass whose construction errors are `ConfigError`s naming `key.field`."""
+    """A frozen pydantic dataclass whose construction errors are `ConfigError`s naming `key.field`; its
+    `validate()` method, if it has one, runs after the keys are checked (required keys, rules across them)."""
     def decorate(cls):
         cls.empty_if_none = pydantic.model_validator(mode="before")(classmethod(empty_if_none))
+        if "validate" in vars(cls) and "__post_init__" not in vars(cls):
+            cls.__post_init__ = cls.validate  # rules across keys run once every key is checked
         cls = pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))(cls)
         cls.section_key = key
         validated_init = cls.__init__
