@@ -23,9 +23,9 @@ from pipeline.models.zoo import PREPROCESS_MODES, get_backbone, is_zoo_name
 from pipeline.sections import (
     AUTO_OR_COUNT,
     FRACTION_OPEN,
-    POSITIVE,
     Flag,
     MaybePositive,
+    MaybePositiveNumber,
     MaybeText,
     Number,
     Positive,
@@ -83,8 +83,6 @@ GpuShare = Annotated[Number | None, BeforeValidator(null_word),
                      rule(lambda value: value >= 0, "use 0 (CPU only), a fraction or a count of GPUs, or leave it "
                                                     "unset (auto)")]
 ErrorRate = Annotated[Number, rule(lambda value: 0.0 <= value <= 1.0, "allowed: a fraction in [0, 1]")]
-
-
 INPUT_URI_REQUIRED = "input.uri is required: a directory, glob or manifest file (or a list of them)"
 
 
@@ -120,8 +118,7 @@ class RunConfig:
     address: Text = ""  # Ray address; empty = start a local Ray
     actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # 0 = one per GPU, or one per node on CPU clusters
     gpus_per_actor: GpuShare = None  # None = 1 on GPU clusters, 0 on CPU
-    cpus_per_actor: Annotated[Number | None, BeforeValidator(null_word), POSITIVE] = None  # None = the node's
-    #                                                                              cores divided among its actors
+    cpus_per_actor: MaybePositiveNumber = None  # None = the node's cores divided among its actors
     batch_size: Positive = 32
     shard_size: Positive = 1000  # images per shard: the unit of work, retry and resume
     shards_in_flight_per_actor: Positive = 2  # work is pulled: bounded shards queued per actor
@@ -286,8 +283,8 @@ def candidate_list(value: Any) -> Any:
 
 @section("sample")
 class SampleConfig:
-    max_per_class: Annotated[Whole, rule(lambda value: value >= 0, "use 0 (all) or a positive count")] = 0  # else
-    #                                                           at most this many per label, chosen with `seed`
+    # 0 = every listed image; else at most this many per label, chosen with `seed`
+    max_per_class: Annotated[Whole, rule(lambda value: value >= 0, "use 0 (all) or a positive count")] = 0
     seed: Whole = 0
 
 

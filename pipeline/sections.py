@@ -4,7 +4,8 @@ pydantic's validation errors turned into `ConfigError`s that name the key, the v
 A section is a frozen pydantic dataclass (attribute access, keyword construction, `dataclasses.replace`
 and `asdict` as for any dataclass) that forbids unknown keys. Its errors read `KEY: got VALUE; FIX`, with
 KEY the dotted path from the top of the config (`candidates.0.pooling`), whether it is built from YAML or
-by keywords.
+by keywords. Also here: reading a YAML config and the one `--set a.b=c` parser every command uses, and
+`replace_keys` for code that changes keys with typed values.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ FRACTION_OPEN = rule(lambda value: 0.0 < value < 1.0, "allowed: a fraction in (0
 Positive = Annotated[Whole, POSITIVE]
 MaybePositive = Annotated[Whole | None, BeforeValidator(null_word), POSITIVE]
 PositiveNumber = Annotated[Number, POSITIVE]
+MaybePositiveNumber = Annotated[Number | None, BeforeValidator(null_word), POSITIVE]
 
 # ------------------------------------------------------------------------------------------ sections
 
