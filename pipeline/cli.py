@@ -15,7 +15,7 @@ import traceback
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import ExtractConfig, TrainConfig, load_config
+from pipeline.config import CompareConfig, ExtractConfig, TrainConfig, load_config
 from pipeline.errors import USER_ERRORS
 
 console = Console(stderr=False)  # results; progress, logs and errors go to stderr
@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=command_models)
 
     inspect = commands.add_parser("inspect", parents=[common],
-                                  help="summarise an extract output: rows, errors, schema, shards")
-    inspect.add_argument("output", help="output directory of `featurize extract`")
+                                  help="summarise an output of extract, predict or train: rows, errors, "
+                                       "schema, shards, metrics")
+    inspect.add_argument("output", help="output directory of `featurize extract`, `predict` or `train`")
     inspect.set_defaults(handler=command_inspect)
 
     lease = commands.add_parser("lease", help="the lease that keeps two runs off one output")
@@ -90,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "so that the next run need not wait for its expiry. A run still "
                                                    "alive that loses its lease stops without writing (exit 2).")
     break_.add_argument("output", help="the output directory (output.uri of extract, --output of predict)")
-    break_.add_argument("--config", help="a config whose output.storage_options reach the output (endpoint, "
-                                         "profile); without it the store's defaults")
+    add_config_arguments(break_, required=False,
+                         config_help="a config whose output.storage_options reach the output (endpoint, profile); "
+                                     "without it the store's defaults")
     break_.set_defaults(handler=command_lease_break)
 
     weights = commands.add_parser("weights", help="manage weights files")
@@ -127,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file")
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True,
+                         config_help: str = "YAML config file") -> None:
+    parser.add_argument("--config", required=required, help=config_help)
     # nargs="+" so that `--set run.batch_size 64` reaches load_config, which names the fix, instead of
     # argparse's top-level usage and "unrecognized arguments: 64"
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -165,9 +168,9 @@ def command_train(arguments) -> int:
 
 
 def command_compare(arguments) -> int:
-    from pipeline.tools.compare import compare, load_compare_config
+    from pipeline.tools.compare import compare
 
-    config = load_compare_config(arguments.config, arguments.set)
+    config = load_config(CompareConfig, arguments.config, arguments.set)
     compare(config, console)
     console.print(f"comparison written to {config.output.uri} (compare.json, compare.png)")
     return 0
@@ -208,13 +211,12 @@ def command_inspect(arguments) -> int:
 
 
 def command_lease_break(arguments) -> int:
-    from pipeline.config import read_yaml
     from pipeline.io import faults, redaction
     from pipeline.output import lease
+    from pipeline.sections import read_settings
 
-    options = {}
-    if arguments.config:
-        options = dict((read_yaml(arguments.config).get("output") or {}).get("storage_options") or {})
+    output = read_settings(arguments.config, arguments.set).get("output") or {}
+    options = dict(output.get("storage_options") or {}) if isinstance(output, dict) else {}
     try:
         holder = lease.break_lease(arguments.output, options)
     except Exception as error:  # noqa: BLE001 - a storage failure gets a clear message, the rest goes on up

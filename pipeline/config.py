@@ -1,82 +1,142 @@
-"""Configuration: frozen dataclasses with commented defaults, loaded from YAML plus `--set a.b=c` overrides.
+"""Configuration: the keys of every command as sections that validate themselves, loaded from YAML plus
+`--set a.b=c` overrides (one parser for every command; `candidates.1.weights=none` reaches into a list).
 
-The dataclasses are the one source of truth for every key. Unknown keys, wrong types and values outside
-the allowed set fail at once with a `ConfigError` naming the key, the value given and what is allowed.
+The sections are the one source of truth for every key: its type, its default (commented) and its rule;
+`pipeline.sections` says how they are checked. Defaults that belong to the code that applies them are
+taken from there (resize modes and draft margin from decoding, preprocess modes from the zoo).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import AfterValidator, BeforeValidator
 
 from pipeline.errors import ConfigError
+from pipeline.extract.decode import DEFAULT_DRAFT_MARGIN, RESIZE_MODES
+from pipeline.models.zoo import PREPROCESS_MODES, get_backbone, is_zoo_name
+from pipeline.sections import (
+    AUTO_OR_COUNT,
+    FRACTION_OPEN,
+    Flag,
+    MaybePositive,
+    MaybePositiveNumber,
+    MaybeText,
+    Number,
+    Positive,
+    PositiveNumber,
+    Text,
+    Texts,
+    Whole,
+    null_word,
+    read_settings,
+    rule,
+    section,
+)
+
+# ------------------------------------------------------------------------------------------ the file rules
+
+SAVED_MODEL_SUFFIXES = (".keras", ".h5")  # a whole saved Keras model; `.weights.h5` is weights only
+WEIGHTS_SUFFIX = ".weights.h5"
+WEIGHTS_KEYWORDS = ("imagenet", "none")  # the values of model.weights that are not a file
 
 
-def choice(default: Any, allowed: tuple) -> Any:
-    """A field restricted to `allowed` values."""
-    return field(default=default, metadata={"allowed": allowed})
+def weights_file_as_backbone(backbone: str) -> str:
+    return (f"{backbone!r} is a weights file, not a model; set model.backbone to a zoo name (`featurize models`) "
+            f"and model.weights: {backbone}")
 
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp")
+def is_saved_model_path(backbone: str) -> bool:
+    """The one rule for `model.backbone`: a saved-model file (path or URI) rather than a zoo name.
+    A weights file is neither and is refused, naming where it belongs."""
+    lowered = backbone.lower()
+    if lowered.endswith(WEIGHTS_SUFFIX):
+        raise ConfigError(f"model.backbone: {weights_file_as_backbone(backbone)}")
+    return lowered.endswith(SAVED_MODEL_SUFFIXES)
 
 
-@dataclass(frozen=True)
+def is_weights_file(weights: str) -> bool:
+    """`model.weights` names a file (path or URI) unless it is one of the keywords."""
+    return weights not in WEIGHTS_KEYWORDS
+
+
+def check_backbone(backbone: str) -> str:
+    """A zoo name must be known (fail before any cluster starts); a saved-model file is checked by the preflight."""
+    if backbone.lower().endswith(WEIGHTS_SUFFIX):
+        raise ValueError(weights_file_as_backbone(backbone))
+    if not is_saved_model_path(backbone):
+        get_backbone(backbone)  # a ConfigError naming the known backbones
+    return backbone
+
+
+# ------------------------------------------------------------------------------------------ extract
+
+Backbone = Annotated[Text, AfterValidator(check_backbone)]
+TopK = Annotated[Whole, rule(lambda value: value >= 0, "use 0 (no predictions) or a positive count")]
+DraftMargin = Annotated[Whole, rule(lambda value: value >= 0, "use 0 (off) or a positive factor")]
+GpuShare = Annotated[Number | None, BeforeValidator(null_word),
+                     rule(lambda value: value >= 0, "use 0 (CPU only), a fraction or a count of GPUs, or leave it "
+                                                    "unset (auto)")]
+ErrorRate = Annotated[Number, rule(lambda value: 0.0 <= value <= 1.0, "allowed: a fraction in [0, 1]")]
+INPUT_URI_REQUIRED = "input.uri is required: a directory, glob or manifest file (or a list of them)"
+
+
+@section("input")
 class InputConfig:
-    uri: tuple[str, ...] = ()  # dir, glob, or manifest (.csv/.parquet/.txt); a list of them is allowed
-    labels: str = "none"  # none | from_dirs | name of a manifest column
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # allow-list for directory and glob listings
+    uri: Texts = ()  # dir, glob, or manifest (.csv/.parquet/.txt); a list of them is allowed
+    labels: Text = "none"  # none | from_dirs | name of a manifest column
+    extensions: Texts = ("jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp")  # directory and glob listings
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, anon, profile...)
 
 
-@dataclass(frozen=True)
+@section("model")
 class ModelConfig:
-    backbone: str = "mobilenetv2"  # zoo name (`featurize models`) or path/URI of a saved .keras/.h5 model
-    weights: str = "imagenet"  # imagenet | none | path/URI of a weights file
-    weights_sha256: str | None = None  # refuse a weights file whose checksum differs
-    layer: str | None = None  # cut point; default: the pooled layer before the classifier
-    pooling: str = choice("avg", ("avg", "max"))  # applied when the cut layer is a spatial map
-    top_k: int = 5  # 0 = no predictions
-    class_names: str | None = None  # file with one class name a line (custom models)
-    input_size: int | None = None  # square input side; default: the backbone's native size
-    preprocess: str = choice("auto", ("auto", "caffe", "torch", "tf", "none"))  # auto: the zoo family's own
-    resize: str = choice("stretch", ("stretch", "center_crop", "pad"))  # how images meet the input size
-    draft_margin: int = 4  # JPEGs decode at reduced scale while staying >= this x the input size; 0 = off
-    trust: bool = False  # allow Lambda layers (arbitrary code) in saved models
-    mixed_precision: bool = False  # mixed_float16 compute (GPU option)
-    xla: bool = False  # jit-compile the forward function (GPU option; slow on CPU)
-    runtime: str = choice("auto", ("auto", "keras", "litert"))  # auto: litert on CPU-only actors, keras on GPUs
+    backbone: Backbone = "mobilenetv2"  # zoo name (`featurize models`) or path/URI of a saved .keras/.h5 model
+    weights: Text = "imagenet"  # imagenet | none | path/URI of a weights file
+    weights_sha256: MaybeText = None  # refuse a weights file whose checksum differs
+    layer: MaybeText = None  # cut point; default: the pooled layer before the classifier
+    pooling: Literal["avg", "max"] = "avg"  # applied when the cut layer is a spatial map
+    top_k: TopK = 5  # 0 = no predictions
+    class_names: MaybeText = None  # file with one class name a line (custom models)
+    input_size: MaybePositive = None  # square input side; default: the backbone's native size
+    preprocess: Literal[("auto", *PREPROCESS_MODES)] = "auto"  # auto: the zoo family's own
+    resize: Literal[RESIZE_MODES] = "stretch"  # how images meet the input size
+    draft_margin: DraftMargin = DEFAULT_DRAFT_MARGIN  # JPEGs decode at reduced scale, >= this x the input size
+    trust: Flag = False  # allow Lambda layers (arbitrary code) in saved models
+    mixed_precision: Flag = False  # mixed_float16 compute (GPU option)
+    xla: Flag = False  # jit-compile the forward function (GPU option; slow on CPU)
+    runtime: Literal["auto", "keras", "litert"] = "auto"  # auto: litert on CPU-only actors, keras on GPUs
 
 
-@dataclass(frozen=True)
+@section("run")
 class RunConfig:
-    address: str = ""  # Ray address; empty = start a local Ray
-    actors: int = 0  # 0 = one per GPU, or one per node on CPU clusters
-    gpus_per_actor: float | None = None  # None = 1 on GPU clusters, 0 on CPU
-    cpus_per_actor: float | None = None  # None = the node's cores divided among its actors
-    batch_size: int = 32
-    shard_size: int = 1000  # images per shard: the unit of work, retry and resume
-    shards_in_flight_per_actor: int = 2  # work is pulled: bounded shards queued per actor
-    decode_threads: int = 0  # fetch+decode threads per actor, ahead of the model; 0 = the actor's CPUs (min 4)
-    max_attempts: int = 3  # tries per shard before it is bisected / quarantined
-    max_error_rate: float = 0.1  # the job fails when error rows pass this fraction
+    address: Text = ""  # Ray address; empty = start a local Ray
+    actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # 0 = one per GPU, or one per node on CPU clusters
+    gpus_per_actor: GpuShare = None  # None = 1 on GPU clusters, 0 on CPU
+    cpus_per_actor: MaybePositiveNumber = None  # None = the node's cores divided among its actors
+    batch_size: Positive = 32
+    shard_size: Positive = 1000  # images per shard: the unit of work, retry and resume
+    shards_in_flight_per_actor: Positive = 2  # work is pulled: bounded shards queued per actor
+    decode_threads: Annotated[Whole, AUTO_OR_COUNT] = 0  # fetch+decode threads per actor; 0 = its CPUs (min 4)
+    max_attempts: Positive = 3  # tries per shard before it is bisected / quarantined
+    max_error_rate: ErrorRate = 0.1  # the job fails when error rows pass this fraction
 
 
-@dataclass(frozen=True)
+@section("output")
 class OutputConfig:
-    uri: str = ""  # output directory (local path or fsspec URI)
-    feature_dtype: str = choice("float32", ("float32", "float16"))
-    mode: str = choice("resume", ("resume", "overwrite", "error"))
-    row_group_size: int = 1024
+    uri: Text = ""  # output directory (local path or fsspec URI)
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    mode: Literal["resume", "overwrite", "error"] = "resume"
+    row_group_size: Positive = 1024
     storage_options: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@section("")
 class ExtractConfig:
     input: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -84,73 +144,83 @@ class ExtractConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> ExtractConfig:
+        """The keys every job needs and the rules across sections (each section checks its own keys)."""
         if not self.input.uri:
-            raise ConfigError("input.uri is required: a directory, glob or manifest file (or a list of them)")
+            raise ConfigError(INPUT_URI_REQUIRED)
         if not self.output.uri:
             raise ConfigError("output.uri is required: the directory (local or fsspec URI) to write Parquet to")
-        require_positive("run.batch_size", self.run.batch_size)
-        require_positive("run.shard_size", self.run.shard_size)
-        if self.run.decode_threads < 0:
-            raise ConfigError(f"run.decode_threads: got {self.run.decode_threads}; use 0 (auto) or a positive count")
-        require_positive("run.max_attempts", self.run.max_attempts)
-        require_positive("run.shards_in_flight_per_actor", self.run.shards_in_flight_per_actor)
-        if self.run.actors < 0:
-            raise ConfigError(f"run.actors: got {self.run.actors}; use 0 (auto) or a positive count")
-        if self.model.top_k < 0:
-            raise ConfigError(f"model.top_k: got {self.model.top_k}; use 0 (no predictions) or a positive count")
-        if not 0.0 <= self.run.max_error_rate <= 1.0:
-            raise ConfigError(f"run.max_error_rate: got {self.run.max_error_rate}; allowed: a fraction in [0, 1]")
-        check_backbone(self.model.backbone)
-        if self.model.draft_margin < 0:
-            raise ConfigError(f"model.draft_margin: got {self.model.draft_margin}; use 0 (off) or a positive factor")
-        if self.model.input_size is not None:
-            require_positive("model.input_size", self.model.input_size)
-        require_positive("output.row_group_size", self.output.row_group_size)
-        if self.run.cpus_per_actor is not None:
-            require_positive("run.cpus_per_actor", self.run.cpus_per_actor)
-        if self.run.gpus_per_actor is not None and self.run.gpus_per_actor < 0:
-            raise ConfigError(f"run.gpus_per_actor: got {self.run.gpus_per_actor}; use 0 (CPU only), a fraction "
-                              "or a count of GPUs, or leave it unset (auto)")
         check_runtime(self.model, self.run)
         return self
 
 
-@dataclass(frozen=True)
+SCHEDULING = "scheduling only: where and how fast rows are computed, not their values"
+FINGERPRINT_EXCLUDED = {  # the ExtractConfig keys that do not change the rows; every other key is fingerprinted
+    "input.storage_options": "how the input is reached (endpoint, credentials), not what it holds",
+    "model.weights_sha256": "a guard on the weights file, whose actual checksum is fingerprinted instead",
+    "model.trust": "permission to load Lambda layers; the model files themselves are fingerprinted",
+    "model.xla": "compiles the same computation",
+    "model.runtime": "keras and litert compute the same features (float32, within tolerance)",
+    "run.address": SCHEDULING, "run.actors": SCHEDULING, "run.gpus_per_actor": SCHEDULING,
+    "run.cpus_per_actor": SCHEDULING, "run.batch_size": SCHEDULING, "run.shards_in_flight_per_actor": SCHEDULING,
+    "run.decode_threads": SCHEDULING, "run.max_attempts": "retries only",
+    "run.max_error_rate": "when the job fails, not what it writes",
+    "output.uri": "where the rows go, not what they are", "output.mode": "what happens to an existing output",
+    "output.row_group_size": "Parquet layout, not values",
+    "output.storage_options": "how the output is reached (endpoint, credentials)",
+}
+FINGERPRINT_NAMES = {"input.uri": "input_uri"}  # a key's name in `_plan.json` where it is not its last part
+
+
+def check_runtime(model: ModelConfig, run: RunConfig, key: str = "model") -> None:
+    """LiteRT is a float32 CPU runtime: GPU-only options contradict an explicit `model.runtime: litert`."""
+    if model.runtime != "litert":
+        return
+    conflicts = [name for name, value in ((f"{key}.mixed_precision", model.mixed_precision), (f"{key}.xla", model.xla),
+                                          ("run.gpus_per_actor", (run.gpus_per_actor or 0) > 0)) if value]
+    if conflicts:
+        raise ConfigError(f"{key}.runtime: litert runs float32 on CPUs, but {', '.join(conflicts)} asks for a GPU "
+                          f"feature; set {key}.runtime: keras (or auto, which picks keras on GPUs)")
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+@section("features")
 class FeaturesConfig:
-    uri: tuple[str, ...] = ()  # one or more extract outputs
-    label_column: str = "label"
-    labels_file: str | None = None  # CSV/Parquet with `uri` and the label column, joined on uri
+    uri: Texts = ()  # one or more extract outputs
+    label_column: Text = "label"
+    labels_file: MaybeText = None  # CSV/Parquet with `uri` and the label column, joined on uri
     storage_options: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@section("classifier")
 class ClassifierConfig:
-    kind: str = choice("logistic", ("logistic", "mlp"))
-    regularization: float = 1.0  # inverse strength C for logistic regression
-    class_weight: str = choice("none", ("none", "balanced"))
-    hidden_units: int = 256  # mlp
-    dropout: float = 0.3  # mlp
-    epochs: int = 100  # mlp upper bound; early stopping ends sooner
-    batch_size: int = 256
-    max_in_memory_rows: int = 2_000_000  # above this, train from Parquet in batches
-    validation_fraction: float = 0.1  # share of the train split held back for early stopping
-    patience: int = 10  # epochs without validation improvement before early stopping
+    kind: Literal["logistic", "mlp"] = "logistic"
+    regularization: PositiveNumber = 1.0  # inverse strength C for logistic regression
+    class_weight: Literal["none", "balanced"] = "none"
+    hidden_units: Whole = 256  # mlp
+    dropout: Number = 0.3  # mlp
+    epochs: Positive = 100  # mlp upper bound; early stopping ends sooner
+    batch_size: Positive = 256
+    max_in_memory_rows: Positive = 2_000_000  # above this, train from Parquet in batches
+    validation_fraction: Annotated[Number, FRACTION_OPEN] = 0.1  # train split share held back for early stopping
+    patience: Positive = 10  # epochs without validation improvement before early stopping
 
 
-@dataclass(frozen=True)
+@section("split")
 class SplitConfig:
-    test_fraction: float = 0.2  # stratified holdout
-    seed: int = 0
-    column: str | None = None  # use a split column (values train/test) instead
+    test_fraction: Annotated[Number, FRACTION_OPEN] = 0.2  # stratified holdout
+    seed: Whole = 0
+    column: MaybeText = None  # use a split column (values train/test) instead
 
 
-@dataclass(frozen=True)
+@section("output")
 class TrainOutputConfig:
-    uri: str = ""
+    uri: Text = ""  # directory for the classifier, metrics and plots (compare: features, probes, comparison)
     storage_options: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@section("")
 class TrainConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -162,75 +232,128 @@ class TrainConfig:
             raise ConfigError("features.uri is required: the output directory of `featurize extract`")
         if not self.output.uri:
             raise ConfigError("output.uri is required: the directory to write the classifier and metrics to")
-        if not 0.0 < self.split.test_fraction < 1.0:
-            raise ConfigError(f"split.test_fraction: got {self.split.test_fraction}; allowed: a fraction in (0, 1)")
-        if not 0.0 < self.classifier.validation_fraction < 1.0:
-            raise ConfigError(f"classifier.validation_fraction: got {self.classifier.validation_fraction}; "
-                              "allowed: a fraction in (0, 1)")
-        require_positive("classifier.regularization", self.classifier.regularization)
-        require_positive("classifier.epochs", self.classifier.epochs)
-        require_positive("classifier.batch_size", self.classifier.batch_size)
-        require_positive("classifier.patience", self.classifier.patience)
-        require_positive("classifier.max_in_memory_rows", self.classifier.max_in_memory_rows)
         return self
 
 
-SAVED_MODEL_SUFFIXES = (".keras", ".h5")  # a whole saved Keras model; `.weights.h5` is weights only
+# ------------------------------------------------------------------------------------------ compare
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def is_saved_model_path(backbone: str) -> bool:
-    """The one rule for `model.backbone`: a saved-model file (path or URI) rather than a zoo name.
-    A weights file is neither and is refused, naming where it belongs."""
-    lowered = backbone.lower()
-    if lowered.endswith(".weights.h5"):
-        raise ConfigError(f"model.backbone: {backbone!r} is a weights file, not a model; set model.backbone to a "
-                          f"zoo name (`featurize models`) and model.weights: {backbone}")
-    return lowered.endswith(SAVED_MODEL_SUFFIXES)
+def default_name(candidate: CandidateConfig) -> str:
+    """The file stem or zoo name; `-random` for a random-init baseline, `-none`/`-custom` for zoo weights."""
+    stem = candidate.backbone.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in SAVED_MODEL_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
+    if candidate.random_init:
+        return f"{stem}-random"
+    if is_zoo_name(candidate.backbone) and candidate.weights != "imagenet":
+        return f"{stem}-none" if candidate.weights == "none" else f"{stem}-custom"
+    return stem
 
 
-def is_weights_file(weights: str) -> bool:
-    """`model.weights` names a file (path or URI) unless it is one of the keywords."""
-    return weights not in ("imagenet", "none")
+@section("candidate")
+class CandidateConfig(ModelConfig):
+    """One row of the comparison: every `model.*` key, plus a name and the random-init switch."""
+
+    top_k: TopK = 0  # predictions are not needed to compare features
+    name: Annotated[Text, rule(lambda value: not value or NAME_PATTERN.match(value), "use letters, digits, '.', "
+                               "'_' and '-' (it names output folders)")] = ""  # default: from the backbone
+    random_init: Flag = False  # the no-transfer baseline: same architecture, weights re-initialised
+    seed: Whole = 0  # seed of the random initialisation (random_init only)
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", default_name(self))  # frozen: set once, while being built
+
+    def model_config(self, **changes) -> ModelConfig:
+        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{**values, **changes})
 
 
-def check_backbone(backbone: str) -> None:
-    """A zoo name must be known (fail before any cluster starts); a saved-model file is checked by the preflight."""
-    from pipeline.models.zoo import get_backbone
-
-    if is_saved_model_path(backbone):
-        return
-    try:
-        get_backbone(backbone)
-    except ValueError as error:
-        raise ConfigError(f"model.backbone: {error}") from None
+def candidate_list(value: Any) -> Any:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"got {value!r}; expected a list of mappings (model.* keys plus name)")
+    return value
 
 
-def check_runtime(model: ModelConfig, run: RunConfig) -> None:
-    """LiteRT is a float32 CPU runtime: GPU-only options contradict an explicit `model.runtime: litert`."""
-    if model.runtime != "litert":
-        return
-    conflicts = [key for key, value in (("model.mixed_precision", model.mixed_precision), ("model.xla", model.xla),
-                                        ("run.gpus_per_actor", (run.gpus_per_actor or 0) > 0)) if value]
-    if conflicts:
-        raise ConfigError(f"model.runtime: litert runs float32 on CPUs, but {', '.join(conflicts)} asks for a GPU "
-                          "feature; set model.runtime: keras (or auto, which picks keras on GPUs)")
+@section("sample")
+class SampleConfig:
+    # 0 = every listed image; else at most this many per label, chosen with `seed`
+    max_per_class: Annotated[Whole, rule(lambda value: value >= 0, "use 0 (all) or a positive count")] = 0
+    seed: Whole = 0
 
 
-def require_positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}: got {value}; it must be a positive number")
+@section("probe")
+class ProbeConfig:
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # as train's `classifier.*`
+    split: SplitConfig = field(default_factory=SplitConfig)  # as train's `split.*`: one split for every candidate
+    # accuracies within this of the best count as tied ...
+    tie_tolerance: Annotated[Number, rule(lambda value: 0.0 <= value < 1.0, "allowed: a fraction in [0, 1)")] = 0.01
+    # ... and a tied candidate at least this many times faster is recommended instead
+    min_speedup: Annotated[Number, rule(lambda value: value >= 1.0, "allowed: a factor >= 1 (1 = the fastest tied "
+                                                                    "candidate always wins)")] = 1.5
+
+
+@section("")
+class CompareConfig:
+    input: InputConfig = field(default_factory=InputConfig)  # as extract's `input.*`; labels are required
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    candidates: Annotated[tuple[CandidateConfig, ...], BeforeValidator(candidate_list)] = ()  # model.* + name
+    run: RunConfig = field(default_factory=RunConfig)  # as extract's `run.*`, for every candidate
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    output: TrainOutputConfig = field(default_factory=TrainOutputConfig)
+
+    def validate(self) -> CompareConfig:
+        if not self.input.uri:
+            raise ConfigError(INPUT_URI_REQUIRED)
+        if self.input.labels == "none":
+            raise ConfigError("input.labels: got 'none'; compare needs labelled images: use from_dirs or the name "
+                              "of a manifest column")
+        if not self.output.uri:
+            raise ConfigError("output.uri is required: the directory to write features, probes and the comparison to")
+        if not self.candidates:
+            raise ConfigError("candidates: none given; list at least one, e.g. "
+                              "[{name: mobilenetv2, backbone: mobilenetv2, weights: imagenet}]")
+        names = [candidate.name for candidate in self.candidates]
+        for index, candidate in enumerate(self.candidates):
+            key = f"candidates.{index}"
+            if candidate.name in names[:index]:
+                raise ConfigError(f"{key}.name: {candidate.name!r} is used by more than one candidate "
+                                  f"(candidates.{names.index(candidate.name)} too); names must be unique: set name:")
+            if candidate.random_init and candidate.top_k:
+                raise ConfigError(f"{key}.top_k: got {candidate.top_k} with random_init: true; a re-initialised "
+                                  "head predicts noise: use top_k: 0")
+            if candidate.random_init and is_weights_file(candidate.weights):
+                raise ConfigError(f"{key}.weights: got {candidate.weights!r} with random_init: true; the baseline "
+                                  "re-initialises every weight, so a weights file would be thrown away: drop weights")
+            check_runtime(candidate, self.run, key)
+        return self
+
+
+# ------------------------------------------------------------------------------------------ loading
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()):
     """Read YAML (if given), apply `a.b=c` overrides, and build a validated `cls` instance."""
-    data = read_yaml(path)
-    check_override_pairs(overrides)
-    for override in overrides:
-        apply_override(data, override)
-    config = build(cls, data, prefix="").validate()
+    data = read_settings(path, overrides)
+    config = build(cls, data)
     if cls is ExtractConfig:
         check_explicit_weights(config.model, data.get("model") or {})
     return config
+
+
+def build(cls: type, data: dict):
+    """`cls` from a nested mapping of sections (a YAML document)."""
+    unknown = sorted(str(name) for name in data if not isinstance(name, str))
+    if unknown:
+        allowed = ", ".join(item.name for item in dataclasses.fields(cls))
+        raise ConfigError(f"config: unknown key(s) {', '.join(unknown)}; allowed keys: {allowed}")
+    return cls(**data)
 
 
 def check_explicit_weights(model: ModelConfig, given: dict) -> None:
@@ -242,121 +365,10 @@ def check_explicit_weights(model: ModelConfig, given: dict) -> None:
                           "file to load into the saved model)")
 
 
-def read_yaml(path: str | Path | None) -> dict:
-    """The mapping of sections in a YAML config file (empty without a file)."""
-    if path is None:
-        return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {describe_yaml_error(error)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def describe_yaml_error(error: yaml.YAMLError) -> str:
-    """`line L, column C: problem` (1-based, as editors count) instead of PyYAML's multi-line report."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error)
-    context = getattr(error, "context", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + (f"{problem} ({context})" if context else problem)
-
-
-def check_override_pairs(overrides: typing.Sequence[str]) -> None:
-    """`--set run.batch_size 64` (a space for the '='): name the exact fix instead of argparse's usage text."""
-    for index, override in enumerate(overrides):
-        if "=" in override:
-            continue
-        following = overrides[index + 1] if index + 1 < len(overrides) else None
-        if following is not None and "=" not in following:
-            raise ConfigError(f"--set {override} {following}: write the key and value joined by '=', "
-                              f"e.g. --set {override}={following}")
-        raise ConfigError(f"--set {override}: expected key=value, e.g. --set run.batch_size=64")
-
-
-def apply_override(data: dict, override: str) -> None:
-    key, separator, raw_value = override.partition("=")
-    if not separator or not key:
-        raise ConfigError(f"--set {override!r}: expected key=value, e.g. --set run.batch_size=64")
-    *parents, leaf = key.strip().split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw_value)
-
-
-def build(cls: type, data: Any, prefix: str):
-    """Turn a nested mapping into dataclass `cls`, checking every key, type and allowed value."""
-    section = prefix.rstrip(".") or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{section}: expected a mapping of keys, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        key = prefix + name
-        field_type = hints[name]
-        if dataclasses.is_dataclass(field_type):
-            values[name] = build(field_type, value, key + ".")
-            continue
-        values[name] = coerce(key, value, field_type)
-        allowed = fields[name].metadata.get("allowed")
-        if allowed and values[name] not in allowed:
-            raise ConfigError(f"{key}: got {value!r}; allowed values: {', '.join(map(str, allowed))}")
-    return cls(**values)
-
-
-def coerce(key: str, value: Any, field_type: Any) -> Any:
-    """Check `value` against a simple annotation (str, int, float, bool, dict, tuple[str, ...], X | None)."""
-    origin = typing.get_origin(field_type)
-    if origin in (typing.Union, types.UnionType):
-        options = [option for option in typing.get_args(field_type) if option is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "~")):
-            return None
-        return coerce(key, value, options[0])
-    if origin is tuple:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-            raise ConfigError(f"{key}: got {value!r}; expected a string or a list of strings")
-        return tuple(items)
-    if field_type is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: got {value!r}; allowed values: true, false")
-        return value
-    if field_type is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: got {value!r}; expected a whole number")
-        return value
-    if field_type is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: got {value!r}; expected a number")
-        return float(value)
-    if field_type is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: got {value!r}; expected a mapping")
-        return value
-    if field_type is str:
-        if isinstance(value, bool) or value is None:
-            raise ConfigError(f"{key}: got {value!r}; expected a string")
-        return str(value)
-    raise TypeError(f"unsupported config annotation {field_type} for {key}")
-
-
 def to_dict(config: Any) -> dict:
     """Plain nested dict of a config (for logs and provenance); storage options are left out (secrets)."""
     result = dataclasses.asdict(config)
-    for section in result.values():
-        if isinstance(section, dict):
-            section.pop("storage_options", None)
+    for section_values in result.values():
+        if isinstance(section_values, dict):
+            section_values.pop("storage_options", None)
     return result

@@ -155,3 +155,20 @@ def test_predict_with_a_missing_model_or_features_names_the_option(tmp_path, cap
     assert main(["predict", "--model", str(tmp_path / "nope"), "--features", str(tmp_path),
                  "--output", str(tmp_path / "out")]) == 2
     assert "--model:" in capsys.readouterr().err
+
+
+def test_inspect_help_names_every_output_it_reads(capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(stage in text for stage in ("extract", "predict", "train"))
+
+
+def test_lease_break_takes_set_like_every_config_command(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("input: {uri: x}\noutput: {uri: y}\n")
+    arguments = ["lease", "break", str(tmp_path), "--config", str(config)]
+    assert main([*arguments, "--set", "output.storage_options={auto_mkdir: true}"]) == 0
+    assert "has no lease: nothing to break" in " ".join(capsys.readouterr().out.split())
+    assert main([*arguments, "--set", "output.storage_options", "{}"]) == 2
+    assert "--set output.storage_options={}" in " ".join(capsys.readouterr().err.split())

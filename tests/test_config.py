@@ -1,6 +1,17 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from pipeline.config import ExtractConfig, TrainConfig, load_config
+from pipeline.config import (
+    FINGERPRINT_EXCLUDED,
+    FINGERPRINT_NAMES,
+    CompareConfig,
+    ExtractConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+)
 from pipeline.errors import ConfigError
 
 
@@ -62,16 +73,10 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    from pathlib import Path
-
     configs = Path(__file__).parent.parent / "configs"
-    from pipeline.tools.compare import load_compare_config
-
     for path in sorted(configs.glob("*.yaml")):
-        if path.stem == "compare":
-            load_compare_config(path)
-        else:
-            load_config(TrainConfig if path.stem == "train" else ExtractConfig, path)
+        kind = {"compare": CompareConfig, "train": TrainConfig}.get(path.stem, ExtractConfig)
+        load_config(kind, path)
 
 
 def test_unknown_zoo_backbone_fails_at_load_with_the_known_names(tmp_path):
@@ -80,3 +85,96 @@ def test_unknown_zoo_backbone_fails_at_load_with_the_known_names(tmp_path):
         load_config(ExtractConfig, path)
     assert "model.backbone" in str(raised.value) and "resnet50" in str(raised.value)
     load_config(ExtractConfig, path, ["model.backbone=s3://bucket/my_model.keras"])  # checked when loaded
+
+
+def test_weights_file_as_backbone_fails_at_load(tmp_path):
+    path = write(tmp_path, "input: {uri: imgs}\noutput: {uri: out}\nmodel: {backbone: x.weights.h5}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(ExtractConfig, path)
+    assert "model.backbone" in str(raised.value) and "is a weights file" in str(raised.value)
+    assert "model.weights: x.weights.h5" in str(raised.value)  # the fix
+
+
+def test_keyword_construction_validates_and_names_the_key():
+    assert ModelConfig(backbone="resnet50", input_size=96).input_size == 96
+    with pytest.raises(ConfigError, match=r"model\.pooling: got 'mean'; allowed values: avg, max"):
+        ModelConfig(pooling="mean")
+    with pytest.raises(ConfigError, match=r"model: unknown key\(s\) bakbone; .*\(did you mean backbone\?\)"):
+        ModelConfig(bakbone="resnet50")
+
+
+# --- the fingerprint: every key of the config but an explicit exclusion list ---------------------------------
+
+
+def test_every_extract_key_is_fingerprinted_or_excluded_with_a_reason(tmp_path):
+    from pipeline.extract.plan import fingerprint_inputs
+
+    config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
+    fingerprinted = set(fingerprint_inputs(config))
+    keys = {f"{section.name}.{item.name}" for section in dataclasses.fields(config)
+            for item in dataclasses.fields(getattr(config, section.name))}
+    for key in keys - set(FINGERPRINT_EXCLUDED):
+        assert FINGERPRINT_NAMES.get(key, key.split(".")[1]) in fingerprinted, key
+    assert set(FINGERPRINT_EXCLUDED) <= keys  # no stale entries
+    assert all(reason.strip() for reason in FINGERPRINT_EXCLUDED.values())
+    # a new key must be classified: the fingerprinted set is the one existing outputs recorded
+    assert fingerprinted == set(hand_kept_fingerprint_inputs(config))
+
+
+def hand_kept_fingerprint_inputs(config: ExtractConfig) -> dict:
+    """The fingerprint as it was kept by hand, key by key: what every existing _plan.json recorded."""
+    from pipeline.extract.plan import model_files
+    from pipeline.io import redaction, storage
+
+    model = config.model
+    checksums = {key: storage.sha256_of_uri(uri, config.input.storage_options) for key, uri in model_files(config)}
+    return {
+        "backbone": redaction.redact(model.backbone), "backbone_sha256": checksums.get("model.backbone"),
+        "weights": redaction.redact(model.weights), "weights_sha256": checksums.get("model.weights"),
+        "layer": model.layer, "pooling": model.pooling, "input_size": model.input_size,
+        "preprocess": model.preprocess, "resize": model.resize, "draft_margin": model.draft_margin,
+        "top_k": model.top_k, "class_names": redaction.redact(model.class_names),
+        "class_names_sha256": checksums.get("model.class_names"), "mixed_precision": model.mixed_precision,
+        "feature_dtype": config.output.feature_dtype,
+        "input_uri": [redaction.redact(uri) for uri in config.input.uri], "labels": config.input.labels,
+        "extensions": list(config.input.extensions), "shard_size": config.run.shard_size,
+    }
+
+
+FINGERPRINT_CASES = [  # overrides on top of each shipped extract config: the test configs' variety
+    [], ["model.layer=block_13_expand", "model.pooling=max", "model.resize=pad", "model.draft_margin=0"],
+    ["model.input_size=96", "model.preprocess=tf", "model.top_k=0", "output.feature_dtype=float16"],
+    ["input.labels=from_dirs", "input.extensions=[jpg, png]", "run.shard_size=128", "model.mixed_precision=true",
+     "run.batch_size=7", "run.actors=2", "model.xla=true", "model.trust=true", "output.mode=overwrite"],
+    ["input.uri=['https://user:pw@host/a.csv?X-Amz-Signature=abc', 's3://bucket/b/*.jpg']", "input.labels=json:label"],
+    ["model.backbone={saved}", "model.class_names={names}", "model.runtime=litert", "model.weights=none"],
+    ["model.backbone={saved}", "model.weights={weights}", "model.weights_sha256=abc"],
+    ["model.backbone=resnet50", "model.weights={weights}", "input.labels=member:cls"],
+]
+
+
+@pytest.mark.parametrize("config_name", ["demo", "densenet121", "inceptionv3", "resnet50", "vgg16"])
+def test_fingerprint_equals_the_hand_kept_one_for_every_config(tmp_path, config_name):
+    """Outputs written before the fingerprint was derived from the config must still resume."""
+    from pipeline.extract.plan import fingerprint_inputs
+
+    files = {"saved": tmp_path / "model.keras", "weights": tmp_path / "m.weights.h5", "names": tmp_path / "n.txt"}
+    for name, path in files.items():
+        path.write_bytes(name.encode())
+    configs = Path(__file__).parent.parent / "configs"
+    for case in FINGERPRINT_CASES:
+        local = ["model.backbone={saved}", "model.class_names={names}"] if config_name == "demo" else []
+        overrides = ["input.uri=imgs", "output.uri=out"] + [item.format(**files) for item in local + case]
+        config = load_config(ExtractConfig, configs / f"{config_name}.yaml", overrides)
+        assert fingerprint_inputs(config) == hand_kept_fingerprint_inputs(config), case
+
+
+def test_replace_keys_sets_typed_values_and_validates():
+    from pipeline.sections import replace_keys
+
+    config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
+    changed = replace_keys(config, {"input.uri": ("my #1: photos",), "model.input_size": 96, "run.batch_size": 8})
+    assert changed.input.uri == ("my #1: photos",) and changed.model.input_size == 96 and changed.run.batch_size == 8
+    assert changed.model.backbone == config.model.backbone
+    with pytest.raises(ConfigError, match=r"model\.draft_margin: got -1"):
+        replace_keys(config, {"model.draft_margin": -1})

@@ -7,6 +7,7 @@ images. A run whose fingerprint differs from the frozen one is refused with the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -15,7 +16,13 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ExtractConfig, is_saved_model_path, is_weights_file
+from pipeline.config import (
+    FINGERPRINT_EXCLUDED,
+    FINGERPRINT_NAMES,
+    ExtractConfig,
+    is_saved_model_path,
+    is_weights_file,
+)
 from pipeline.errors import ConfigError
 from pipeline.extract.listing import list_images
 from pipeline.io import faults, redaction, storage
@@ -65,31 +72,25 @@ def check_model_files(config: ExtractConfig) -> None:
 
 
 def fingerprint_inputs(config: ExtractConfig) -> dict:
-    """Everything that changes the rows: model identity (checksums of files), cut, input, dtype, inputs."""
-    model = config.model
-    options = config.input.storage_options
-    checksums = {key: storage.sha256_of_uri(uri, options) for key, uri in model_files(config)}
-    return {
-        "backbone": redaction.redact(model.backbone),
-        "backbone_sha256": checksums.get("model.backbone"),
-        "weights": redaction.redact(model.weights),
-        "weights_sha256": checksums.get("model.weights"),
-        "layer": model.layer,
-        "pooling": model.pooling,
-        "input_size": model.input_size,
-        "preprocess": model.preprocess,
-        "resize": model.resize,
-        "draft_margin": model.draft_margin,
-        "top_k": model.top_k,
-        "class_names": redaction.redact(model.class_names),
-        "class_names_sha256": checksums.get("model.class_names"),  # the names land in top_k_labels
-        "mixed_precision": model.mixed_precision,
-        "feature_dtype": config.output.feature_dtype,
-        "input_uri": [redaction.redact(uri) for uri in config.input.uri],  # _plan.json holds no signature
-        "labels": config.input.labels,
-        "extensions": list(config.input.extensions),
-        "shard_size": config.run.shard_size,
-    }
+    """Everything that changes the rows: every config key but FINGERPRINT_EXCLUDED, texts redacted (_plan.json
+    holds no signature), and the checksum of each model file (`backbone_sha256`: None when not a file)."""
+    inputs = {}
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for item in dataclasses.fields(values):
+            key = f"{section.name}.{item.name}"
+            if key not in FINGERPRINT_EXCLUDED:
+                inputs[FINGERPRINT_NAMES.get(key, item.name)] = fingerprint_value(getattr(values, item.name))
+    checksums = {key: storage.sha256_of_uri(uri, config.input.storage_options) for key, uri in model_files(config)}
+    for key in ("model.backbone", "model.weights", "model.class_names"):  # the names land in top_k_labels
+        inputs[f"{key.split('.')[1]}_sha256"] = checksums.get(key)
+    return inputs
+
+
+def fingerprint_value(value):
+    if isinstance(value, tuple):
+        return [fingerprint_value(item) for item in value]
+    return redaction.redact(value) if isinstance(value, str) else value
 
 
 def digest(document: dict) -> str:

@@ -37,34 +37,28 @@ Output (any fsspec URI):
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
-import re
 import tempfile
 import time
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.charts import figure_png
 from pipeline.config import (
-    ClassifierConfig,
+    CandidateConfig,
+    CompareConfig,
     ExtractConfig,
     FeaturesConfig,
     InputConfig,
     ModelConfig,
     OutputConfig,
-    RunConfig,
-    SplitConfig,
     TrainConfig,
     TrainOutputConfig,
-    apply_override,
-    build,
-    read_yaml,
+    is_saved_model_path,
+    is_weights_file,
     to_dict,
 )
 from pipeline.errors import ConfigError
@@ -74,152 +68,6 @@ from pipeline.output import writer
 COMPARE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
 SAMPLE_FILE = "sample.parquet"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-CANDIDATE_OVERRIDE = re.compile(r"^candidates\.(\d+)\.(.+)$")
-
-
-# ------------------------------------------------------------------------------------------------ config
-
-
-@dataclass(frozen=True)
-class CandidateConfig(ModelConfig):
-    """One row of the comparison: every `model.*` key, plus a name and the random-init switch."""
-
-    top_k: int = 0  # predictions are not needed to compare features
-    name: str = ""  # row name (table, plot, JSON, output folders); default: from the backbone
-    random_init: bool = False  # the no-transfer baseline: same architecture, weights re-initialised
-    seed: int = 0  # seed of the random initialisation (random_init only)
-
-    def model_config(self, **changes) -> ModelConfig:
-        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{**values, **changes})
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    max_per_class: int = 0  # 0 = every listed image; else at most this many per label, chosen with `seed`
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # as train's `classifier.*`
-    split: SplitConfig = field(default_factory=SplitConfig)  # as train's `split.*`: one split for every candidate
-    tie_tolerance: float = 0.01  # accuracies within this of the best count as tied ...
-    min_speedup: float = 1.5  # ... and a tied candidate at least this many times faster is recommended instead
-
-
-@dataclass(frozen=True)
-class CompareOutputConfig:
-    uri: str = ""  # directory for features, probes, compare.json and compare.png (local or fsspec URI)
-    storage_options: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    input: InputConfig = field(default_factory=InputConfig)  # as extract's `input.*`; labels are required
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    candidates: tuple[CandidateConfig, ...] = ()  # a list of `model.*` mappings with `name` (and `random_init`)
-    run: RunConfig = field(default_factory=RunConfig)  # as extract's `run.*`, for every candidate
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    output: CompareOutputConfig = field(default_factory=CompareOutputConfig)
-
-    def validate(self) -> CompareConfig:
-        if not self.input.uri:
-            raise ConfigError("input.uri is required: a directory, glob or manifest file (or a list of them)")
-        if self.input.labels == "none":
-            raise ConfigError("input.labels: got 'none'; compare needs labelled images: use from_dirs or the name "
-                              "of a manifest column")
-        if not self.output.uri:
-            raise ConfigError("output.uri is required: the directory to write features, probes and the comparison to")
-        if not self.candidates:
-            raise ConfigError("candidates: none given; list at least one, e.g. "
-                              "[{name: mobilenetv2, backbone: mobilenetv2, weights: imagenet}]")
-        if self.sample.max_per_class < 0:
-            raise ConfigError(f"sample.max_per_class: got {self.sample.max_per_class}; use 0 (all) or a positive count")
-        if not 0.0 <= self.probe.tie_tolerance < 1.0:
-            raise ConfigError(f"probe.tie_tolerance: got {self.probe.tie_tolerance}; allowed: a fraction in [0, 1)")
-        if self.probe.min_speedup < 1.0:
-            raise ConfigError(f"probe.min_speedup: got {self.probe.min_speedup}; allowed: a factor >= 1 (1 = the "
-                              "fastest tied candidate always wins)")
-        ExtractConfig(input=self.input, run=self.run, output=OutputConfig(uri=self.output.uri)).validate()
-        try:
-            TrainConfig(features=FeaturesConfig(uri=("-",)), classifier=self.probe.classifier,
-                        split=self.probe.split, output=TrainOutputConfig(uri="-")).validate()
-        except ConfigError as error:
-            raise ConfigError(f"probe.{error}") from None
-        names = [candidate.name for candidate in self.candidates]
-        for index, candidate in enumerate(self.candidates):
-            key = f"candidates.{index}"
-            if not NAME_PATTERN.match(candidate.name):
-                raise ConfigError(f"{key}.name: got {candidate.name!r}; use letters, digits, '.', '_' and '-' "
-                                  "(it names output folders)")
-            if candidate.name in names[:index]:
-                raise ConfigError(f"{key}.name: {candidate.name!r} is used by more than one candidate "
-                                  f"(candidates.{names.index(candidate.name)} too); names must be unique: set name:")
-            if candidate.random_init and candidate.top_k:
-                raise ConfigError(f"{key}.top_k: got {candidate.top_k} with random_init: true; a re-initialised "
-                                  "head predicts noise: use top_k: 0")
-            if candidate.random_init and candidate.weights not in ("imagenet", "none"):
-                raise ConfigError(f"{key}.weights: got {candidate.weights!r} with random_init: true; the baseline "
-                                  "re-initialises every weight, so a weights file would be thrown away: drop weights")
-            try:  # extract's model.* checks (top_k, input_size, draft_margin), named with this candidate's key
-                ExtractConfig(input=self.input, model=candidate.model_config(), run=self.run,
-                              output=OutputConfig(uri=self.output.uri)).validate()
-            except ConfigError as error:
-                raise ConfigError(str(error).replace("model.", f"{key}.")) from None
-        return self
-
-
-def default_name(candidate: CandidateConfig) -> str:
-    """The file stem or zoo name; `-random` for a random-init baseline, `-none`/`-custom` for zoo weights."""
-    from pipeline.models.zoo import is_zoo_name
-
-    stem = candidate.backbone.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".keras", ".h5"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
-    if candidate.random_init:
-        return f"{stem}-random"
-    if is_zoo_name(candidate.backbone) and candidate.weights != "imagenet":
-        return f"{stem}-none" if candidate.weights == "none" else f"{stem}-custom"
-    return stem
-
-
-def load_compare_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> CompareConfig:
-    """YAML plus `--set` overrides (`candidates.1.weights=none` reaches into the list) -> a valid CompareConfig."""
-    data = read_yaml(path)
-    for override in overrides:
-        key, separator, raw_value = override.partition("=")
-        match = CANDIDATE_OVERRIDE.match(key.strip()) if separator else None
-        if match is None:
-            apply_override(data, override)
-            continue
-        index, leaf = int(match[1]), match[2]
-        candidates = data.get("candidates") or []
-        if not isinstance(candidates, list) or index >= len(candidates):
-            raise ConfigError(f"--set {override!r}: there is no candidates.{index} (the config lists "
-                              f"{len(candidates) if isinstance(candidates, list) else 0} candidates)")
-        if not isinstance(candidates[index], dict):
-            raise ConfigError(f"--set {override!r}: candidates.{index} is not a mapping")
-        apply_override(candidates[index], f"{leaf}={raw_value}")
-    return build_compare_config(data)
-
-
-def build_compare_config(data: dict) -> CompareConfig:
-    data = dict(data)
-    raw_candidates = data.pop("candidates", None) or []
-    if not isinstance(raw_candidates, list):
-        raise ConfigError(f"candidates: expected a list of mappings (model.* keys plus name), got {raw_candidates!r}")
-    config = build(CompareConfig, data, prefix="")
-    candidates = []
-    for index, raw in enumerate(raw_candidates):
-        candidate = build(CandidateConfig, raw, prefix=f"candidates.{index}.")
-        if not candidate.name:
-            candidate = dataclasses.replace(candidate, name=default_name(candidate))
-        candidates.append(candidate)
-    return dataclasses.replace(config, candidates=tuple(candidates)).validate()
 
 
 # ------------------------------------------------------------------------------------------------ sample
@@ -260,10 +108,9 @@ def random_init_model(candidate: CandidateConfig, storage_options: dict | None =
     """The candidate's architecture with freshly initialised weights, seeded by `candidate.seed`."""
     import keras
 
-    from pipeline.models.extractor import is_saved_model
     from pipeline.models.zoo import get_backbone
 
-    if is_saved_model(candidate.backbone):
+    if is_saved_model_path(candidate.backbone):
         with storage.local_copy(candidate.backbone, storage_options) as path:
             original = keras.models.load_model(path, compile=False, safe_mode=not candidate.trust)
         keras.utils.set_random_seed(candidate.seed)
@@ -281,11 +128,10 @@ def random_init_model(candidate: CandidateConfig, storage_options: dict | None =
 
 def baseline_model_config(candidate: CandidateConfig, model_uri: str) -> ModelConfig:
     """How the saved baseline is extracted: as a saved model, with the candidate's own preprocessing."""
-    from pipeline.models.extractor import is_saved_model
     from pipeline.models.zoo import get_backbone
 
     preprocess = candidate.preprocess
-    if preprocess == "auto" and not is_saved_model(candidate.backbone):
+    if preprocess == "auto" and not is_saved_model_path(candidate.backbone):
         preprocess = get_backbone(candidate.backbone).preprocess  # the zoo family's own mode
     return candidate.model_config(backbone=model_uri, weights="none", weights_sha256=None, input_size=None,
                                   preprocess=preprocess, top_k=0)
@@ -313,13 +159,11 @@ def throughput(success: dict) -> tuple[float, float]:
 
 
 def weights_label(candidate: CandidateConfig) -> str:
-    from pipeline.models.extractor import is_saved_model
-
     if candidate.random_init:
         return f"random (seed {candidate.seed})"
-    if is_saved_model(candidate.backbone):
-        return "pretrained" if candidate.weights in ("imagenet", "none") else shorten(candidate.weights, 24)
-    return candidate.weights if candidate.weights in ("imagenet", "none") else shorten(candidate.weights, 24)
+    if is_weights_file(candidate.weights):
+        return shorten(candidate.weights, 24)
+    return "pretrained" if is_saved_model_path(candidate.backbone) else candidate.weights
 
 
 def run_candidate(config: CompareConfig, candidate: CandidateConfig, input_config: InputConfig, console) -> dict:
@@ -338,7 +182,7 @@ def run_candidate(config: CompareConfig, candidate: CandidateConfig, input_confi
     probe_uri = storage.join(output_uri, "probes", candidate.name)
     extract_config = ExtractConfig(input=input_config, model=model_config, run=config.run,
                                    output=OutputConfig(uri=features_uri, mode="overwrite",
-                                                       storage_options=options)).validate()
+                                                       storage_options=options))
     log(f"{candidate.name}: extracting features")
     success = run_extract(extract_config)
     if success["error_rate"] > success["max_error_rate"]:
@@ -398,7 +242,6 @@ def transfer_gains(rows: list[dict]) -> None:
 
 def compare(config: CompareConfig, console=None) -> dict:
     """Extract the sample with every candidate, train the same probe on each, write compare.json + plot."""
-    config.validate()
     started = time.perf_counter()
     output_uri, options = config.output.uri, config.output.storage_options
     storage.make_dirs(output_uri, options)
@@ -428,7 +271,7 @@ def compare(config: CompareConfig, console=None) -> dict:
         "num_images": sample.num_rows,
         "classes": sorted(set(sample.column("label").to_pylist())),
         "seconds": round(time.perf_counter() - started, 3),
-        "config": compare_config_dict(config),
+        "config": to_dict(config),
         "plot": PLOT_FILE,
     }
     storage.write_bytes(storage.join(output_uri, PLOT_FILE), comparison_png(rows, recommended), options)
@@ -436,12 +279,6 @@ def compare(config: CompareConfig, console=None) -> dict:
     if console is not None:
         print_comparison(result, console)
     return result
-
-
-def compare_config_dict(config: CompareConfig) -> dict:
-    document = to_dict(config)
-    document["candidates"] = [dataclasses.asdict(candidate) for candidate in config.candidates]
-    return document
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -482,9 +319,7 @@ def comparison_png(rows: list[dict], recommended: str) -> bytes:
                                                     ("recommended", styles["recommended"], "recommended"))],
                 loc="lower right", fontsize=9)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def print_comparison(result: dict, console) -> None:

