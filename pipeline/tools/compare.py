@@ -260,7 +260,7 @@ def random_init_model(candidate: CandidateConfig, storage_options: dict | None =
     """The candidate's architecture with freshly initialised weights, seeded by `candidate.seed`."""
     import keras
 
-    from pipeline.models.extractor import is_saved_model
+    from pipeline.config import is_saved_model_path as is_saved_model
     from pipeline.models.zoo import get_backbone
 
     if is_saved_model(candidate.backbone):
@@ -281,7 +281,7 @@ def random_init_model(candidate: CandidateConfig, storage_options: dict | None =
 
 def baseline_model_config(candidate: CandidateConfig, model_uri: str) -> ModelConfig:
     """How the saved baseline is extracted: as a saved model, with the candidate's own preprocessing."""
-    from pipeline.models.extractor import is_saved_model
+    from pipeline.config import is_saved_model_path as is_saved_model
     from pipeline.models.zoo import get_backbone
 
     preprocess = candidate.preprocess
@@ -313,7 +313,7 @@ def throughput(success: dict) -> tuple[float, float]:
 
 
 def weights_label(candidate: CandidateConfig) -> str:
-    from pipeline.models.extractor import is_saved_model
+    from pipeline.config import is_saved_model_path as is_saved_model
 
     if candidate.random_init:
         return f"random (seed {candidate.seed})"
