@@ -16,8 +16,8 @@ exception is a bug in featurize. No Ray and no URLs here: the actor owns threads
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from pipeline.models.runtimes import Runtime, build_runtime
 from pipeline.models.zoo import Backbone, get_backbone
 
 
-@dataclass
+@dataclasses.dataclass
 class ExtractorOutput:
     features: np.ndarray  # (n, feature_dim) float32
     top_k_indices: np.ndarray  # (n, top_k) int32, best first; (n, 0) when top_k = 0
@@ -62,12 +62,13 @@ class FeatureExtractor:
         self.num_classes = int(model.outputs[1].shape[-1]) if len(model.outputs) > 1 else 0
         self.top_k = min(model_config.top_k, self.num_classes)
         self.class_names, class_names_sha256 = self.read_class_names()
-        checksums = Checksums(checksums.weights, checksums.backbone, class_names_sha256)
+        checksums = dataclasses.replace(checksums, class_names=class_names_sha256)
         self.forward: Runtime = build_runtime(model_config, model, batch_size, self.top_k, num_threads)
         del model, core
-        # Under LiteRT the interpreter holds its own copy of the weights: handing the Keras graph's back to the
-        # allocator lets decode buffers reuse them (RSS does not shrink: the allocator keeps the pages).
-        gc.collect()
+        if self.runtime == "litert":
+            # The interpreter holds its own copy of the weights: handing the Keras graph's back to the allocator
+            # lets decode buffers reuse them (RSS does not shrink: the allocator keeps the pages).
+            gc.collect()
         self.provenance = model_provenance(
             model_config, self.backbone, checksums, pooling=self.pooling, input_size=self.input_size,
             preprocess=self.preprocess, feature_dim=self.feature_dim, top_k=self.top_k,

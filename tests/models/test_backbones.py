@@ -151,7 +151,8 @@ def test_features_do_not_depend_on_the_head(name, tmp_path):
     """
     import keras
 
-    from pipeline.models.extractor import FeatureExtractor, imagenet_class_names
+    from pipeline.models.extractor import FeatureExtractor
+    from pipeline.models.loading import imagenet_class_names
 
     backbone = get_backbone(name)
     side = 32

@@ -524,7 +524,8 @@ def test_weights_sha256_is_checked(mobilenetv2_weights):
 
 
 def test_imagenet_weights_offline_gives_the_fix():
-    from pipeline.models.extractor import FeatureExtractor, WeightsUnavailableError, keras_cache_dir
+    from pipeline.models.extractor import FeatureExtractor
+    from pipeline.models.loading import WeightsUnavailableError, keras_cache_dir
 
     cache = Path(keras_cache_dir())
     if cache.is_dir() and any(path.name.startswith("mobilenet_v2") for path in cache.iterdir()):
@@ -540,7 +541,8 @@ def test_imagenet_weights_offline_gives_the_fix():
 
 
 def test_pull_weights_round_trip(tmp_path, photos):
-    from pipeline.models.extractor import FeatureExtractor, pull_weights
+    from pipeline.models.extractor import FeatureExtractor
+    from pipeline.models.loading import pull_weights
 
     directory = tmp_path / "weights"
     checksum = pull_weights("mobilenetv2", str(directory), weights=None)  # None: random init, no download
@@ -603,7 +605,7 @@ def test_xla_option_compiles(tmp_path):
 def test_imagenet_class_names_ship_with_the_package():
     from importlib import resources
 
-    from pipeline.models.extractor import imagenet_class_index, imagenet_class_names
+    from pipeline.models.loading import imagenet_class_index, imagenet_class_names
 
     index = imagenet_class_index()
     assert len(index) == 1000
@@ -616,7 +618,7 @@ def test_imagenet_class_names_ship_with_the_package():
 
 def test_configure_tensorflow_sets_threads_once():
     code = (
-        "from pipeline.models.extractor import configure_tensorflow\n"
+        "from pipeline.models.runtimes import configure_tensorflow\n"
         "first = configure_tensorflow(1)\n"
         "assert configure_tensorflow(1) == first == {'num_threads': 1, 'gpu_memory_growth': True}\n"
         "import tensorflow as tf\n"
@@ -680,7 +682,7 @@ def test_seed_backbones_from_their_shipped_configs_give_their_feature_dims_on_ph
     from pipeline.models.extractor import FeatureExtractor
 
     configs = Path(__file__).resolve().parents[2] / "configs"
-    overrides = ["model.weights=none", "model.runtime=keras"]  # LiteRT conversion: tests/test_litert.py
+    overrides = ["model.weights=none", "model.runtime=keras"]  # LiteRT conversion: tests/models/test_litert.py
     config = load_config(ExtractConfig, configs / f"{config_name}.yaml", overrides)
     extractor = FeatureExtractor(config.model, batch_size=2)
     jpegs = []

@@ -64,7 +64,7 @@ def test_conversion_is_cached_per_node_and_keyed_by_the_model(tiny_model, tmp_pa
 
     monkeypatch.setenv("FEATURIZE_CACHE_DIR", str(tmp_path / "cache"))
     config = ModelConfig(backbone=str(tiny_model), top_k=2, runtime="litert")
-    with caplog.at_level("INFO", logger="pipeline.models.extractor"):
+    with caplog.at_level("INFO", logger="pipeline.models"):
         first = FeatureExtractor(config, batch_size=2)
         cached = sorted((tmp_path / "cache" / "litert").glob("*.tflite"))
         modified = cached[0].stat().st_mtime_ns
