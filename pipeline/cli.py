@@ -233,7 +233,7 @@ def command_lease_break(arguments) -> int:
 
 
 def command_weights_pull(arguments) -> int:
-    from pipeline.models.extractor import pull_weights
+    from pipeline.models.loading import pull_weights
 
     checksum = pull_weights(arguments.name, arguments.destination)
     console.print(f"wrote {arguments.destination} (sha256 {checksum}); use it with model.weights: "

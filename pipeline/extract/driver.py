@@ -56,7 +56,8 @@ class ExtractorActor:
         self.build_error: Exception | None = None
         with collected_warnings() as self.warnings:  # shown by the driver: actor logs stay off the terminal
             try:
-                from pipeline.models.extractor import FeatureExtractor, configure_tensorflow  # TF only inside actors
+                from pipeline.models.extractor import FeatureExtractor  # TF only inside actors
+                from pipeline.models.runtimes import configure_tensorflow
 
                 configure_tensorflow(num_threads)
                 self.extractor = FeatureExtractor(model_config, batch_size=batch_size,

@@ -3,7 +3,7 @@
 Why: on CPUs TensorFlow's own kernels leave most of the machine unused for small convolutional models.
 Measured on a 2-core x86 (AVX2) machine, batch 32, 224x224: MobileNetV2 runs ~135-160 images/s through
 XNNPACK against ~34 through TensorFlow, with the same float32 arithmetic (features agree to cosine
->= 0.99999, top-1 equal; tests/test_litert.py).
+>= 0.99999, top-1 equal; tests/models/test_litert.py).
 
 What converts: the extractor's whole wrapped Keras model (uint8 input, cast, preprocessing, the network,
 pooling, softmax), Keras -> frozen graph -> flatbuffer with builtin ops only, so a model with an op LiteRT

@@ -82,7 +82,7 @@ def model_config(settings: BenchSettings, weights: str) -> ModelConfig:
 
 def random_weights_file(settings: BenchSettings, directory: Path) -> str:
     """One random-init weights file for (a) and (b): the same model in both, so LiteRT converts it once."""
-    from pipeline.models.extractor import pull_weights
+    from pipeline.models.loading import pull_weights
 
     path = str(directory / "weights.weights.h5")
     pull_weights(settings.backbone, path, weights=None)
@@ -251,7 +251,7 @@ def decode_per_core(settings: BenchSettings, paths: list[Path]) -> float:
 
 
 def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
-    from pipeline.models.extractor import configure_tensorflow
+    from pipeline.models.runtimes import configure_tensorflow
 
     configure_tensorflow(os.cpu_count())  # before any TF op in this process (the weights file below is one)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -685,7 +685,7 @@ def test_lambda_model_runs_with_trust(tmp_path, ray_local, lambda_models, few_im
 @pytest.fixture(scope="module")
 def mobilenet_weights(tmp_path_factory) -> tuple[Path, str]:
     """A real MobileNetV2 weights file (random init, as `featurize weights pull` writes it) and its sha256."""
-    from pipeline.models.extractor import pull_weights
+    from pipeline.models.loading import pull_weights
 
     path = tmp_path_factory.mktemp("weights") / "mobilenetv2.weights.h5"
     checksum = pull_weights("mobilenetv2", str(path), weights=None)

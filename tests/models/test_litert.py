@@ -64,7 +64,7 @@ def test_conversion_is_cached_per_node_and_keyed_by_the_model(tiny_model, tmp_pa
 
     monkeypatch.setenv("FEATURIZE_CACHE_DIR", str(tmp_path / "cache"))
     config = ModelConfig(backbone=str(tiny_model), top_k=2, runtime="litert")
-    with caplog.at_level("INFO", logger="pipeline.models.extractor"):
+    with caplog.at_level("INFO", logger="pipeline.models"):
         first = FeatureExtractor(config, batch_size=2)
         cached = sorted((tmp_path / "cache" / "litert").glob("*.tflite"))
         modified = cached[0].stat().st_mtime_ns
@@ -94,23 +94,24 @@ def test_a_litert_extractor_lets_go_of_the_keras_model(tiny_model, monkeypatch):
     import gc
     import weakref
 
+    from pipeline.models import surgery
     from pipeline.models.extractor import FeatureExtractor
 
     built = []
-    wrap_model = FeatureExtractor.wrap_model
+    wrap_model = surgery.wrap_model
 
-    def remember_wrapped_model(self, *arguments):
-        model, pooling = wrap_model(self, *arguments)
+    def remember_wrapped_model(*arguments):
+        model, pooling = wrap_model(*arguments)
         built.append(weakref.ref(model))
         return model, pooling
 
-    monkeypatch.setattr(FeatureExtractor, "wrap_model", remember_wrapped_model)
+    monkeypatch.setattr(surgery, "wrap_model", remember_wrapped_model)
     images = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     extractors = {runtime: FeatureExtractor(ModelConfig(backbone=str(tiny_model), top_k=2, runtime=runtime),
                                             batch_size=2) for runtime in ("keras", "litert")}
     gc.collect()
     keras_model, litert_model = (reference() for reference in built)
-    assert keras_model is extractors["keras"].model and litert_model is None
+    assert keras_model is extractors["keras"].forward.model and litert_model is None
     np.testing.assert_allclose(extractors["litert"](images).features, extractors["keras"](images).features,
                                rtol=1e-5, atol=1e-6)
 
