@@ -19,9 +19,9 @@ from pipeline.extract.decode import (
     DEFAULT_MAX_PIXELS,
     RESIZE_MODES,
     DecodedImage,
-    _to_rgb,
     decode_image,
 )
+from pipeline.extract.pixels import to_rgb
 from tests import images
 
 WHITE, BLACK, RED = (255, 255, 255), (0, 0, 0), (255, 0, 0)
@@ -133,7 +133,7 @@ def test_one_bit_pattern():
 
 def test_hsv_converts_through_pillow():
     # No file format stores HSV, so check the colour step on an in-memory image.
-    rgb = _to_rgb(Image.new("HSV", (2, 2), (0, 255, 255)), WHITE)
+    rgb = to_rgb(Image.new("HSV", (2, 2), (0, 255, 255)), WHITE)
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == RED
 
 
