@@ -363,7 +363,7 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.s3
-def test_two_extracts_started_together_on_s3(tmp_path, tiny_model, s3, bucket, moto_endpoint):  # noqa: F811
+def test_two_extracts_started_together_on_s3(tmp_path, tiny_model, s3, bucket, moto_endpoint):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=4, size=(20, 16))
     options = {"client_kwargs": {"endpoint_url": moto_endpoint}}
     config = write_config(tmp_path, tiny_model, f"s3://{bucket}/features", storage_options=options)
