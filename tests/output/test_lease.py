@@ -20,11 +20,14 @@ from pipeline.cli import main
 from pipeline.io import storage
 from pipeline.output import lease, writer
 from pipeline.output.lease import LeaseHeld, LeaseLost, LeaseRecord
-from tests.conftest import write_labelled_images
-from tests.extract.test_distributed import featurize_process, wait_for_commits_beyond
-from tests.io.test_s3 import aws_environment, bucket, moto_endpoint, s3  # noqa: F401 - fixtures
-from tests.tools.test_report import unfinished_output
-from tests.train.test_train import digits, extract_output, logistic_run, train_config  # noqa: F401 - fixtures
+from tests.helpers import (
+    committed_shards,
+    featurize_process,
+    train_config,
+    unfinished_output,
+    wait_for_commits_beyond,
+    write_labelled_images,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -266,10 +269,6 @@ def read_output(read, files: list[str]):
     return [pq.read_table(read(path)) for path in files]
 
 
-def commit_count(output: Path) -> int:
-    return len(list((output / "_commits").glob("shard-*.json"))) if (output / "_commits").exists() else 0
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny_model):
@@ -330,22 +329,22 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
     # expiry; then its lease is broken mid-run, and it stops without writing anything more.
     caplog.set_level(logging.WARNING, logger="featurize")
     monkeypatch.setenv("FEATURIZE_TEST_SLOW_SECONDS", "0.6")  # reaches the actors: FEATURIZE_* is forwarded
-    before = commit_count(output)
+    before = committed_shards(output)
     codes = []
     rerun = threading.Thread(target=lambda: codes.append(main(["extract", "--config", str(config)])))
     rerun.start()
     deadline = time.time() + 240
-    while commit_count(output) == before and rerun.is_alive() and time.time() < deadline:
+    while committed_shards(output) == before and rerun.is_alive() and time.time() < deadline:
         time.sleep(0.05)
     assert f"took over the lease of run {dead.run_id[:8]}" in caplog.text
     assert f"(pid {killed.pid}) on this host is gone" in caplog.text
     assert main(["lease", "break", str(output)]) == 0
-    committed = commit_count(output)
+    committed = committed_shards(output)
     rerun.join(timeout=120)
     message = " ".join(capsys.readouterr().err.split())
     assert codes == [2], message[-3000:]
     assert "no longer holds the output's lease: its lease was broken" in message and "Traceback" not in message
-    assert commit_count(output) == committed < 6 and not (output / "_SUCCESS").exists()  # nothing more written
+    assert committed_shards(output) == committed < 6 and not (output / "_SUCCESS").exists()  # nothing more written
 
     monkeypatch.delenv("FEATURIZE_TEST_SLOW_SECONDS")
     assert main(["extract", "--config", str(config)]) == 0  # resumes: nothing lost, nothing twice
@@ -364,7 +363,7 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.s3
-def test_two_extracts_started_together_on_s3(tmp_path, tiny_model, s3, bucket, moto_endpoint):  # noqa: F811
+def test_two_extracts_started_together_on_s3(tmp_path, tiny_model, s3, bucket, moto_endpoint):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=4, size=(20, 16))
     options = {"client_kwargs": {"endpoint_url": moto_endpoint}}
     config = write_config(tmp_path, tiny_model, f"s3://{bucket}/features", storage_options=options)

@@ -1,7 +1,6 @@
 import json
 
 import duckdb
-import numpy as np
 import pandas as pd
 import polars as pl
 import pyarrow.parquet as pq
@@ -9,16 +8,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.output import writer
-
-
-def make_rows(num_rows: int, dim: int) -> writer.ShardRows:
-    rows = writer.ShardRows()
-    for index in range(num_rows):
-        if index % 3 == 2:
-            rows.add_error(f"img_{index}.jpg", None, "truncated image: cut short", 10, 20)
-        else:
-            rows.add_ok(f"img_{index}.jpg", "cat", 640, 480, np.full(dim, index, np.float32), ["a", "b"], [0.7, 0.2])
-    return rows
+from tests.helpers import make_rows
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

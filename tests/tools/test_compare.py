@@ -28,7 +28,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from pipeline import cli
 from pipeline.config import CandidateConfig, CompareConfig, ExtractConfig, TrainConfig, load_config
@@ -41,14 +40,7 @@ from pipeline.train.fit import train
 WILD_PER_CLASS = 20
 TRANSFER_MARGIN = 0.25  # measured: >= 0.37 over 5 splits x 2 init seeds (see the module docstring)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """On 2 shared cores, two BLAS threads spin against each other in lbfgs."""
-    with threadpool_limits(1):
-        yield
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_blas_thread")]
 
 
 def compare_document(images: Path, model: Path, output: Path, candidates: list[dict] | None = None) -> dict:

