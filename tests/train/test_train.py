@@ -25,8 +25,9 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from pipeline.config import ClassifierConfig, FeaturesConfig, SplitConfig, TrainConfig, TrainOutputConfig
+from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import storage
-from pipeline.output import writer
+from pipeline.output import layout, ledger
 from pipeline.train import fit as train
 from pipeline.train import predict
 
@@ -70,25 +71,25 @@ def write_extract_output(output_uri: str, digits: Digits, rows=None, provenance=
                          row_group_size=128, feature_dtype="float32", with_labels=True) -> str:
     """An extract output in the writer's layout: shard files, commit records, then `_SUCCESS`."""
     rows = range(len(digits.uris)) if rows is None else list(rows)
-    schema = writer.row_schema(digits.features.shape[1], feature_dtype, provenance)
+    schema = row_schema(digits.features.shape[1], feature_dtype, provenance)
     files, total_ok, total_error = [], 0, 0
     for shard, start in enumerate(range(0, len(rows), shard_size)):
-        shard_rows = writer.ShardRows()
+        shard_rows = ShardRows()
         for index in rows[start:start + shard_size]:
             label = digits.labels[index] if with_labels else None
             if index in digits.error_rows:
                 shard_rows.add_error(digits.uris[index], label, ERROR_REASON)
             else:
                 shard_rows.add_ok(digits.uris[index], label, 8, 8, digits.features[index], [], [])
-        path = writer.new_data_file_name(shard)
-        writer.write_data_file(output_uri, path, shard_rows.to_table(schema), row_group_size)
+        path = layout.new_data_file_name(shard)
+        ledger.write_data_file(output_uri, path, shard_rows.to_table(schema), row_group_size)
         num_error = shard_rows.status.count("error")
-        writer.write_commit(output_uri, writer.CommitRecord(shard, [path], len(shard_rows),
+        ledger.write_commit(output_uri, ledger.CommitRecord(shard, [path], len(shard_rows),
                                                             len(shard_rows) - num_error, num_error))
         files.append(path)
         total_ok += len(shard_rows) - num_error
         total_error += num_error
-    writer.write_json(storage.join(output_uri, writer.SUCCESS_FILE), {
+    ledger.write_json(storage.join(output_uri, layout.SUCCESS_FILE), {
         "files": files, "rows": {"total": total_ok + total_error, "ok": total_ok, "error": total_error},
         "shards": {"total": len(files), "run": len(files)}, "fingerprint": "digits-test",
         "seconds": {"total": 1.0, "startup": 0.1}, "provenance": provenance,
@@ -107,9 +108,9 @@ def train_config(features_uri, output_uri, features=None, split=None, **classifi
 def extract_output(tmp_path_factory, digits) -> str:
     output = write_extract_output(str(tmp_path_factory.mktemp("extract") / "digits"), digits)
     # An uncommitted attempt (an orphan no `_SUCCESS` names): its rows must never be read.
-    orphan = writer.ShardRows()
+    orphan = ShardRows()
     orphan.add_ok("s3://images/orphan.png", "orphan", 8, 8, np.zeros(64, np.float32), [], [])
-    writer.write_data_file(output, writer.new_data_file_name(0), orphan.to_table(writer.row_schema(64)), 128)
+    ledger.write_data_file(output, layout.new_data_file_name(0), orphan.to_table(row_schema(64)), 128)
     return output
 
 
@@ -290,10 +291,10 @@ def test_predict_matches_numpy_and_carries_errors(logistic_run, extract_output, 
     assert json.loads((tmp_path / "predictions" / "_SUCCESS").read_text()) == success
     assert success["rows"] == {"total": len(digits.uris), "ok": int(digits.ok.sum()),
                                "error": len(digits.error_rows)}
-    assert success["shards"] == {"total": 5, "run": 5}
+    assert success["shards"] == {"total": 5, "run": 5, "committed": 5}
     assert success["classes"] == metrics["classes"] and len(success["fingerprint"]) == 64
     assert set(success["seconds"]) >= {"total", "startup"}
-    assert sorted(writer.read_commits(output)) == [0, 1, 2, 3, 4]
+    assert sorted(ledger.read_commits(output)) == [0, 1, 2, 3, 4]
 
     table = read_predictions(output, success)
     assert table.num_rows == len(digits.uris)

@@ -8,11 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.output import writer
+from pipeline.extract.rows import ShardRows, read_features, row_schema
+from pipeline.output import layout, ledger
 
 
-def make_rows(num_rows: int, dim: int) -> writer.ShardRows:
-    rows = writer.ShardRows()
+def make_rows(num_rows: int, dim: int) -> ShardRows:
+    rows = ShardRows()
     for index in range(num_rows):
         if index % 3 == 2:
             rows.add_error(f"img_{index}.jpg", None, "truncated image: cut short", 10, 20)
@@ -23,9 +24,9 @@ def make_rows(num_rows: int, dim: int) -> writer.ShardRows:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_data_file_schema_and_values_readable_by_every_reader(tmp_path, dtype):
-    schema = writer.row_schema(4, dtype, {"backbone": "resnet50", "feature_dim": 4})
+    schema = row_schema(4, dtype, {"backbone": "resnet50", "feature_dim": 4})
     table = make_rows(5, 4).to_table(schema)
-    writer.write_data_file(str(tmp_path), "data/shard-00000-x.parquet", table, row_group_size=2)
+    ledger.write_data_file(str(tmp_path), "data/shard-00000-x.parquet", table, row_group_size=2)
     path = str(tmp_path / "data" / "shard-00000-x.parquet")
 
     read = pq.read_table(path)
@@ -43,29 +44,29 @@ def test_data_file_schema_and_values_readable_by_every_reader(tmp_path, dtype):
 
 def test_commit_records_round_trip_and_orphans_removed(tmp_path):
     output = str(tmp_path)
-    schema = writer.row_schema(2)
-    names = [writer.new_data_file_name(0) for _ in range(2)]
+    schema = row_schema(2)
+    names = [layout.new_data_file_name(0) for _ in range(2)]
     assert names[0] != names[1]
     for name in names:
-        writer.write_data_file(output, name, make_rows(2, 2).to_table(schema), 1024)
-    record = writer.CommitRecord(shard=0, files=[names[1]], rows=2, ok=2, error=0)
-    writer.write_commit(output, record)
-    commits = writer.read_commits(output)
+        ledger.write_data_file(output, name, make_rows(2, 2).to_table(schema), 1024)
+    record = ledger.CommitRecord(shard=0, files=[names[1]], rows=2, ok=2, error=0)
+    ledger.write_commit(output, record)
+    commits = ledger.read_commits(output)
     assert commits == {0: record}
-    assert writer.remove_orphans(output, commits) == 1
+    assert ledger.remove_orphans(output, commits) == 1
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [names[1].split("/")[1]]
 
 
 def test_read_features_uses_success_file_list_only(tmp_path):
     output = str(tmp_path)
-    schema = writer.row_schema(2, provenance={"backbone": "x"})
-    writer.write_data_file(output, "data/a.parquet", make_rows(3, 2).to_table(schema), 1024)
-    writer.write_data_file(output, "data/uncommitted.parquet", make_rows(3, 2).to_table(schema), 1024)
+    schema = row_schema(2, provenance={"backbone": "x"})
+    ledger.write_data_file(output, "data/a.parquet", make_rows(3, 2).to_table(schema), 1024)
+    ledger.write_data_file(output, "data/uncommitted.parquet", make_rows(3, 2).to_table(schema), 1024)
     with pytest.raises(ConfigError, match="is not a featurize extract output"):  # no _plan.json either
-        writer.read_features(output)
-    (tmp_path / writer.PLAN_FILE).write_text("{}")
+        read_features(output)
+    (tmp_path / layout.PLAN_FILE).write_text("{}")
     with pytest.raises(ConfigError, match="has no _SUCCESS: its extract job has not finished"):
-        writer.read_features(output)
+        read_features(output)
     (tmp_path / "_SUCCESS").write_text(json.dumps({"files": ["data/a.parquet"], "provenance": {"backbone": "x"}}))
-    assert writer.read_features(output).num_rows == 3
-    assert writer.read_provenance(output) == {"backbone": "x"}
+    assert read_features(output).num_rows == 3
+    assert ledger.read_provenance(output) == {"backbone": "x"}
