@@ -10,6 +10,8 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.extract.rows import ShardRows, read_features, row_schema
 from pipeline.output import layout, ledger
+from tests.conftest import write_labelled_images
+from tests.train.test_train import digits, extract_output, logistic_run  # noqa: F401 - fixtures
 
 
 def make_rows(num_rows: int, dim: int) -> ShardRows:
@@ -70,3 +72,64 @@ def test_read_features_uses_success_file_list_only(tmp_path):
     (tmp_path / "_SUCCESS").write_text(json.dumps({"files": ["data/a.parquet"], "provenance": {"backbone": "x"}}))
     assert read_features(output).num_rows == 3
     assert ledger.read_provenance(output) == {"backbone": "x"}
+
+
+def finished_extract_success(tmp_path) -> dict:
+    """extract's `_SUCCESS`, written by the Driver itself: every shard of a real plan committed, so the run goes
+    straight to the end without starting Ray."""
+    from pipeline.config import ExtractConfig, load_config
+    from pipeline.extract.driver import Driver
+    from pipeline.extract.plan import prepare
+    from pipeline.extract.progress import ProgressReporter
+
+    write_labelled_images(tmp_path / "images", num_classes=2, per_class=3)
+    config = load_config(ExtractConfig, None, [f"input.uri={tmp_path / 'images'}", f"output.uri={tmp_path / 'x'}",
+                                               "run.shard_size=4"])
+    run_ledger = ledger.Ledger(config.output.uri)
+    plan, _ = prepare(config, run_ledger)
+    for shard in run_ledger.pending(plan.num_shards):
+        path = run_ledger.write_data(shard, make_rows(3, 2).to_table(row_schema(2, provenance={"backbone": "x"})), 16)
+        run_ledger.commit(ledger.CommitRecord(shard, [path], 3, 2, 1, {"write": 0.1}, {"truncated image": 1}))
+    return Driver(config, ProgressReporter(False)).run()
+
+
+def test_predict_writes_through_the_same_ledger_as_extract(tmp_path, digits, extract_output, logistic_run,  # noqa: F811
+                                                            monkeypatch):
+    """predict's `_SUCCESS` carries every field of extract's; a resume after a crash keeps the commits it made
+    and removes the data file the crashed attempt left."""
+    from pipeline.train import predict
+
+    extract_success = finished_extract_success(tmp_path)
+    output = tmp_path / "predictions"
+    predict_file = predict.predict_file
+    calls = []
+
+    def crash_on_the_third_shard(*arguments):
+        calls.append(arguments)
+        if len(calls) == 3:
+            raise MemoryError("the predict process dies here")
+        return predict_file(*arguments)
+
+    monkeypatch.setattr(predict, "predict_file", crash_on_the_third_shard)
+    with pytest.raises(MemoryError):
+        predict.predict(logistic_run[0], extract_output, str(output))
+    monkeypatch.setattr(predict, "predict_file", predict_file)
+    committed = ledger.read_commits(str(output))
+    assert sorted(committed) == [0, 1] and not (output / layout.SUCCESS_FILE).exists()
+    orphan = layout.new_data_file_name(2)  # what a crash after writing, before committing, leaves
+    ledger.write_data_file(str(output), orphan, make_rows(2, 2).to_table(row_schema(2)), 16)
+
+    success = predict.predict(logistic_run[0], extract_output, str(output))
+    assert success["shards"] == {"total": 5, "run": 3, "committed": 5}
+    assert success["files"][:2] == [committed[0].files[0], committed[1].files[0]]  # kept, not redone
+    assert sorted(f"{layout.DATA_DIR}/{path.name}" for path in (output / layout.DATA_DIR).iterdir()) == sorted(
+        success["files"])  # the orphan is gone
+    assert success["rows"]["total"] == len(digits.uris) and success["error_rate"] == success["rows"]["error"] / len(
+        digits.uris)
+
+    assert set(success) >= set(extract_success), set(extract_success) - set(success)
+    for key in ("rows", "shards", "seconds"):
+        assert set(success[key]) == set(extract_success[key]), key
+    assert extract_success["shards"] == {"total": 2, "run": 0, "committed": 2}
+    assert extract_success["errors_by_reason"] == {"truncated image": 2}
+    assert json.loads((output / layout.SUCCESS_FILE).read_text()) == success
