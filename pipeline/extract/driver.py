@@ -1,7 +1,7 @@
 """The driver of an extract run: actor pool, pull-based scheduling, retries, commits (Ray only here and in actor.py).
 
 The driver keeps a queue of shard pieces and gives each actor at most `run.shards_in_flight_per_actor`
-at a time. Actors write uniquely named data files; the driver alone writes commit records, once all
+at a time. Actors write uniquely named data files; the driver alone commits (pipeline/output/ledger.py), once all
 pieces of a shard are back, so a shard is visible exactly once whatever dies along the way:
 - an actor that dies (crash, OOM, lost node) is replaced; the piece it was running counts an attempt,
   the pieces only queued behind it go back unharmed;
@@ -27,7 +27,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from pipeline.config import ExtractConfig
 from pipeline.errors import USER_ERRORS, ConfigError
-from pipeline.extract.actor import remote_class
+from pipeline.extract.actor import actor_shape, remote_class
 from pipeline.extract.plan import Plan, prepare
 from pipeline.extract.progress import ProgressReporter
 from pipeline.extract.rows import row_schema
@@ -56,13 +56,6 @@ class ActorSlot:
     ready: ray.ObjectRef
     is_ready: bool = False
     in_flight: list = field(default_factory=list)  # object refs in submission order
-
-
-@dataclass(frozen=True)
-class ActorShape:
-    count: int
-    num_cpus: float
-    num_gpus: float
 
 
 def connect(address: str, verbose: bool = False) -> str:
@@ -117,27 +110,6 @@ def stop_on_signals():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def actor_shape(config: ExtractConfig) -> ActorShape:
-    """How many actors and what each holds: one per GPU, or one per node using its cores."""
-    resources = ray.cluster_resources()
-    total_gpus = resources.get("GPU", 0)
-    gpus = config.run.gpus_per_actor if config.run.gpus_per_actor is not None else (1.0 if total_gpus else 0.0)
-    nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
-    if config.run.actors:
-        count = config.run.actors
-    elif gpus:
-        count = max(1, int(total_gpus // gpus))
-    else:
-        count = max(1, len(nodes))
-    if config.run.cpus_per_actor is not None:
-        cpus = config.run.cpus_per_actor
-    else:
-        smallest_node = min((node["Resources"]["CPU"] for node in nodes), default=1)
-        actors_per_node = max(1, -(-count // max(1, len(nodes))))
-        cpus = max(1.0, smallest_node // actors_per_node)
-    return ActorShape(count, float(cpus), float(gpus))
 
 
 class Driver:
