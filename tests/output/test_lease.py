@@ -211,7 +211,7 @@ def test_inspect_says_who_writes_the_output(tmp_path, capsys):
     assert "lease:" not in capsys.readouterr().out
 
 
-def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output, logistic_run):
+def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output, logistic_run):  # noqa: F811 - fixtures
     from pipeline.train import fit as train
     from pipeline.train import predict
 
