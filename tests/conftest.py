@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.output import writer
+from pipeline.extract.rows import ShardRows, row_schema
+from pipeline.output import layout, ledger
 from tests.helpers import ACCESS_KEY_ID, PLANTED_SECRET, Digits, train_config, write_extract_output
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -150,9 +151,9 @@ def digits() -> Digits:
 def extract_output(tmp_path_factory, digits) -> str:
     output = write_extract_output(str(tmp_path_factory.mktemp("extract") / "digits"), digits)
     # An uncommitted attempt (an orphan no `_SUCCESS` names): its rows must never be read.
-    orphan = writer.ShardRows()
+    orphan = ShardRows()
     orphan.add_ok("s3://images/orphan.png", "orphan", 8, 8, np.zeros(64, np.float32), [], [])
-    writer.write_data_file(output, writer.new_data_file_name(0), orphan.to_table(writer.row_schema(64)), 128)
+    ledger.write_data_file(output, layout.new_data_file_name(0), orphan.to_table(row_schema(64)), 128)
     return output
 
 

@@ -29,8 +29,9 @@ from pipeline.config import (
     load_config,
 )
 from pipeline.extract.plan import prepare
+from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import storage
-from pipeline.output import writer
+from pipeline.output import layout, ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ROOT / "configs" / "labdog_classes.txt"
@@ -116,9 +117,9 @@ def read_rows(output: Path):
     return table.to_pandas(), success
 
 
-def make_rows(num_rows: int, dim: int) -> writer.ShardRows:
+def make_rows(num_rows: int, dim: int) -> ShardRows:
     """Shard rows as the writer gets them: every third an error row."""
-    rows = writer.ShardRows()
+    rows = ShardRows()
     for index in range(num_rows):
         if index % 3 == 2:
             rows.add_error(f"img_{index}.jpg", None, "truncated image: cut short", 10, 20)
@@ -134,11 +135,11 @@ def unfinished_output(tmp_path: Path) -> Path:
     config = load_config(ExtractConfig, None, [f"input.uri={tmp_path / 'images'}", f"output.uri={output}",
                                                "run.shard_size=3"])
     plan, _ = prepare(config)
-    schema = writer.row_schema(2, provenance={"backbone": "resnet50", "feature_dim": 2})
-    name = writer.new_data_file_name(0)
-    writer.write_data_file(str(output), name, make_rows(3, 2).to_table(schema), 1024)
-    writer.write_data_file(str(output), writer.new_data_file_name(1), make_rows(3, 2).to_table(schema), 1024)
-    writer.write_commit(str(output), writer.CommitRecord(0, [name], 3, 2, 1, errors_by_reason={"truncated image": 1}))
+    schema = row_schema(2, provenance={"backbone": "resnet50", "feature_dim": 2})
+    name = layout.new_data_file_name(0)
+    ledger.write_data_file(str(output), name, make_rows(3, 2).to_table(schema), 1024)
+    ledger.write_data_file(str(output), layout.new_data_file_name(1), make_rows(3, 2).to_table(schema), 1024)
+    ledger.write_commit(str(output), ledger.CommitRecord(0, [name], 3, 2, 1, errors_by_reason={"truncated image": 1}))
     return output
 
 
@@ -167,25 +168,25 @@ def write_extract_output(output_uri: str, digits: Digits, rows=None, provenance=
                          row_group_size=128, feature_dtype="float32", with_labels=True) -> str:
     """An extract output in the writer's layout: shard files, commit records, then `_SUCCESS`."""
     rows = range(len(digits.uris)) if rows is None else list(rows)
-    schema = writer.row_schema(digits.features.shape[1], feature_dtype, provenance)
+    schema = row_schema(digits.features.shape[1], feature_dtype, provenance)
     files, total_ok, total_error = [], 0, 0
     for shard, start in enumerate(range(0, len(rows), shard_size)):
-        shard_rows = writer.ShardRows()
+        shard_rows = ShardRows()
         for index in rows[start:start + shard_size]:
             label = digits.labels[index] if with_labels else None
             if index in digits.error_rows:
                 shard_rows.add_error(digits.uris[index], label, ERROR_REASON)
             else:
                 shard_rows.add_ok(digits.uris[index], label, 8, 8, digits.features[index], [], [])
-        path = writer.new_data_file_name(shard)
-        writer.write_data_file(output_uri, path, shard_rows.to_table(schema), row_group_size)
+        path = layout.new_data_file_name(shard)
+        ledger.write_data_file(output_uri, path, shard_rows.to_table(schema), row_group_size)
         num_error = shard_rows.status.count("error")
-        writer.write_commit(output_uri, writer.CommitRecord(shard, [path], len(shard_rows),
+        ledger.write_commit(output_uri, ledger.CommitRecord(shard, [path], len(shard_rows),
                                                             len(shard_rows) - num_error, num_error))
         files.append(path)
         total_ok += len(shard_rows) - num_error
         total_error += num_error
-    writer.write_json(storage.join(output_uri, writer.SUCCESS_FILE), {
+    ledger.write_json(storage.join(output_uri, layout.SUCCESS_FILE), {
         "files": files, "rows": {"total": total_ok + total_error, "ok": total_ok, "error": total_error},
         "shards": {"total": len(files), "run": len(files)}, "fingerprint": "digits-test",
         "seconds": {"total": 1.0, "startup": 0.1}, "provenance": provenance,

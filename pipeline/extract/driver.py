@@ -1,7 +1,7 @@
-"""The only module that imports Ray: the actor pool, pull-based scheduling, retries, progress, commits.
+"""The driver of an extract run: actor pool, pull-based scheduling, retries, commits (Ray only here and in actor.py).
 
 The driver keeps a queue of shard pieces and gives each actor at most `run.shards_in_flight_per_actor`
-at a time. Actors write uniquely named data files; the driver alone writes commit records, once all
+at a time. Actors write uniquely named data files; the driver alone commits (pipeline/output/ledger.py), once all
 pieces of a shard are back, so a shard is visible exactly once whatever dies along the way:
 - an actor that dies (crash, OOM, lost node) is replaced; the piece it was running counts an attempt,
   the pieces only queued behind it go back unharmed;
@@ -25,62 +25,21 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from pipeline.config import ExtractConfig, ModelConfig
+from pipeline.config import ExtractConfig
 from pipeline.errors import USER_ERRORS, ConfigError
-from pipeline.extract.plan import Plan, pending_shards, prepare
+from pipeline.extract.actor import actor_shape, remote_class
+from pipeline.extract.plan import Plan, prepare
 from pipeline.extract.progress import ProgressReporter
-from pipeline.extract.worker import (
-    ShardResult,
-    ShardSettings,
-    ShardTask,
-    process_shard,
-    quarantine_rows,
-    reason_category,
-)
-from pipeline.io import redaction, storage
-from pipeline.output import lease, writer
+from pipeline.extract.rows import row_schema
+from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, quarantine_rows, reason_category
+from pipeline.io import redaction
+from pipeline.output import ledger
+from pipeline.output.ledger import CommitRecord
 
 log = logging.getLogger("featurize")
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 MAX_FAILED_STARTS_PER_ACTOR = 3
-
-
-class ExtractorActor:
-    """Holds one FeatureExtractor (built once) and processes shard pieces one at a time."""
-
-    def __init__(self, model_config: ModelConfig, batch_size: int, num_threads: int,
-                 storage_options: dict, output_storage_options: dict | None = None):
-        started = time.perf_counter()
-        self.batch_size = batch_size
-        self.build_error: Exception | None = None
-        with collected_warnings() as self.warnings:  # shown by the driver: actor logs stay off the terminal
-            try:
-                from pipeline.models.extractor import FeatureExtractor  # TF only inside actors
-                from pipeline.models.runtimes import configure_tensorflow
-
-                configure_tensorflow(num_threads)
-                self.extractor = FeatureExtractor(model_config, batch_size=batch_size,
-                                                  storage_options=storage_options, num_threads=num_threads)
-            except Exception as error:  # noqa: BLE001 - reported by describe() as a task error (a RayTaskError
-                self.build_error = error  # with the cause); raised from __init__, Ray only says "the actor died"
-        self.load_seconds = time.perf_counter() - started
-        # Storage options arrive once, here; tasks carry them without credentials (redaction.public_options).
-        self.input_storage_options = storage_options
-        self.output_storage_options = output_storage_options
-
-    def describe(self) -> dict:
-        if self.build_error is not None:
-            raise self.build_error
-        return {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
-                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "runtime": self.extractor.runtime, "load_seconds": self.load_seconds, "warnings": self.warnings}
-
-    def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
-        if self.output_storage_options is not None:
-            settings = dataclasses.replace(settings, input_storage_options=self.input_storage_options,
-                                           output_storage_options=self.output_storage_options)
-        return process_shard(task, self.extractor, settings, self.batch_size)
 
 
 @dataclass
@@ -97,37 +56,6 @@ class ActorSlot:
     ready: ray.ObjectRef
     is_ready: bool = False
     in_flight: list = field(default_factory=list)  # object refs in submission order
-
-
-@dataclass(frozen=True)
-class ActorShape:
-    count: int
-    num_cpus: float
-    num_gpus: float
-
-
-class WarningCollector(logging.Handler):
-    """Keeps the warnings an actor logs while it builds its model, for the driver to show once."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(redaction.redact(record.getMessage()))
-
-
-@contextlib.contextmanager
-def collected_warnings():
-    collector = WarningCollector()
-    loggers = [logging.getLogger(name) for name in ("featurize", "pipeline")]
-    for logger in loggers:
-        logger.addHandler(collector)
-    try:
-        yield collector.messages
-    finally:
-        for logger in loggers:
-            logger.removeHandler(collector)
 
 
 def connect(address: str, verbose: bool = False) -> str:
@@ -184,103 +112,96 @@ def stop_on_signals():
             signal.signal(number, handler)
 
 
-def actor_shape(config: ExtractConfig) -> ActorShape:
-    """How many actors and what each holds: one per GPU, or one per node using its cores."""
-    resources = ray.cluster_resources()
-    total_gpus = resources.get("GPU", 0)
-    gpus = config.run.gpus_per_actor if config.run.gpus_per_actor is not None else (1.0 if total_gpus else 0.0)
-    nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
-    if config.run.actors:
-        count = config.run.actors
-    elif gpus:
-        count = max(1, int(total_gpus // gpus))
-    else:
-        count = max(1, len(nodes))
-    if config.run.cpus_per_actor is not None:
-        cpus = config.run.cpus_per_actor
-    else:
-        smallest_node = min((node["Resources"]["CPU"] for node in nodes), default=1)
-        actors_per_node = max(1, -(-count // max(1, len(nodes))))
-        cpus = max(1.0, smallest_node // actors_per_node)
-    return ActorShape(count, float(cpus), float(gpus))
-
-
 class Driver:
-    """One extract run: plan, pool, scheduling loop, commits, `_SUCCESS`."""
+    """One extract run: plan, the scheduling of its pending shards (ShardScheduler), `_SUCCESS`."""
 
     def __init__(self, config: ExtractConfig, reporter: ProgressReporter):
         self.config = config
         self.reporter = reporter
         self.started = time.time()
-        self.first_commit_at: float | None = None
         self.output = config.output.uri
         self.options = config.output.storage_options
+        # What every task carries; the scheduler adds the run's lease tag and the resolved decode thread count.
         self.settings = ShardSettings(
             output_uri=self.output, output_storage_options=redaction.public_options(self.options),
             input_storage_options=redaction.public_options(config.input.storage_options), resize=config.model.resize,
             draft_margin=config.model.draft_margin,
             feature_dtype=config.output.feature_dtype, row_group_size=config.output.row_group_size,
             decode_threads=config.run.decode_threads)
-        self.actor_description: dict | None = None
-        self.failed_starts = 0  # actor deaths before the model was ready, since the last good start
-        self.timings: collections.Counter = collections.Counter()
-        self.shards_run = 0
-        self.rows_run = 0  # rows of the shards this run committed (a resume does only some)
-
-    # --- the run ---------------------------------------------------------------------------------
 
     def run(self, verbose: bool = False) -> dict:
         """Every check that needs no cluster (config, model files, output mode, fingerprint, listing) runs in
         `prepare`, before Ray starts; Ray starts only when there is work left. The output's lease is taken first
         (a second run on the output stops here, in about a second) and held to the end."""
         self.reporter.phase(f"planning {redaction.redact(self.output)}")
-        with lease.held(self.output, self.options, "extract") as self.lease:
-            self.settings = dataclasses.replace(self.settings, run_tag=self.lease.tag)
-            return self.run_leased(verbose)
+        with ledger.held(self.output, self.options, "extract", started=self.started) as run_ledger:
+            plan, manifest = prepare(self.config, run_ledger)
+            commits = run_ledger.commits
+            todo = run_ledger.pending(plan.num_shards)
+            self.reporter.phase(f"{plan.num_images} images in {plan.num_shards} shards, {len(commits)} already "
+                                f"committed")
+            description = self.run_shards(plan, manifest, todo, run_ledger, verbose) if todo else None
+            extras = {"provenance": self.provenance(description, run_ledger),
+                      "max_error_rate": self.config.run.max_error_rate}
+            return run_ledger.finish(plan.num_shards, plan.fingerprint, extras)
 
-    def run_leased(self, verbose: bool) -> dict:
-        plan, manifest = prepare(self.config)
-        commits = writer.read_commits(self.output, self.options)
-        todo = pending_shards(plan, commits)
-        self.reporter.phase(f"{plan.num_images} images in {plan.num_shards} shards, {len(commits)} already "
-                            f"committed")
-        if todo:
-            self.reporter.phase("starting Ray")
-            self.reporter.phase(connect(self.config.run.address, verbose))
-            with stop_on_signals() as received:
-                try:
-                    self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
-                                        done_images=sum(record.rows for record in commits.values()),
-                                        done_errors=sum(record.error for record in commits.values()))
-                    self.run_shards(plan, manifest, todo, commits)
-                except KeyboardInterrupt:
-                    raise Interrupted(received.number, self.interrupted_message(received.number, plan,
-                                                                                commits)) from None
-                finally:
-                    self.reporter.stop()
-        return self.finish(plan, commits)
+    def run_shards(self, plan: Plan, manifest, todo: list[int], run_ledger: ledger.Ledger,
+                   verbose: bool) -> dict | None:
+        """Start Ray, run the pending shards; returns an actor's description (None when none got ready)."""
+        self.reporter.phase("starting Ray")
+        self.reporter.phase(connect(self.config.run.address, verbose))
+        commits = run_ledger.commits
+        with stop_on_signals() as received:
+            try:
+                self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
+                                    done_images=sum(record.rows for record in commits.values()),
+                                    done_errors=sum(record.error for record in commits.values()))
+                scheduler = ShardScheduler(self.config, self.settings, run_ledger, self.reporter,
+                                           [whole_shard(plan, manifest, index) for index in todo])
+                scheduler.run()
+                return scheduler.actor_description
+            except KeyboardInterrupt:
+                raise Interrupted(received.number, interrupted_message(received.number, plan.num_shards,
+                                                                       len(commits))) from None
+            finally:
+                self.reporter.stop()
 
-    @staticmethod
-    def interrupted_message(signal_number: int, plan: Plan, commits: dict) -> str:
-        return (f"interrupted by {signal.Signals(signal_number).name}: {len(commits)} of {plan.num_shards} shards "
-                "are committed and kept; run the same command to resume")
+    def provenance(self, description: dict | None, run_ledger: ledger.Ledger) -> dict:
+        if description:
+            return {key: redaction.redact(value) for key, value in description["provenance"].items()}
+        first = run_ledger.commits[min(run_ledger.commits)] if run_ledger.commits else None
+        if first is None or not first.files:  # a finished job rerun: read it back from a data file
+            return {}
+        return ledger.read_file_metadata(self.output, first.files[0], self.options)
 
-    def run_shards(self, plan: Plan, manifest, todo: list[int], commits: dict) -> None:
-        self.shape = actor_shape(self.config)
-        decode_threads = self.config.run.decode_threads or max(4, int(self.shape.num_cpus))
-        self.settings = dataclasses.replace(self.settings, decode_threads=decode_threads)
-        self.actor_class = ray.remote(num_cpus=self.shape.num_cpus, num_gpus=self.shape.num_gpus,
-                                      max_restarts=0, max_concurrency=1)(ExtractorActor)
-        self.commits = commits
-        self.queue = collections.deque(self.whole_shard(plan, manifest, index) for index in todo)
-        self.states = {index: ShardState() for index in todo}
+
+class ShardScheduler:
+    """The actor pool and the pull-based scheduling loop of one run, until every pending shard is committed."""
+
+    def __init__(self, config: ExtractConfig, settings: ShardSettings, run_ledger: ledger.Ledger,
+                 reporter: ProgressReporter, tasks: list[ShardTask]):
+        self.config = config
+        self.ledger = run_ledger
+        self.reporter = reporter
+        self.shape = actor_shape(config)
+        decode_threads = config.run.decode_threads or max(4, int(self.shape.num_cpus))
+        self.settings = dataclasses.replace(settings, run_tag=run_ledger.run_tag, decode_threads=decode_threads)
+        self.actor_class = remote_class(self.shape.num_cpus, self.shape.num_gpus)
+        self.queue = collections.deque(tasks)
+        self.states = {task.shard: ShardState() for task in tasks}
         self.owner: dict[ray.ObjectRef, tuple[ActorSlot, ShardTask]] = {}
-        self.slots = [self.start_actor() for _ in range(min(self.shape.count, len(todo)))]
+        self.num_actors = min(self.shape.count, len(tasks))
+        self.slots: list[ActorSlot] = []
+        self.actor_description: dict | None = None
+        self.failed_starts = 0  # actor deaths before the model was ready, since the last good start
+
+    def run(self) -> None:
+        self.slots = [self.start_actor() for _ in range(self.num_actors)]
         self.reporter.phase(f"loading the model on {len(self.slots)} actor(s) ({self.shape.num_cpus:g} CPUs"
                             f"{f', {self.shape.num_gpus:g} GPUs' if self.shape.num_gpus else ''} each)")
         try:
             while self.states:
-                self.lease.raise_if_lost()  # the heartbeat found the lease gone: stop before more work is done
+                self.ledger.lease.raise_if_lost()  # the heartbeat found the lease gone: stop before more work
                 self.assign()
                 refs = list(self.owner) + [slot.ready for slot in self.slots if not slot.is_ready]
                 done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
@@ -296,10 +217,10 @@ class Driver:
                     ray.kill(slot.handle, no_restart=True)
 
     def start_actor(self) -> ActorSlot:
-        run = self.config.run
         num_threads = max(1, int(self.shape.num_cpus))
         handle = self.actor_class.options(scheduling_strategy="SPREAD", runtime_env=forwarded_environment()).remote(
-            self.config.model, run.batch_size, num_threads, self.config.input.storage_options, self.options)
+            self.config.model, self.config.run.batch_size, num_threads, self.config.input.storage_options,
+            self.ledger.options)
         return ActorSlot(handle=handle, ready=handle.describe.remote())
 
     def mark_ready(self, ref: ray.ObjectRef) -> None:
@@ -351,7 +272,6 @@ class Driver:
             self.retry_or_fail(task, error)
             return
         self.forget(ref)
-        self.timings.update(result.timings)
         self.add_result(task.shard, result)
 
     def forget(self, ref: ray.ObjectRef) -> None:
@@ -395,11 +315,8 @@ class Driver:
         log.warning("quarantined %s after %d crashes", redaction.redact(task.uris[0]), task.attempt)
         rows = quarantine_rows(task, task.attempt)
         description = self.actor_description or {"feature_dim": 1, "provenance": {}}
-        schema = writer.row_schema(description["feature_dim"], self.settings.feature_dtype,
-                                   description["provenance"])
-        relative_path = writer.new_data_file_name(task.shard, self.lease.tag)
-        writer.write_data_file(self.output, relative_path, rows.to_table(schema), self.settings.row_group_size,
-                               self.options)
+        schema = row_schema(description["feature_dim"], self.settings.feature_dtype, description["provenance"])
+        relative_path = self.ledger.write_data(task.shard, rows.to_table(schema), self.settings.row_group_size)
         reason = reason_category(rows.error[0])
         self.add_result(task.shard, ShardResult(task.shard, task.start, task.stop, relative_path, len(rows), 0,
                                                 len(rows), {}, {reason: len(rows)}))
@@ -427,64 +344,25 @@ class Driver:
         for result in results:
             timings.update(result.timings)
             reasons.update(result.errors_by_reason)
-        record = writer.CommitRecord(
+        self.ledger.commit(CommitRecord(
             shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
             ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
-            errors_by_reason=dict(reasons), committed_at=time.time())
-        self.lease.check()  # fencing: a run that lost the output's lease commits nothing
-        writer.write_commit(self.output, record, self.options)
-        self.commits[shard] = record
-        self.shards_run += 1
-        self.rows_run += record.rows
-        if self.first_commit_at is None:
-            self.first_commit_at = time.time()
-            self.reporter.phase(f"first shard committed {self.first_commit_at - self.started:.1f} s after start")
+            errors_by_reason=dict(reasons), committed_at=time.time()))
+        if self.ledger.shards_run == 1:
+            self.reporter.phase(f"first shard committed {self.ledger.first_commit_at - self.ledger.started:.1f} s "
+                                "after start")
         self.reporter.shard_committed()
 
-    @staticmethod
-    def whole_shard(plan: Plan, manifest, index: int) -> ShardTask:
-        start, stop = plan.shard_bounds(index)
-        piece = manifest.slice(start, stop - start)
-        return ShardTask(index, start, stop, piece.column("uri").to_pylist(), piece.column("label").to_pylist())
 
-    # --- the end ---------------------------------------------------------------------------------
+def whole_shard(plan: Plan, manifest, index: int) -> ShardTask:
+    start, stop = plan.shard_bounds(index)
+    piece = manifest.slice(start, stop - start)
+    return ShardTask(index, start, stop, piece.column("uri").to_pylist(), piece.column("label").to_pylist())
 
-    def finish(self, plan: Plan, commits: dict) -> dict:
-        self.lease.check()
-        writer.remove_orphans(self.output, commits, self.options, written_before=self.lease.started_on_store,
-                              run_tag=self.lease.tag)
-        ordered = [commits[index] for index in sorted(commits)]
-        reasons = collections.Counter()
-        for record in ordered:
-            reasons.update(record.errors_by_reason)
-        rows = {"total": sum(r.rows for r in ordered), "ok": sum(r.ok for r in ordered),
-                "error": sum(r.error for r in ordered)}
-        finished = time.time()
-        success = {
-            "files": [path for record in ordered for path in record.files],
-            "rows": rows,
-            "errors_by_reason": dict(reasons),
-            "shards": {"total": plan.num_shards, "run": self.shards_run, "committed": len(commits)},
-            "fingerprint": plan.fingerprint,
-            "seconds": {"total": round(finished - self.started, 3),
-                        "startup": round((self.first_commit_at or finished) - self.started, 3)},
-            "timings": {key: round(value, 3) for key, value in self.timings.items()},
-            "provenance": self.provenance(ordered),
-            "images_per_second": round(self.rows_run / max(finished - self.started, 1e-9), 2),
-            "error_rate": rows["error"] / rows["total"] if rows["total"] else 0.0,
-            "max_error_rate": self.config.run.max_error_rate,
-            "output": redaction.redact(self.output),
-        }
-        self.lease.check()
-        writer.write_json(storage.join(self.output, writer.SUCCESS_FILE), success, self.options)
-        return success
 
-    def provenance(self, records: list[writer.CommitRecord]) -> dict:
-        if self.actor_description:
-            return {key: redaction.redact(value) for key, value in self.actor_description["provenance"].items()}
-        if not records or not records[0].files:  # a finished job rerun: read it back from a data file
-            return {}
-        return writer.read_file_metadata(self.output, records[0].files[0], self.options)
+def interrupted_message(signal_number: int, num_shards: int, num_committed: int) -> str:
+    return (f"interrupted by {signal.Signals(signal_number).name}: {num_committed} of {num_shards} shards "
+            "are committed and kept; run the same command to resume")
 
 
 def forwarded_environment() -> dict:

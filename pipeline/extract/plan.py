@@ -26,8 +26,7 @@ from pipeline.config import (
 from pipeline.errors import ConfigError
 from pipeline.extract.listing import list_images
 from pipeline.io import faults, redaction, storage
-from pipeline.output import writer
-from pipeline.output.lease import LEASE_FILE
+from pipeline.output import layout, ledger
 
 
 @dataclass(frozen=True)
@@ -97,42 +96,24 @@ def digest(document: dict) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(config: ExtractConfig) -> tuple[Plan, pa.Table]:
-    """Honour output.mode, then return the plan and the frozen manifest (listing the input only once)."""
+def prepare(config: ExtractConfig, run_ledger: ledger.Ledger | None = None) -> tuple[Plan, pa.Table]:
+    """Honour output.mode, then return the plan and the frozen manifest (listing the input only once). The run's
+    ledger (holding the output's lease) reads the commits as it opens; planning alone needs none."""
     output, options = config.output.uri, config.output.storage_options
-    plan_uri = storage.join(output, writer.PLAN_FILE)
+    run_ledger = run_ledger or ledger.Ledger(output, options)
     check_model_files(config)
     storage.check_writable(output, options)  # a missing bucket or bad credentials stop here, not after listing
     inputs = fingerprint_inputs(config)
-    exists = storage.exists(plan_uri, options)
-    if exists and config.output.mode == "error":
-        raise ConfigError(f"output.uri: {redaction.redact(output)} already holds a featurize output and output.mode "
-                          "is 'error'; use output.mode: resume to finish it or overwrite to start again")
-    if exists and config.output.mode == "overwrite":
-        for name in storage.list_names(output, options):  # everything but the lease this run holds
-            if name != LEASE_FILE:
-                storage.remove(storage.join(output, name), options, recursive=True)
-        exists = False
-    if exists:
-        return resume_plan(output, options, inputs)
-    return new_plan(config, inputs)
+    frozen = run_ledger.open(config.output.mode, digest(inputs), inputs, what="features",
+                             remedy="Use output.mode: overwrite or another output.uri.")
+    if frozen is None:
+        return new_plan(config, inputs, run_ledger)
+    manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, layout.MANIFEST_FILE), options)))
+    fields = ("fingerprint", "fingerprint_inputs", "num_images", "shard_size")
+    return Plan(**{key: frozen[key] for key in fields}), manifest
 
 
-def resume_plan(output: str, options: dict, inputs: dict) -> tuple[Plan, pa.Table]:
-    frozen = writer.read_json(storage.join(output, writer.PLAN_FILE), options)
-    recorded = frozen["fingerprint_inputs"]
-    # A key the frozen plan lacks was added by a later featurize: the older run did not record it.
-    differences = [f"{key}: {recorded[key]!r} -> {value!r}"
-                   for key, value in inputs.items() if key in recorded and recorded[key] != value]
-    if differences:
-        raise ConfigError(f"output.uri: {redaction.redact(output)} was written with a different configuration, so "
-                          f"resuming would mix features. Differences: {'; '.join(differences)}. Use output.mode: "
-                          "overwrite or another output.uri.")
-    manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, writer.MANIFEST_FILE), options)))
-    return Plan(**{key: frozen[key] for key in ("fingerprint", "fingerprint_inputs", "num_images", "shard_size")}), manifest
-
-
-def new_plan(config: ExtractConfig, inputs: dict) -> tuple[Plan, pa.Table]:
+def new_plan(config: ExtractConfig, inputs: dict, run_ledger: ledger.Ledger) -> tuple[Plan, pa.Table]:
     output, options = config.output.uri, config.output.storage_options
     manifest = list_images(config.input)
     plan = Plan(fingerprint=digest(inputs), fingerprint_inputs=inputs, num_images=manifest.num_rows,
@@ -140,11 +121,6 @@ def new_plan(config: ExtractConfig, inputs: dict) -> tuple[Plan, pa.Table]:
     storage.make_dirs(output, options)
     buffer = io.BytesIO()
     pq.write_table(manifest, buffer)
-    storage.write_bytes(storage.join(output, writer.MANIFEST_FILE), buffer.getvalue(), options)
-    # The plan file is written last: its presence means the manifest is complete.
-    writer.write_json(storage.join(output, writer.PLAN_FILE), asdict(plan), options)
+    storage.write_bytes(storage.join(output, layout.MANIFEST_FILE), buffer.getvalue(), options)
+    run_ledger.write_plan(asdict(plan))  # last: its presence means the manifest is complete
     return plan, manifest
-
-
-def pending_shards(plan: Plan, commits: dict) -> list[int]:
-    return [index for index in range(plan.num_shards) if index not in commits]

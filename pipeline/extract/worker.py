@@ -18,8 +18,9 @@ import numpy as np
 
 from pipeline.config import ModelConfig, OutputConfig
 from pipeline.extract.decode import DecodedImage, decode_image
+from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import faults, storage
-from pipeline.output import writer
+from pipeline.output import layout, ledger
 
 # Test hooks: a worker that meets a uri containing the crash marker dies on the spot, as a native crash would;
 # one containing the bug marker raises, as a bug in featurize's own code would; a delay per shard keeps a run
@@ -131,10 +132,12 @@ def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
         yield group
 
 
-def process_shard(task: ShardTask, extractor, settings: ShardSettings, batch_size: int) -> ShardResult:
-    """Fetch, decode, embed and write one piece; returns where its rows are and what it cost."""
+def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardResult:
+    """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
+    the extractor's own (it halves it after running out of accelerator memory)."""
+    batch_size = extractor.batch_size
     timings = collections.Counter()
-    rows = writer.ShardRows()
+    rows = ShardRows()
     class_names = extractor.class_names
     with ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as executor:
         waited = time.perf_counter()
@@ -149,9 +152,9 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings, batch_siz
             waited = time.perf_counter()
     time.sleep(float(os.environ.get(SLOW_SECONDS_VARIABLE, "0")))
     started = time.perf_counter()
-    relative_path = writer.new_data_file_name(task.shard, settings.run_tag)
-    schema = writer.row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)
-    writer.write_data_file(settings.output_uri, relative_path, rows.to_table(schema), settings.row_group_size,
+    relative_path = layout.new_data_file_name(task.shard, settings.run_tag)
+    schema = row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)
+    ledger.write_data_file(settings.output_uri, relative_path, rows.to_table(schema), settings.row_group_size,
                            settings.output_storage_options)
     timings["write"] += time.perf_counter() - started
     reasons = collections.Counter(reason_category(error) for error in rows.error if error is not None)
@@ -160,7 +163,7 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings, batch_siz
                        num_errors, dict(timings), dict(reasons))
 
 
-def add_rows(rows: writer.ShardRows, group: list[Item], extractor, class_names: list[str] | None) -> None:
+def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[str] | None) -> None:
     images = [item.image.pixels for item in group if item.image.error is None]
     output = extractor(np.stack(images)) if images else None
     position = 0
@@ -183,9 +186,9 @@ def reason_category(error: str) -> str:
     return error.split(":", 1)[0].split(" (", 1)[0].strip()
 
 
-def quarantine_rows(task: ShardTask, attempts: int) -> writer.ShardRows:
+def quarantine_rows(task: ShardTask, attempts: int) -> ShardRows:
     """Error rows for images that killed their worker every time they were tried."""
-    rows = writer.ShardRows()
+    rows = ShardRows()
     for uri, label in zip(task.uris, task.labels):
         rows.add_error(uri, label, f"quarantined: the worker process crashed on this image {attempts} times")
     return rows

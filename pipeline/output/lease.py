@@ -10,7 +10,7 @@ live lease stops at once with exit 2, naming the holder. The holder:
   before `_SUCCESS` ("fencing"), and stops without writing (exit 2) once it does not;
 - deletes it at the end, on failure and on interrupt too (again only if it is still its own).
 Orphan data files are removed only under the lease, and only those no newer than the lease's creation on the
-store's clock or named with the run's own tag (writer.remove_orphans), so the workers of a run that lost its
+store's clock or named with the run's own tag (ledger.remove_orphans), so the workers of a run that lost its
 lease, which may still be writing, never lose a file from under them.
 
 Dead holders do not block: a lease whose process is gone on this machine (same host name, boot and pid
@@ -179,7 +179,7 @@ class Lease:
 
     @property
     def tag(self) -> str:
-        """A short id of this run, part of the names of the data files it writes (see writer.remove_orphans)."""
+        """A short id of this run, part of the names of the data files it writes (see ledger.remove_orphans)."""
         return self.record.run_id[:8]
 
     # --- taking it ------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def cpu_ceiling(bare: float, decode_rate: float, cores: int) -> float:
 def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output: Path) -> dict:
     """(b) listing -> committed Parquet on a local Ray with one actor; steady state between commits."""
     from pipeline.extract.driver import run_extract
-    from pipeline.output import writer
+    from pipeline.output import ledger
 
     gpus_per_actor = None if settings.gpus_per_actor is None else float(settings.gpus_per_actor)
     config = ExtractConfig(input=InputConfig(uri=(str(image_dir),)), model=model_config(settings, weights),
@@ -193,7 +193,7 @@ def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output
                            output=OutputConfig(uri=str(output), mode="overwrite")).validate()
     with CpuMonitor() as monitor:
         success = run_extract(config)
-    commits = sorted(writer.read_commits(str(output)).values(), key=lambda record: record.committed_at)
+    commits = sorted(ledger.read_commits(str(output)).values(), key=lambda record: record.committed_at)
     steady_rows = sum(record.rows for record in commits[1:])
     steady_seconds = commits[-1].committed_at - commits[0].committed_at
     return {"images_per_second": steady_rows / steady_seconds if steady_seconds > 0 else float("nan"),

@@ -63,7 +63,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError
 from pipeline.io import storage
-from pipeline.output import writer
+from pipeline.output import ledger
 
 COMPARE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
@@ -275,7 +275,7 @@ def compare(config: CompareConfig, console=None) -> dict:
         "plot": PLOT_FILE,
     }
     storage.write_bytes(storage.join(output_uri, PLOT_FILE), comparison_png(rows, recommended), options)
-    writer.write_json(storage.join(output_uri, COMPARE_FILE), result, options)
+    ledger.write_json(storage.join(output_uri, COMPARE_FILE), result, options)
     if console is not None:
         print_comparison(result, console)
     return result

@@ -10,7 +10,7 @@ from rich.console import Console
 from pipeline.charts import key_value_table
 from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
-from pipeline.output import lease, writer
+from pipeline.output import layout, lease, ledger
 
 
 def print_extract_summary(success: dict, console: Console) -> None:
@@ -54,19 +54,19 @@ def inspect_output(output_uri: str, console: Console, storage_options: dict | No
 def output_kind(output_uri: str, storage_options: dict | None = None) -> str:
     """extract | predict | train, from the files each stage writes; a ConfigError when it is none of them."""
     shown = redaction.redact(output_uri)
-    plan_uri = storage.join(output_uri, writer.PLAN_FILE)
+    plan_uri = storage.join(output_uri, layout.PLAN_FILE)
     if storage.exists(plan_uri, storage_options):
-        return "extract" if "num_images" in writer.read_json(plan_uri, storage_options) else "predict"
-    if storage.exists(storage.join(output_uri, writer.METRICS_FILE), storage_options):
+        return "extract" if "num_images" in ledger.read_json(plan_uri, storage_options) else "predict"
+    if storage.exists(storage.join(output_uri, layout.METRICS_FILE), storage_options):
         return "train"
     if not storage.exists(output_uri, storage_options):
         raise ConfigError(f"{shown} does not exist; give the output.uri of a featurize extract, train or predict run")
-    raise ConfigError(f"{shown} is not a featurize output (it has no {writer.PLAN_FILE} and no "
-                      f"{writer.METRICS_FILE}); give the output.uri of a featurize extract, train or predict run")
+    raise ConfigError(f"{shown} is not a featurize output (it has no {layout.PLAN_FILE} and no "
+                      f"{layout.METRICS_FILE}); give the output.uri of a featurize extract, train or predict run")
 
 
 def inspect_train_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
-    metrics = writer.read_json(storage.join(output_uri, writer.METRICS_FILE), storage_options)
+    metrics = ledger.read_json(storage.join(output_uri, layout.METRICS_FILE), storage_options)
     scores = [(key, f"{metrics[key]:.3f}") for key in ("accuracy", "balanced_accuracy", "macro_f1") if key in metrics]
     counts = [(key, str(metrics[key])) for key in ("num_train", "num_test") if key in metrics]
     console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)} (classifier)", [
@@ -76,10 +76,10 @@ def inspect_train_output(output_uri: str, console: Console, storage_options: dic
 
 def ledger_summary(output_uri: str, num_shards: int, storage_options: dict | None) -> tuple[dict, dict]:
     """Committed and pending shards of an extract or predict output with the rows they hold; and the commits."""
-    commits = writer.read_commits(output_uri, storage_options)
+    commits = ledger.read_commits(output_uri, storage_options)
     summary = {"shards_total": num_shards, "shards_committed": len(commits),
                "shards_pending": num_shards - len(commits),
-               "finished": storage.exists(storage.join(output_uri, writer.SUCCESS_FILE), storage_options),
+               "finished": storage.exists(storage.join(output_uri, layout.SUCCESS_FILE), storage_options),
                "rows_ok": sum(record.ok for record in commits.values()),
                "rows_error": sum(record.error for record in commits.values())}
     return summary, commits
@@ -96,7 +96,7 @@ def ledger_lines(summary: dict) -> list[tuple[str, str]]:
 
 
 def inspect_predict_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
-    plan = writer.read_json(storage.join(output_uri, writer.PLAN_FILE), storage_options)
+    plan = ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options)
     summary, _ = ledger_summary(output_uri, len(plan.get("files", [])), storage_options)
     summary = {"kind": "predict", **summary, "model_uri": plan.get("model_uri"),
                "features_uri": plan.get("features_uri"), "fingerprint": plan.get("fingerprint")}
@@ -109,7 +109,7 @@ def inspect_predict_output(output_uri: str, console: Console, storage_options: d
 
 def inspect_extract_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
     """Rows, error rows by reason, schema, provenance, committed vs pending shards of an extract output."""
-    plan = writer.read_json(storage.join(output_uri, writer.PLAN_FILE), storage_options)
+    plan = ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options)
     summary, commits = ledger_summary(output_uri, -(-plan["num_images"] // plan["shard_size"]), storage_options)
     reasons = collections.Counter()
     for record in commits.values():
@@ -120,9 +120,9 @@ def inspect_extract_output(output_uri: str, console: Console, storage_options: d
              ("fingerprint", plan["fingerprint"]), *error_lines(reasons.most_common())]
     first_file = next((record.files[0] for record in commits.values() if record.files), None)
     if first_file:
-        schema = writer.read_file_schema(output_uri, first_file, storage_options)
+        schema = ledger.read_file_schema(output_uri, first_file, storage_options)
         summary["schema"] = str(schema.remove_metadata())
-        summary["provenance"] = writer.read_file_metadata(output_uri, first_file, storage_options)
+        summary["provenance"] = ledger.read_file_metadata(output_uri, first_file, storage_options)
         lines.append(("schema", summary["schema"]))
         lines += [(f"provenance.{key}", value) for key, value in sorted(summary["provenance"].items())]
     console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)}", lines))

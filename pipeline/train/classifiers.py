@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.config import ClassifierConfig
 from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
-from pipeline.output import writer
+from pipeline.output import ledger
 
 CLASSIFIER_FILE = "classifier.json"
 LOGISTIC_WEIGHTS_FILE = "classifier.npz"
@@ -138,7 +138,7 @@ def load_classifier(model_uri: str, storage_options: dict | None = None) -> tupl
     if not storage.exists(document_uri, storage_options):
         raise ConfigError(f"--model: {redaction.redact(model_uri)} holds no {CLASSIFIER_FILE}; give the output.uri of "
                           "a finished `featurize train` run")
-    document = writer.read_json(document_uri, storage_options)
+    document = ledger.read_json(document_uri, storage_options)
     kind = KINDS.get(document["kind"])
     if kind is None:
         raise ConfigError(f"{model_uri}/{CLASSIFIER_FILE}: unknown classifier kind {document['kind']!r}; "

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
 from pipeline.io import faults, storage
-from pipeline.output import writer
+from pipeline.output import ledger
 
 # The provenance keys that must agree between features and a classifier (and among concatenated outputs).
 PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "input_size", "preprocess")
@@ -42,10 +42,10 @@ def open_features(uris: tuple[str, ...], storage_options: dict | None = None) ->
     column_names: tuple[str, ...] = ()
     provenances = []
     for uri in uris:
-        success = writer.read_success(uri, storage_options)
+        success = ledger.read_success(uri, storage_options)
         output_files = [storage.join(uri, path) for path in success["files"]]
         files.extend(output_files)
-        provenances.append((uri, writer.read_provenance(uri, storage_options)))
+        provenances.append((uri, ledger.read_provenance(uri, storage_options)))
         if output_files:
             with parquet_file(output_files[0], storage_options) as first:
                 dims[uri] = first.schema_arrow.field("features").type.list_size

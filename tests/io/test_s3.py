@@ -37,7 +37,7 @@ from pipeline.config import InputConfig
 from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
 from pipeline.io import faults, storage
-from pipeline.output import writer
+from pipeline.output import layout
 from tests.helpers import ACCESS_KEY_ID, PLANTED_SECRET, write_labelled_images
 
 pytestmark = pytest.mark.s3
@@ -413,7 +413,7 @@ def test_s3_to_s3_through_a_store_failing_10_percent_then_resume(
 
         # resume on S3 exactly as on disk: two commit records and _SUCCESS lost, an orphan left behind
         for shard in (1, 3):
-            s3.rm(f"{output}/{writer.commit_path(shard)}")
+            s3.rm(f"{output}/{layout.commit_path(shard)}")
         s3.rm(f"{output}/_SUCCESS")
         orphan = f"{output}/data/shard-00002-deadbeef0000.parquet"
         s3.pipe(orphan, s3.cat_file(f"{output}/{success['files'][2]}"))
@@ -487,7 +487,7 @@ def test_manifest_with_missing_denied_and_signed_urls(
     assert_no_secret(*objects.values(), captured.out, captured.err, caplog.text, logs,
                      secrets=(PLANTED_SECRET, OPTIONS_SECRET))
     # the frozen manifest keeps the URLs as given (a resume fetches them again); nothing else holds a signature
-    assert_no_secret(*(data for path, data in objects.items() if not path.endswith(writer.MANIFEST_FILE)),
+    assert_no_secret(*(data for path, data in objects.items() if not path.endswith(layout.MANIFEST_FILE)),
                      captured.out, captured.err, caplog.text, secrets=signatures)
 
 

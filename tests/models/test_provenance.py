@@ -13,8 +13,8 @@ import PIL
 import pytest
 
 from pipeline.config import ModelConfig
+from pipeline.extract.rows import row_schema
 from pipeline.io import storage
-from pipeline.output import writer
 
 pytestmark = pytest.mark.usefixtures("free_keras_memory")
 
@@ -59,7 +59,7 @@ def test_saved_model_provenance_under_litert_has_class_names_checksum_and_litert
     assert provenance["featurize_version"] == metadata.version("featurize")
 
     # ... and lands, unchanged, in every data file's key-value metadata
-    schema = writer.row_schema(extractor.feature_dim, "float32", provenance)
+    schema = row_schema(extractor.feature_dim, "float32", provenance)
     stored = {key.decode(): value.decode() for key, value in schema.metadata.items()}
     for key in ("class_names_sha256", "resize", "draft_margin", "litert_version", "featurize_version",
                 "pillow_version", "numpy_version"):

@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
+from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import storage
-from pipeline.output import lease, writer
+from pipeline.output import layout, lease, ledger
 from pipeline.output.lease import LeaseHeld, LeaseLost, LeaseRecord
 from tests.helpers import (
     committed_shards,
@@ -167,19 +168,19 @@ def test_concurrent_takers_exactly_one_wins(output, stale):
 
 def test_orphans_are_removed_only_when_older_than_the_run_or_its_own(tmp_path):
     output = str(tmp_path / "out")
-    table = writer.ShardRows().to_table(writer.row_schema(2))
-    old = writer.new_data_file_name(0)
-    writer.write_data_file(output, old, table, 16)
+    table = ShardRows().to_table(row_schema(2))
+    old = layout.new_data_file_name(0)
+    ledger.write_data_file(output, old, table, 16)
     time.sleep(0.05)
     with lease.held(output) as held:
         time.sleep(0.05)
-        newer = writer.new_data_file_name(1)  # as an actor of a run that lost the lease might write it now
-        own = writer.new_data_file_name(2, held.tag)
-        committed = writer.new_data_file_name(3, held.tag)
+        newer = layout.new_data_file_name(1)  # as an actor of a run that lost the lease might write it now
+        own = layout.new_data_file_name(2, held.tag)
+        committed = layout.new_data_file_name(3, held.tag)
         for name in (newer, own, committed):
-            writer.write_data_file(output, name, table, 16)
-        commits = {3: writer.CommitRecord(shard=3, files=[committed], rows=0, ok=0, error=0)}
-        removed = writer.remove_orphans(output, commits, written_before=held.started_on_store, run_tag=held.tag)
+            ledger.write_data_file(output, name, table, 16)
+        commits = {3: ledger.CommitRecord(shard=3, files=[committed], rows=0, ok=0, error=0)}
+        removed = ledger.remove_orphans(output, commits, written_before=held.started_on_store, run_tag=held.tag)
     assert removed == 2
     assert sorted(os.listdir(tmp_path / "out" / "data")) == sorted(Path(name).name for name in (newer, committed))
 
@@ -213,14 +214,14 @@ def test_inspect_says_who_writes_the_output(tmp_path, capsys):
     assert "lease:" not in capsys.readouterr().out
 
 
-def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output, logistic_run):
+def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output, logistic_run):  # noqa: F811 - fixtures
     from pipeline.train import fit as train
     from pipeline.train import predict
 
     model_output = str(tmp_path / "model")
     with lease.held(model_output, stage="train"), pytest.raises(LeaseHeld, match=r"\(train\) on host"):
         train.train(train_config(extract_output, model_output))
-    assert not (tmp_path / "model" / writer.METRICS_FILE).exists()
+    assert not (tmp_path / "model" / layout.METRICS_FILE).exists()
 
     output = str(tmp_path / "predictions")
     with lease.held(output, stage="extract"), pytest.raises(LeaseHeld, match="--output: .* is being written"):

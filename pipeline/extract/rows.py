@@ -1,0 +1,98 @@
+"""The rows of an extract output: the Arrow row schema, column buffers for one shard, and reading them back."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io import redaction, storage
+from pipeline.output.ledger import read_success
+
+
+def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dict | None = None) -> pa.Schema:
+    value_type = pa.float16() if feature_dtype == "float16" else pa.float32()
+    schema = pa.schema([
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("features", pa.list_(value_type, feature_dim)),
+        pa.field("top_k_labels", pa.list_(pa.string())),
+        pa.field("top_k_scores", pa.list_(pa.float32())),
+    ])
+    metadata = {key: redaction.redact(str(value)) for key, value in (provenance or {}).items()}  # URIs: no secrets
+    return schema.with_metadata(metadata)
+
+
+@dataclass
+class ShardRows:
+    """Column buffers for one shard, appended row by row in manifest order."""
+
+    uri: list = field(default_factory=list)
+    label: list = field(default_factory=list)
+    status: list = field(default_factory=list)
+    error: list = field(default_factory=list)
+    width: list = field(default_factory=list)
+    height: list = field(default_factory=list)
+    features: list = field(default_factory=list)
+    top_k_labels: list = field(default_factory=list)
+    top_k_scores: list = field(default_factory=list)
+
+    def add_ok(self, uri, label, width, height, features: np.ndarray, labels: list[str], scores: list[float]):
+        self._add(uri, label, "ok", None, width, height, features, labels, scores)
+
+    def add_error(self, uri, label, reason: str, width=None, height=None):
+        self._add(uri, label, "error", reason, width, height, None, [], [])
+
+    def _add(self, uri, label, status, error, width, height, features, labels, scores):
+        self.uri.append(redaction.redact_uri(uri))  # a signed URL's signature or user info stays out of rows
+        self.label.append(label)
+        self.status.append(status)
+        self.error.append(error)
+        self.width.append(width)
+        self.height.append(height)
+        self.features.append(features)
+        self.top_k_labels.append(labels)
+        self.top_k_scores.append(scores)
+
+    def __len__(self) -> int:
+        return len(self.uri)
+
+    def to_table(self, schema: pa.Schema) -> pa.Table:
+        feature_type = schema.field("features").type
+        columns = {name: getattr(self, name) for name in schema.names if name != "features"}
+        arrays = [pa.array(columns[name], type=schema.field(name).type) if name != "features"
+                  else features_array(self.features, feature_type) for name in schema.names]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def features_array(rows: list, feature_type: pa.FixedSizeListType) -> pa.FixedSizeListArray:
+    """FixedSizeList column from per-row vectors (None for error rows), built without Python floats."""
+    dim = feature_type.list_size
+    value_dtype = np.float16 if feature_type.value_type == pa.float16() else np.float32
+    values = np.zeros((len(rows), dim), dtype=value_dtype)
+    valid = np.zeros(len(rows), dtype=bool)
+    for index, row in enumerate(rows):
+        if row is not None:
+            values[index] = row
+            valid[index] = True
+    flat = pa.array(values.reshape(-1), type=feature_type.value_type)
+    mask = pa.array(~valid)
+    return pa.FixedSizeListArray.from_arrays(flat, type=feature_type, mask=mask)
+
+
+def read_features(output_uri: str, storage_options: dict | None = None, columns: list[str] | None = None,
+                  ) -> pa.Table:
+    """All committed rows of a finished extract output, with the files taken from `_SUCCESS`."""
+    success = read_success(output_uri, storage_options)
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output_uri, path), storage_options)),
+                            columns=columns) for path in success["files"]]
+    if not tables:
+        return row_schema(1).empty_table()
+    return pa.concat_tables(tables)
