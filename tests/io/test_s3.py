@@ -1,8 +1,8 @@
 """Inputs and outputs on a real S3 server on loopback (moto's ThreadedMotoServer, as s3fs's own suite does).
 
-A small fault-injecting HTTP proxy stands between the clients and moto where a test needs a flaky store: it
-answers chosen requests with 503 SlowDown, resets the connection, cuts a response short, or refuses a key
-with 403 AccessDenied, deterministically (every n-th request), and counts what it did.
+A small fault-injecting HTTP proxy (tests/io/faulty_proxy.py) stands between the clients and moto where a test
+needs a flaky store: it answers chosen requests with 503 SlowDown, resets the connection, cuts a response short,
+or refuses a key with 403 AccessDenied, deterministically (every n-th request), and counts what it did.
 
 Credentials come the way a user's do: planted in the environment before Ray starts (local Ray workers
 inherit the environment of the process that starts Ray), never in the config. A planted secret is then
@@ -11,21 +11,14 @@ searched for in every object the jobs wrote, in everything they printed or logge
 
 from __future__ import annotations
 
-import collections
-import http.client
 import io
 import json
 import logging
 import os
-import socket
-import struct
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,151 +31,13 @@ from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
 from pipeline.io import faults, storage
 from pipeline.output import writer
 from tests.conftest import write_labelled_images
+from tests.io.faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.s3
 
 ACCESS_KEY_ID = "AKIAFEATURIZETESTKEY"
 PLANTED_SECRET = "featurizePlantedSecret+9f3c1e7a5d42b0"  # AWS_SECRET_ACCESS_KEY of every test here
 OPTIONS_SECRET = "featurizeOptionsSecret+77d01c2aa9e3f5"  # a secret a user put into storage_options
-
-SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message><RequestId>FAULTPROXY</RequestId></Error>")
-ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-                 b"<Message>Access Denied</Message><RequestId>FAULTPROXY</RequestId></Error>")
-INVALID_KEY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
-               b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message>"
-               b"<RequestId>FAULTPROXY</RequestId></Error>")
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade",
-              "content-length"}
-
-
-class FaultyProxy:
-    """A threaded HTTP proxy in front of moto that misbehaves as a busy object store does.
-
-    fail_every: every n-th request (counted over all requests) gets the next fault of `faults`:
-      "slowdown" (503 SlowDown), "reset" (TCP reset, no response), "short" (a GET body cut in half).
-    deny: GET/HEAD of a path containing one of these strings gets 403 AccessDenied, every time.
-    refuse_all: every request gets 403 InvalidAccessKeyId (credentials the store does not know).
-    latency: seconds added to every object GET (concurrency of fetches).
-    """
-
-    def __init__(self, upstream: str, fail_every: int = 0, faults=("slowdown",), deny=(), refuse_all=False,
-                 latency: float = 0.0):
-        parts = urlsplit(upstream)
-        self.upstream = (parts.hostname, parts.port)
-        self.fail_every, self.faults, self.deny = fail_every, tuple(faults), tuple(deny)
-        self.refuse_all, self.latency = refuse_all, latency
-        self.counts: collections.Counter = collections.Counter()
-        self.requests: collections.Counter = collections.Counter()  # by "METHOD /path?query"
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients use it
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                proxy.handle(self)
-
-            do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FaultyProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def options(self, **extra) -> dict:
-        """storage_options pointing s3fs at this proxy."""
-        return {"client_kwargs": {"endpoint_url": self.url}, **extra}
-
-    def decide(self, method: str, path: str) -> str | None:
-        with self.lock:
-            self.counts["requests"] += 1
-            self.requests[f"{method} {path}"] += 1
-            number = self.counts["requests"]
-            if "list-type=2" in path:
-                self.counts["list pages"] += 1
-            if self.refuse_all:
-                self.counts["refused"] += 1
-                return "refused"
-            if method in ("GET", "HEAD") and any(key in path for key in self.deny):
-                self.counts["denied"] += 1
-                return "denied"
-            if self.fail_every and number % self.fail_every == 0:
-                fault = self.faults[(number // self.fail_every) % len(self.faults)]
-                if fault == "short" and (method != "GET" or "list-type" in path):
-                    fault = "slowdown"
-                self.counts[fault] += 1
-                self.counts["injected"] += 1
-                return fault
-        return None
-
-    def handle(self, handler: BaseHTTPRequestHandler) -> None:
-        body = read_request_body(handler)
-        fault = self.decide(handler.command, handler.path)
-        if fault in ("slowdown", "denied", "refused"):
-            status, payload = {"slowdown": (503, SLOWDOWN), "denied": (403, ACCESS_DENIED),
-                               "refused": (403, INVALID_KEY)}[fault]
-            respond(handler, status, [("Content-Type", "application/xml")], payload)
-            return
-        if fault == "reset":  # RST instead of a response: ECONNRESET on the client
-            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            handler.close_connection = True
-            return
-        if self.latency and handler.command == "GET" and "list-type" not in handler.path:
-            time.sleep(self.latency)
-        upstream = http.client.HTTPConnection(*self.upstream, timeout=60)
-        try:
-            headers = {key: value for key, value in handler.headers.items() if key.lower() not in HOP_BY_HOP}
-            headers["Content-Length"] = str(len(body))
-            upstream.request(handler.command, handler.path, body=body, headers=headers)
-            response = upstream.getresponse()
-            data = response.read()
-            passed = [(key, value) for key, value in response.getheaders() if key.lower() not in HOP_BY_HOP]
-            if handler.command == "HEAD":
-                respond(handler, response.status, passed, b"", length=response.getheader("Content-Length", "0"))
-            elif fault == "short" and len(data) > 1:  # promise all, send half, hang up
-                respond(handler, response.status, passed, data[: len(data) // 2], length=str(len(data)))
-                handler.close_connection = True
-            else:
-                respond(handler, response.status, passed, data)
-        finally:
-            upstream.close()
-
-
-def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
-    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
-        chunks = []
-        while size := int(handler.rfile.readline().split(b";")[0], 16):
-            chunks.append(handler.rfile.read(size))
-            handler.rfile.readline()
-        while handler.rfile.readline() not in (b"\r\n", b""):
-            pass
-        return b"".join(chunks)
-    length = int(handler.headers.get("Content-Length") or 0)
-    return handler.rfile.read(length) if length else b""
-
-
-def respond(handler, status: int, headers, payload: bytes, length: str | None = None) -> None:
-    handler.send_response(status)
-    for key, value in headers:
-        handler.send_header(key, value)
-    handler.send_header("Content-Length", length if length is not None else str(len(payload)))
-    handler.end_headers()
-    if handler.command != "HEAD":
-        handler.wfile.write(payload)
-        handler.wfile.flush()
-
 
 # --------------------------------------------------------------------------------------------------
 # fixtures
