@@ -153,6 +153,17 @@ def has_gcs_token(headers) -> bool:
     return headers is not None and headers.get("Authorization") == f"Bearer {GCS_ACCESS_TOKEN}"
 
 
+def lose_commits_and_plant_an_orphan(fs, output: str, committed_files: list[str]) -> None:
+    """What a crash leaves on a store: the commit records of shards 1 and 3 and `_SUCCESS` gone, and a data
+    file of shard 2 that no commit record names (an orphan)."""
+    from pipeline.output import writer
+
+    for shard in (1, 3):
+        fs.rm(f"{output}/{writer.commit_path(shard)}")
+    fs.rm(f"{output}/_SUCCESS")
+    fs.pipe(f"{output}/data/shard-00002-deadbeef0000.parquet", fs.cat_file(f"{output}/{committed_files[2]}"))
+
+
 # --------------------------------------------------------------------------------------------------
 # credentials as users set them
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +235,18 @@ def azure_account_sas(key: str = AZURE_KEY) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def plant_aws_credentials(patch: pytest.MonkeyPatch, access_key_id: str, secret: str, nowhere: str) -> None:
+    """AWS credentials as a user sets them: environment variables (no profile files, no instance metadata)."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        patch.delenv(name, raising=False)
+    patch.setenv("AWS_ACCESS_KEY_ID", access_key_id)
+    patch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    patch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    patch.setenv("AWS_CONFIG_FILE", nowhere)
+
+
 @pytest.fixture(scope="module")
 def cloud_environment(tmp_path_factory) -> Iterator[dict]:
     """Every store's credentials in the environment, as users set them (no profile files, no metadata servers)."""
@@ -232,16 +255,10 @@ def cloud_environment(tmp_path_factory) -> Iterator[dict]:
     tokens = TokenEndpoint()
     key_file, private_key = service_account_file(directory, tokens.url)
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
-                     "AWS_ENDPOINT_URL_S3", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
-                     "AZURE_STORAGE_SAS_TOKEN", "STORAGE_EMULATOR_HOST"):
+        for name in ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
+                     "STORAGE_EMULATOR_HOST"):
             patch.delenv(name, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", AWS_ACCESS_KEY_ID)
-        patch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-        patch.setenv("AWS_CONFIG_FILE", nowhere)
+        plant_aws_credentials(patch, AWS_ACCESS_KEY_ID, AWS_SECRET, nowhere)
         patch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
         patch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # no metadata server to wait for
         patch.setenv("CLOUDSDK_CONFIG", nowhere)

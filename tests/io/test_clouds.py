@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from pipeline.config import InputConfig
 from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
 from pipeline.io import storage
-from pipeline.output import writer
 from tests.conftest import write_labelled_images
+from tests.io.conftest import lose_commits_and_plant_an_orphan
+from tests.io.test_s3 import ray_session_bytes, write_config
 
 pytestmark = pytest.mark.clouds
 
@@ -37,17 +37,6 @@ def upload_images(store, root: Path, destination: str, per_class: int = 4) -> di
     return {store.uri(key): path for key, path in objects.items()}
 
 
-def write_config(tmp_path: Path, **sections) -> Path:
-    config = {"input": {"labels": "from_dirs"}, "model": {"weights": "none", "top_k": 2},
-              "run": {"batch_size": 4, "shard_size": 3, "actors": 1, "cpus_per_actor": 1},
-              "output": {}}
-    for section, values in sections.items():
-        config[section].update(values)
-    path = tmp_path / f"config-{uuid.uuid4().hex[:6]}.yaml"
-    path.write_text(json.dumps(config))
-    return path
-
-
 def every_object(store, prefix: str) -> dict[str, bytes]:
     fs = store.filesystem()
     return {path: fs.cat_file(path) for path in fs.find(prefix)}
@@ -58,11 +47,6 @@ def read_rows(store, output: str):
     success = json.loads(fs.cat_file(f"{output}/_SUCCESS"))
     tables = [pq.read_table(io.BytesIO(fs.cat_file(f"{output}/{path}"))) for path in success["files"]]
     return pa.concat_tables(tables).to_pandas(), success
-
-
-def ray_session_bytes(session: Path) -> bytes:
-    """Every regular file Ray wrote for this session: worker and raylet logs, metadata, runtime envs."""
-    return b"".join(path.read_bytes() for path in session.rglob("*") if path.is_file() and not path.is_symlink())
 
 
 def assert_no_secret(store, *texts):
@@ -160,7 +144,7 @@ def test_extract_from_and_to_the_store_then_resume(store, ray_with_credentials, 
     with store.proxy() as proxy:  # GCS: the proxy checks the bearer token
         options = store.options(proxy.url)
         config = write_config(tmp_path, input={"uri": store.uri(f"{bucket}/images/"), "storage_options": options},
-                              model={"backbone": str(tiny_model)},
+                              model={"backbone": str(tiny_model)}, run={"batch_size": 4, "shard_size": 3},
                               output={"uri": store.uri(output), "storage_options": options})
         started = time.perf_counter()
         assert main(["extract", "--config", str(config)]) == 0
@@ -172,11 +156,7 @@ def test_extract_from_and_to_the_store_then_resume(store, ray_with_credentials, 
             images[uri].parent.name for uri in sorted(images)]
         assert success["shards"] == {"total": 4, "run": 4, "committed": 4}
 
-        for shard in (1, 3):
-            fs.rm(f"{output}/{writer.commit_path(shard)}")
-        fs.rm(f"{output}/_SUCCESS")
-        orphan = f"{output}/data/shard-00002-deadbeef0000.parquet"
-        fs.pipe(orphan, fs.cat_file(f"{output}/{success['files'][2]}"))
+        lose_commits_and_plant_an_orphan(fs, output, success["files"])
         assert main(["extract", "--config", str(config)]) == 0
         rows, resumed = read_rows(store, output)
         assert resumed["shards"] == {"total": 4, "run": 2, "committed": 4}
@@ -204,7 +184,7 @@ def test_a_missing_bucket_or_bad_credentials_stop_at_once(store, tiny_model, tmp
 
     def extract(options: dict, output: str, images: str = f"{bucket}/images/") -> tuple[int, float, str]:
         config = write_config(tmp_path, input={"uri": store.uri(images), "storage_options": options},
-                              model={"backbone": str(tiny_model)},
+                              model={"backbone": str(tiny_model)}, run={"batch_size": 4, "shard_size": 3},
                               output={"uri": store.uri(output), "storage_options": options})
         started = time.perf_counter()
         code = main(["extract", "--config", str(config)])

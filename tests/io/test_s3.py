@@ -31,6 +31,7 @@ from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
 from pipeline.io import faults, storage
 from pipeline.output import writer
 from tests.conftest import write_labelled_images
+from tests.io.conftest import lose_commits_and_plant_an_orphan, plant_aws_credentials
 from tests.io.faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.s3
@@ -49,15 +50,7 @@ def aws_environment(tmp_path_factory):
     """Credentials as a user sets them: environment variables (no profile files, no instance metadata)."""
     nowhere = str(tmp_path_factory.mktemp("aws") / "missing")
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
-                     "AWS_ENDPOINT_URL_S3"):
-            patch.delenv(name, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
-        patch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-        patch.setenv("AWS_CONFIG_FILE", nowhere)
+        plant_aws_credentials(patch, ACCESS_KEY_ID, PLANTED_SECRET, nowhere)
         yield
 
 
@@ -290,11 +283,7 @@ def test_s3_to_s3_through_a_store_failing_10_percent_then_resume(
         assert first_faults >= 3, proxy.counts
 
         # resume on S3 exactly as on disk: two commit records and _SUCCESS lost, an orphan left behind
-        for shard in (1, 3):
-            s3.rm(f"{output}/{writer.commit_path(shard)}")
-        s3.rm(f"{output}/_SUCCESS")
-        orphan = f"{output}/data/shard-00002-deadbeef0000.parquet"
-        s3.pipe(orphan, s3.cat_file(f"{output}/{success['files'][2]}"))
+        lose_commits_and_plant_an_orphan(s3, output, success["files"])
         assert main(["extract", "--config", str(config)]) == 0
         rows, resumed = read_rows(s3, output)
         assert resumed["shards"] == {"total": 5, "run": 2, "committed": 5}
