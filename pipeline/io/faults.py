@@ -127,7 +127,7 @@ def describe_error(error: BaseException) -> str:
     statuses = {http_status(cause) for cause in chain} - {None}
     if any(class_names(cause) & CREDENTIAL_CLASS_NAMES and http_status(cause) is None for cause in chain):
         return "no credentials found"  # with a status, the store refused them (Azure: 403 AuthenticationFailed)
-    if "NoSuchBucket" in codes:
+    if codes & {"NoSuchBucket", "ContainerNotFound"}:  # S3's bucket, Azure's container
         return "bucket not found"
     if codes & NOT_FOUND_CODES or 404 in statuses or isinstance(chain[0], FileNotFoundError):
         return "not found"
