@@ -16,7 +16,14 @@ import pytest
 
 from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.output import layout, ledger
-from tests.helpers import ACCESS_KEY_ID, PLANTED_SECRET, Digits, train_config, write_extract_output
+from tests.helpers import (
+    ACCESS_KEY_ID,
+    PLANTED_SECRET,
+    Digits,
+    plant_aws_credentials,
+    train_config,
+    write_extract_output,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -96,15 +103,7 @@ def aws_environment(tmp_path_factory):
     """Credentials as a user sets them: environment variables (no profile files, no instance metadata)."""
     nowhere = str(tmp_path_factory.mktemp("aws") / "missing")
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
-                     "AWS_ENDPOINT_URL_S3"):
-            patch.delenv(name, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
-        patch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-        patch.setenv("AWS_CONFIG_FILE", nowhere)
+        plant_aws_credentials(patch, ACCESS_KEY_ID, PLANTED_SECRET, nowhere)
         yield
 
 

@@ -43,6 +43,19 @@ ACCESS_KEY_ID = "AKIAFEATURIZETESTKEY"
 PLANTED_SECRET = "featurizePlantedSecret+9f3c1e7a5d42b0"  # AWS_SECRET_ACCESS_KEY of every test here
 
 
+def plant_aws_credentials(patch, access_key_id: str, secret: str, nowhere: str) -> None:
+    """AWS credentials as a user sets them on a pytest.MonkeyPatch: environment variables (no profile files, no
+    instance metadata)."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        patch.delenv(name, raising=False)
+    patch.setenv("AWS_ACCESS_KEY_ID", access_key_id)
+    patch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    patch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    patch.setenv("AWS_CONFIG_FILE", nowhere)
+
+
 # --- input files ----------------------------------------------------------------------------------------
 
 

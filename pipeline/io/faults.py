@@ -115,18 +115,23 @@ def precondition_failed(error: BaseException) -> bool:
                for cause in error_chain(error))
 
 
+def gcs_forbidden(chain: list[BaseException]) -> bool:
+    """gcsfs raises a 403 as a plain OSError("Forbidden: URL\nthe server's message"), without its status."""
+    return any(type(cause) is OSError and str(cause).startswith("Forbidden: ") for cause in chain)
+
+
 def describe_error(error: BaseException) -> str:
     """A short reason without secrets: "not found", "access denied", "no credentials found", or the error."""
     chain = list(error_chain(error))
     codes = {error_code(cause) for cause in chain} - {None}
     statuses = {http_status(cause) for cause in chain} - {None}
-    if any(class_names(cause) & CREDENTIAL_CLASS_NAMES for cause in chain):
-        return "no credentials found"
-    if "NoSuchBucket" in codes:
+    if any(class_names(cause) & CREDENTIAL_CLASS_NAMES and http_status(cause) is None for cause in chain):
+        return "no credentials found"  # with a status, the store refused them (Azure: 403 AuthenticationFailed)
+    if codes & {"NoSuchBucket", "ContainerNotFound"}:  # S3's bucket, Azure's container
         return "bucket not found"
     if codes & NOT_FOUND_CODES or 404 in statuses or isinstance(chain[0], FileNotFoundError):
         return "not found"
-    if codes & DENIED_CODES or statuses & {401, 403} or isinstance(chain[0], PermissionError):
+    if codes & DENIED_CODES or statuses & {401, 403} or isinstance(chain[0], PermissionError) or gcs_forbidden(chain):
         return "access denied"
     detail = redact(f"{type(error).__name__}: {error}")
     detail = detail if len(detail) <= 300 else detail[:297] + "..."

@@ -1,8 +1,8 @@
 """Inputs and outputs on a real S3 server on loopback (moto's ThreadedMotoServer, as s3fs's own suite does).
 
-A small fault-injecting HTTP proxy stands between the clients and moto where a test needs a flaky store: it
-answers chosen requests with 503 SlowDown, resets the connection, cuts a response short, or refuses a key
-with 403 AccessDenied, deterministically (every n-th request), and counts what it did.
+A small fault-injecting HTTP proxy (tests/io/faulty_proxy.py) stands between the clients and moto where a test
+needs a flaky store: it answers chosen requests with 503 SlowDown, resets the connection, cuts a response short,
+or refuses a key with 403 AccessDenied, deterministically (every n-th request), and counts what it did.
 
 Credentials come the way a user's do: planted in the environment before Ray starts (local Ray workers
 inherit the environment of the process that starts Ray), never in the config. A planted secret is then
@@ -11,22 +11,15 @@ searched for in every object the jobs wrote, in everything they printed or logge
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import http.client
 import io
 import json
 import logging
 import os
-import socket
-import struct
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,162 +32,12 @@ from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
 from pipeline.io import faults, storage
 from pipeline.output import layout
 from tests.helpers import ACCESS_KEY_ID, PLANTED_SECRET, write_labelled_images
+from tests.io.conftest import lose_commits_and_plant_an_orphan
+from tests.io.faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.s3
 
 OPTIONS_SECRET = "featurizeOptionsSecret+77d01c2aa9e3f5"  # a secret a user put into storage_options
-
-SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message><RequestId>FAULTPROXY</RequestId></Error>")
-ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-                 b"<Message>Access Denied</Message><RequestId>FAULTPROXY</RequestId></Error>")
-INVALID_KEY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
-               b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message>"
-               b"<RequestId>FAULTPROXY</RequestId></Error>")
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade",
-              "content-length"}
-
-
-class FaultyProxy:
-    """A threaded HTTP proxy in front of moto that misbehaves as a busy object store does.
-
-    fail_every: every n-th request (counted over all requests) gets the next fault of `faults`:
-      "slowdown" (503 SlowDown), "reset" (TCP reset, no response), "short" (a GET body cut in half).
-    deny: GET/HEAD of a path containing one of these strings gets 403 AccessDenied, every time.
-    refuse_all: every request gets 403 InvalidAccessKeyId (credentials the store does not know).
-    latency: seconds added to every object GET (concurrency of fetches).
-    at: {("METHOD /path?query", n): fault}: the n-th such request gets that fault (e.g. the second ranged GET
-      of one object cut short), whatever fail_every says.
-    """
-
-    def __init__(self, upstream: str, fail_every: int = 0, faults=("slowdown",), deny=(), refuse_all=False,
-                 latency: float = 0.0, at: dict[tuple[str, int], str] | None = None):
-        parts = urlsplit(upstream)
-        self.upstream = (parts.hostname, parts.port)
-        self.fail_every, self.faults, self.deny, self.at = fail_every, tuple(faults), tuple(deny), dict(at or {})
-        self.refuse_all, self.latency = refuse_all, latency
-        self.counts: collections.Counter = collections.Counter()
-        self.requests: collections.Counter = collections.Counter()  # by "METHOD /path?query"
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients use it
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                proxy.handle(self)
-
-            do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FaultyProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def options(self, **extra) -> dict:
-        """storage_options pointing s3fs at this proxy."""
-        return {"client_kwargs": {"endpoint_url": self.url}, **extra}
-
-    def decide(self, method: str, path: str) -> str | None:
-        with self.lock:
-            self.counts["requests"] += 1
-            request = f"{method} {path}"
-            self.requests[request] += 1
-            number = self.counts["requests"]
-            if "list-type=2" in path:
-                self.counts["list pages"] += 1
-            if self.refuse_all:
-                self.counts["refused"] += 1
-                return "refused"
-            if method in ("GET", "HEAD") and any(key in path for key in self.deny):
-                self.counts["denied"] += 1
-                return "denied"
-            if (request, self.requests[request]) in self.at:
-                fault = self.at[request, self.requests[request]]
-                self.counts[fault] += 1
-                self.counts["injected"] += 1
-                return fault
-            if self.fail_every and number % self.fail_every == 0:
-                fault = self.faults[(number // self.fail_every) % len(self.faults)]
-                if fault == "short" and (method != "GET" or "list-type" in path):
-                    fault = "slowdown"
-                self.counts[fault] += 1
-                self.counts["injected"] += 1
-                return fault
-        return None
-
-    def handle(self, handler: BaseHTTPRequestHandler) -> None:
-        body = read_request_body(handler)
-        fault = self.decide(handler.command, handler.path)
-        if fault in ("slowdown", "denied", "refused"):
-            status, payload = {"slowdown": (503, SLOWDOWN), "denied": (403, ACCESS_DENIED),
-                               "refused": (403, INVALID_KEY)}[fault]
-            respond(handler, status, [("Content-Type", "application/xml")], payload)
-            return
-        if fault == "reset":  # RST instead of a response: ECONNRESET on the client
-            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            handler.close_connection = True
-            return
-        if self.latency and handler.command == "GET" and "list-type" not in handler.path:
-            time.sleep(self.latency)
-        upstream = http.client.HTTPConnection(*self.upstream, timeout=60)
-        try:
-            headers = {key: value for key, value in handler.headers.items() if key.lower() not in HOP_BY_HOP}
-            headers["Content-Length"] = str(len(body))
-            upstream.request(handler.command, handler.path, body=body, headers=headers)
-            response = upstream.getresponse()
-            data = response.read()
-            passed = [(key, value) for key, value in response.getheaders() if key.lower() not in HOP_BY_HOP]
-            if handler.command == "HEAD":
-                respond(handler, response.status, passed, b"", length=response.getheader("Content-Length", "0"))
-            elif fault == "short" and len(data) > 1:  # promise all, send half, hang up
-                respond(handler, response.status, passed, data[: len(data) // 2], length=str(len(data)))
-                handler.close_connection = True
-            else:
-                respond(handler, response.status, passed, data)
-        finally:
-            upstream.close()
-
-
-def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
-    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
-        chunks = []
-        while size := int(handler.rfile.readline().split(b";")[0], 16):
-            chunks.append(handler.rfile.read(size))
-            handler.rfile.readline()
-        while handler.rfile.readline() not in (b"\r\n", b""):
-            pass
-        return b"".join(chunks)
-    length = int(handler.headers.get("Content-Length") or 0)
-    return handler.rfile.read(length) if length else b""
-
-
-def respond(handler, status: int, headers, payload: bytes, length: str | None = None) -> None:
-    handler.send_response(status)
-    for key, value in headers:
-        handler.send_header(key, value)
-    handler.send_header("Content-Length", length if length is not None else str(len(payload)))
-    handler.end_headers()
-    if handler.command != "HEAD":
-        handler.wfile.write(payload)
-        handler.wfile.flush()
-
-
-# --------------------------------------------------------------------------------------------------
-# fixtures
-# --------------------------------------------------------------------------------------------------
-
 
 @pytest.fixture(scope="module")
 def ray_with_credentials(aws_environment):
@@ -412,11 +255,7 @@ def test_s3_to_s3_through_a_store_failing_10_percent_then_resume(
         assert first_faults >= 3, proxy.counts
 
         # resume on S3 exactly as on disk: two commit records and _SUCCESS lost, an orphan left behind
-        for shard in (1, 3):
-            s3.rm(f"{output}/{layout.commit_path(shard)}")
-        s3.rm(f"{output}/_SUCCESS")
-        orphan = f"{output}/data/shard-00002-deadbeef0000.parquet"
-        s3.pipe(orphan, s3.cat_file(f"{output}/{success['files'][2]}"))
+        lose_commits_and_plant_an_orphan(s3, output, success["files"])
         assert main(["extract", "--config", str(config)]) == 0
         rows, resumed = read_rows(s3, output)
         assert resumed["shards"] == {"total": 5, "run": 2, "committed": 5}
