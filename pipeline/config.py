@@ -131,7 +131,7 @@ class RunConfig:
 class OutputConfig:
     uri: Text = ""  # output directory (local path or fsspec URI)
     feature_dtype: Literal["float32", "float16"] = "float32"
-    mode: Literal["resume", "overwrite", "error"] = "resume"
+    mode: Literal["resume", "overwrite", "error", "append"] = "resume"  # append: only images not yet in the output
     row_group_size: Positive = 1024
     storage_options: dict = field(default_factory=dict)
 

@@ -135,14 +135,16 @@ class Driver:
         (a second run on the output stops here, in about a second) and held to the end."""
         self.reporter.phase(f"planning {redaction.redact(self.output)}")
         with ledger.held(self.output, self.options, "extract", started=self.started) as run_ledger:
-            plan, manifest = prepare(self.config, run_ledger)
+            plan, manifest = prepare(self.config, run_ledger, say=self.reporter.phase)
             commits = run_ledger.commits
-            todo = run_ledger.pending(plan.num_shards)
-            self.reporter.phase(f"{plan.num_images} images in {plan.num_shards} shards, {len(commits)} already "
-                                f"committed")
+            todo = run_ledger.pending(plan.num_shards)  # in shard order: an earlier generation's shards go first
+            generations = f" ({len(plan.generations)} generations)" if len(plan.generations) > 1 else ""
+            self.reporter.phase(f"{plan.num_images} images in {plan.num_shards} shards{generations}, {len(commits)} "
+                                "already committed")
             description = self.run_shards(plan, manifest, todo, run_ledger, verbose) if todo else None
             extras = {"provenance": self.provenance(description, run_ledger),
-                      "max_error_rate": self.config.run.max_error_rate}
+                      "max_error_rate": self.config.run.max_error_rate,
+                      "generations": generation_summary(plan)}
             return run_ledger.finish(plan.num_shards, plan.fingerprint, extras)
 
     def run_shards(self, plan: Plan, manifest, todo: list[int], run_ledger: ledger.Ledger,
@@ -358,6 +360,12 @@ def whole_shard(plan: Plan, manifest, index: int) -> ShardTask:
     start, stop = plan.shard_bounds(index)
     piece = manifest.slice(start, stop - start)
     return ShardTask(index, start, stop, piece.column("uri").to_pylist(), piece.column("label").to_pylist())
+
+
+def generation_summary(plan: Plan) -> list[dict]:
+    """Per generation of the plan (see pipeline/output/layout.py): its images and shards, for `_SUCCESS`."""
+    return [{"generation": number, "images": generation.num_images, "first_shard": generation.shard_offset,
+             "shards": generation.num_shards(plan.shard_size)} for number, generation in enumerate(plan.generations)]
 
 
 def interrupted_message(signal_number: int, num_shards: int, num_committed: int) -> str:

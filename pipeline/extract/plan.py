@@ -1,8 +1,13 @@
 """The plan: a frozen manifest, deterministic shards, and a fingerprint of everything that changes features.
 
 The first run lists the input and freezes it into the output (`_manifest.parquet`, `_plan.json`); every
-later run in `resume` mode reuses that manifest without listing again, so shard i always means the same
-images. A run whose fingerprint differs from the frozen one is refused with the keys that differ.
+later run in `resume` mode reuses that manifest, so shard i always means the same images. A run whose
+fingerprint differs from the frozen one is refused with the keys that differ.
+
+`output.mode: append` lists the input again and freezes only the images no earlier generation holds (a pyarrow
+anti-join on uri) as a new generation, whose shards are numbered after the existing ones (layout in
+pipeline/output/layout.py). The pending shards of earlier generations run first, in the same run. A resume of a
+small plan lists the input again only to say, in one line, that append would find new images.
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ import dataclasses
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,26 +32,77 @@ from pipeline.config import (
     is_saved_model_path,
     is_weights_file,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import USER_ERRORS, ConfigError
 from pipeline.extract.listing import list_images
 from pipeline.io import faults, redaction, storage
 from pipeline.output import layout, ledger
+
+log = logging.getLogger("featurize")
+
+# A resume lists the input again (to say whether append would find new images) only for plans this small: about
+# one directory walk or ten object-store list pages, never the millions of objects a large archive holds.
+HINT_RELIST_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One frozen listing: generation 0 is the first run's, each append that found new images adds one."""
+
+    manifest: str  # its manifest file, relative to the output
+    num_images: int
+    shard_offset: int  # the number of its first shard: shard numbers continue across generations
+    created: float | None = None  # epoch seconds; None for generation 0 of an output older than generations
+
+    def num_shards(self, shard_size: int) -> int:
+        return -(-self.num_images // shard_size)
 
 
 @dataclass(frozen=True)
 class Plan:
     fingerprint: str
     fingerprint_inputs: dict
-    num_images: int
     shard_size: int
+    generations: tuple[Generation, ...]
+
+    @property
+    def num_images(self) -> int:
+        return sum(generation.num_images for generation in self.generations)
 
     @property
     def num_shards(self) -> int:
-        return -(-self.num_images // self.shard_size)
+        last = self.generations[-1]
+        return last.shard_offset + last.num_shards(self.shard_size)
 
     def shard_bounds(self, shard_index: int) -> tuple[int, int]:
-        start = shard_index * self.shard_size
-        return start, min(start + self.shard_size, self.num_images)
+        """Rows [start, stop) of the shard in the manifests of every generation concatenated in order."""
+        first_row = 0
+        for generation in self.generations:
+            local_index = shard_index - generation.shard_offset
+            if 0 <= local_index < generation.num_shards(self.shard_size):
+                start = local_index * self.shard_size
+                return first_row + start, first_row + min(start + self.shard_size, generation.num_images)
+            first_row += generation.num_images
+        raise IndexError(f"shard {shard_index} is not in the plan (it has {self.num_shards} shards)")
+
+    def with_generation(self, num_images: int) -> Plan:
+        """The plan grown by one generation of `num_images` images, numbered after every existing shard."""
+        generation = Generation(layout.manifest_file(len(self.generations)), num_images, self.num_shards, time.time())
+        return dataclasses.replace(self, generations=(*self.generations, generation))
+
+    def document(self) -> dict:
+        """What `_plan.json` holds; top-level `num_images` stays generation 0's (see pipeline/output/layout.py)."""
+        return {"fingerprint": self.fingerprint, "fingerprint_inputs": self.fingerprint_inputs,
+                "shard_size": self.shard_size, "num_images": self.generations[0].num_images,
+                "generations": [dataclasses.asdict(generation) for generation in self.generations]}
+
+    @classmethod
+    def from_document(cls, document: dict) -> Plan:
+        """A `_plan.json`; one written before generations existed is generation 0 alone."""
+        recorded = document.get("generations") or [
+            {"manifest": layout.MANIFEST_FILE, "num_images": document["num_images"], "shard_offset": 0}]
+        return cls(fingerprint=document["fingerprint"], fingerprint_inputs=document.get("fingerprint_inputs", {}),
+                   shard_size=document["shard_size"],
+                   generations=tuple(Generation(**generation) for generation in recorded))
 
 
 def model_files(config: ExtractConfig) -> list[tuple[str, str]]:
@@ -96,9 +156,11 @@ def digest(document: dict) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(config: ExtractConfig, run_ledger: ledger.Ledger | None = None) -> tuple[Plan, pa.Table]:
-    """Honour output.mode, then return the plan and the frozen manifest (listing the input only once). The run's
-    ledger (holding the output's lease) reads the commits as it opens; planning alone needs none."""
+def prepare(config: ExtractConfig, run_ledger: ledger.Ledger | None = None,
+            say: Callable[[str], None] = log.info) -> tuple[Plan, pa.Table]:
+    """Honour output.mode, then return the plan and the frozen manifest of every generation (concatenated, in
+    shard order). The run's ledger (holding the output's lease) reads the commits as it opens; planning alone needs
+    none. `say` gets the one-line notes: no new image to append, new images a resume leaves out."""
     output, options = config.output.uri, config.output.storage_options
     run_ledger = run_ledger or ledger.Ledger(output, options)
     check_model_files(config)
@@ -108,19 +170,76 @@ def prepare(config: ExtractConfig, run_ledger: ledger.Ledger | None = None) -> t
                              remedy="Use output.mode: overwrite or another output.uri.")
     if frozen is None:
         return new_plan(config, inputs, run_ledger)
-    manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, layout.MANIFEST_FILE), options)))
-    fields = ("fingerprint", "fingerprint_inputs", "num_images", "shard_size")
-    return Plan(**{key: frozen[key] for key in fields}), manifest
+    plan = Plan.from_document(frozen)
+    manifest = read_manifests(plan, output, options)
+    if config.output.mode == "append":
+        return append_generation(config, plan, manifest, run_ledger, say)
+    say_if_input_grew(config, plan, manifest, say)
+    return plan, manifest
 
 
 def new_plan(config: ExtractConfig, inputs: dict, run_ledger: ledger.Ledger) -> tuple[Plan, pa.Table]:
-    output, options = config.output.uri, config.output.storage_options
     manifest = list_images(config.input)
-    plan = Plan(fingerprint=digest(inputs), fingerprint_inputs=inputs, num_images=manifest.num_rows,
-                shard_size=config.run.shard_size)
-    storage.make_dirs(output, options)
+    generation = Generation(layout.manifest_file(0), manifest.num_rows, shard_offset=0, created=time.time())
+    plan = Plan(fingerprint=digest(inputs), fingerprint_inputs=inputs, shard_size=config.run.shard_size,
+                generations=(generation,))
+    storage.make_dirs(config.output.uri, config.output.storage_options)
+    write_manifest(manifest, generation, config.output.uri, config.output.storage_options)
+    run_ledger.write_plan(plan.document())  # last: its presence means the manifest is complete
+    return plan, manifest
+
+
+def append_generation(config: ExtractConfig, plan: Plan, manifest: pa.Table, run_ledger: ledger.Ledger,
+                      say: Callable[[str], None]) -> tuple[Plan, pa.Table]:
+    """Freeze the listed images no generation holds yet as a new generation; with none, the plan as it is (its
+    pending shards, if any, still run: append implies resume)."""
+    listing = list_images(config.input)
+    added = images_not_in(listing, manifest)
+    if added.num_rows == 0:
+        say(f"append: no new image ({listing.num_rows} listed, every one already in the output); nothing to add")
+        return plan, manifest
+    grown = plan.with_generation(added.num_rows)
+    generation = grown.generations[-1]
+    write_manifest(added, generation, config.output.uri, config.output.storage_options)
+    run_ledger.write_plan(grown.document())  # last: the generation exists once the plan names it
+    say(f"append: {added.num_rows} new images as generation {len(plan.generations)} (shards "
+        f"{generation.shard_offset}-{grown.num_shards - 1})")
+    return grown, pa.concat_tables([manifest, added.cast(manifest.schema)])
+
+
+def images_not_in(listing: pa.Table, known: pa.Table) -> pa.Table:
+    """The rows of `listing` whose uri `known` lacks, in listing order: an Arrow anti-join (hash join in C++),
+    never a Python set of every uri."""
+    position = "__position"  # Arrow's joins do not keep row order: restore it with the listing's positions
+    numbered = listing.append_column(position, pa.array(np.arange(listing.num_rows, dtype=np.int64)))
+    kept = numbered.join(known.select(["uri"]), keys="uri", join_type="left anti", use_threads=False)
+    return kept.sort_by(position).select(listing.column_names)
+
+
+def say_if_input_grew(config: ExtractConfig, plan: Plan, manifest: pa.Table, say: Callable[[str], None]) -> None:
+    """A resume stays exact (the frozen plan); for a small plan, one line when the input now holds images the plan
+    does not. A large one would have to list everything again: nothing is said. A listing that fails (the input
+    moved, credentials for the input gone) says nothing either: the resume needs only the frozen manifest."""
+    if plan.num_images > HINT_RELIST_LIMIT:
+        return
+    try:
+        listing = list_images(config.input)
+    except USER_ERRORS:
+        return
+    num_new = images_not_in(listing, manifest).num_rows
+    if num_new:
+        say(f"the input now holds {num_new} images the frozen plan does not (this resume leaves them out); "
+            "output.mode: append processes them")
+
+
+def write_manifest(manifest: pa.Table, generation: Generation, output: str, options: dict) -> None:
     buffer = io.BytesIO()
     pq.write_table(manifest, buffer)
-    storage.write_bytes(storage.join(output, layout.MANIFEST_FILE), buffer.getvalue(), options)
-    run_ledger.write_plan(asdict(plan))  # last: its presence means the manifest is complete
-    return plan, manifest
+    storage.write_bytes(storage.join(output, generation.manifest), buffer.getvalue(), options)
+
+
+def read_manifests(plan: Plan, output: str, options: dict) -> pa.Table:
+    """Every generation's manifest, concatenated in order (zero-copy): row positions are Plan.shard_bounds's."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, generation.manifest), options)))
+              for generation in plan.generations]
+    return pa.concat_tables([table.cast(tables[0].schema) for table in tables])

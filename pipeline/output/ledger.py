@@ -183,9 +183,10 @@ class Ledger:
     # --- the plan ----------------------------------------------------------------------------------
 
     def open(self, mode: str, fingerprint: str, inputs: dict, what: str, remedy: str) -> dict | None:
-        """Honour the output mode (`resume` | `overwrite` | `error`) and read the commits. Returns the frozen plan to
-        resume, or None for a new output, whose plan the caller writes with `write_plan` once what it names is
-        written. A plan frozen with other inputs is refused naming what differs: resuming would mix `what`."""
+        """Honour the output mode (`resume` | `overwrite` | `error` | `append`) and read the commits. Returns the
+        frozen plan to resume (or, for `append`, to grow), or None for a new output, whose plan the caller writes
+        with `write_plan` once what it names is written. A plan frozen with other inputs is refused naming what
+        differs: resuming or appending would mix `what`."""
         shown = redaction.redact(self.output)
         exists = storage.exists(self.uri(PLAN_FILE), self.options)
         if exists and mode == "error":
@@ -199,12 +200,15 @@ class Ledger:
         frozen = read_json(self.uri(PLAN_FILE), self.options) if exists else None
         differences = fingerprint_differences(frozen, fingerprint, inputs) if frozen else []
         if differences:
-            raise ConfigError(f"{self.key}: {shown} was written with a different configuration, so resuming would mix "
+            action = "appending to it" if mode == "append" else "resuming"
+            raise ConfigError(f"{self.key}: {shown} was written with a different configuration, so {action} would mix "
                               f"{what}. Differences: {'; '.join(differences)}. {remedy}")
         self.commits = read_commits(self.output, self.options)
         return frozen
 
     def write_plan(self, document: dict) -> None:
+        """Write (or, for an append, replace) the plan file: fenced, since it decides what every shard means."""
+        self.check()
         storage.make_dirs(self.output, self.options)
         write_json(self.uri(PLAN_FILE), document, self.options)
 
