@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterable
 
 from rich.console import Console
 
 from pipeline.charts import key_value_table
 from pipeline.errors import ConfigError
+from pipeline.extract.plan import Plan
 from pipeline.io import redaction, storage
 from pipeline.output import layout, lease, ledger
 
@@ -109,15 +111,16 @@ def inspect_predict_output(output_uri: str, console: Console, storage_options: d
 
 def inspect_extract_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
     """Rows, error rows by reason, schema, provenance, committed vs pending shards of an extract output."""
-    plan = ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options)
-    summary, commits = ledger_summary(output_uri, -(-plan["num_images"] // plan["shard_size"]), storage_options)
+    plan = Plan.from_document(ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options))
+    summary, commits = ledger_summary(output_uri, plan.num_shards, storage_options)
     reasons = collections.Counter()
     for record in commits.values():
         reasons.update(record.errors_by_reason)
-    summary = {"images": plan["num_images"], **summary, "errors_by_reason": dict(reasons),
-               "fingerprint": plan["fingerprint"]}
+    summary = {"images": plan.num_images, **summary, "errors_by_reason": dict(reasons),
+               "fingerprint": plan.fingerprint, "generations": generation_rows(plan, commits)}
     lines = [status_line(summary, "resume to finish"), ("images", str(summary["images"])), *ledger_lines(summary),
-             ("fingerprint", plan["fingerprint"]), *error_lines(reasons.most_common())]
+             *generation_lines(summary["generations"]), ("fingerprint", plan.fingerprint),
+             *error_lines(reasons.most_common())]
     first_file = next((record.files[0] for record in commits.values() if record.files), None)
     if first_file:
         schema = ledger.read_file_schema(output_uri, first_file, storage_options)
@@ -127,3 +130,25 @@ def inspect_extract_output(output_uri: str, console: Console, storage_options: d
         lines += [(f"provenance.{key}", value) for key, value in sorted(summary["provenance"].items())]
     console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)}", lines))
     return summary
+
+
+def generation_rows(plan: Plan, commits: dict) -> list[dict]:
+    """Per generation (the first run, then each `output.mode: append` that found new images): images, shards, and
+    how many of its shards are committed."""
+    rows = []
+    for number, generation in enumerate(plan.generations):
+        shards = range(generation.shard_offset, generation.shard_offset + generation.num_shards(plan.shard_size))
+        rows.append({"generation": number, "images": generation.num_images, "shards": len(shards),
+                     "shards_committed": sum(index in commits for index in shards), "created": generation.created})
+    return rows
+
+
+def generation_lines(generations: list[dict]) -> list[tuple[str, str]]:
+    """One line with the count, then one per generation."""
+    lines = [("generations", f"{len(generations)} (" + ", ".join(f"{row['images']}" for row in generations)
+              + " images)")]
+    for row in generations:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"])) if row["created"] else "-"
+        lines.append((f"generation {row['generation']}", f"{row['images']} images, {row['shards_committed']}/"
+                                                        f"{row['shards']} shards committed, created {created}"))
+    return lines
