@@ -38,7 +38,7 @@ def test_single_uri_string_becomes_tuple(tmp_path):
 
 @pytest.mark.parametrize("override, words", [
     ("model.pooling=mean", ["model.pooling", "'mean'", "avg, max"]),
-    ("output.mode=append", ["output.mode", "'append'", "resume, overwrite, error"]),
+    ("output.mode=merge", ["output.mode", "'merge'", "resume, overwrite, error, append"]),
     ("output.feature_dtype=float64", ["output.feature_dtype", "float32, float16"]),
     ("model.resize=zoom", ["model.resize", "stretch, center_crop, pad"]),
     ("run.batch_size=lots", ["run.batch_size", "'lots'", "whole number"]),
