@@ -143,8 +143,7 @@ class Driver:
                                 "already committed")
             description = self.run_shards(plan, manifest, todo, run_ledger, verbose) if todo else None
             extras = {"provenance": self.provenance(description, run_ledger),
-                      "max_error_rate": self.config.run.max_error_rate,
-                      "generations": generation_summary(plan)}
+                      "max_error_rate": self.config.run.max_error_rate}
             return run_ledger.finish(plan.num_shards, plan.fingerprint, extras)
 
     def run_shards(self, plan: Plan, manifest, todo: list[int], run_ledger: ledger.Ledger,
@@ -360,12 +359,6 @@ def whole_shard(plan: Plan, manifest, index: int) -> ShardTask:
     start, stop = plan.shard_bounds(index)
     piece = manifest.slice(start, stop - start)
     return ShardTask(index, start, stop, piece.column("uri").to_pylist(), piece.column("label").to_pylist())
-
-
-def generation_summary(plan: Plan) -> list[dict]:
-    """Per generation of the plan (see pipeline/output/layout.py): its images and shards, for `_SUCCESS`."""
-    return [{"generation": number, "images": generation.num_images, "first_shard": generation.shard_offset,
-             "shards": generation.num_shards(plan.shard_size)} for number, generation in enumerate(plan.generations)]
 
 
 def interrupted_message(signal_number: int, num_shards: int, num_committed: int) -> str:

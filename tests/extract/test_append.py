@@ -226,7 +226,8 @@ def test_extract_then_append_processes_only_the_added_images(tmp_path, ray_local
     success = json.loads((output / layout.SUCCESS_FILE).read_text())
     assert success["shards"] == {"total": 6, "run": 2, "committed": 6}
     assert success["rows"]["total"] == 40 and len(success["files"]) == 6
-    assert [(g["images"], g["first_shard"]) for g in success["generations"]] == [(30, 0), (10, 4)]
+    generations = json.loads((output / layout.PLAN_FILE).read_text())["generations"]
+    assert [(g["num_images"], g["shard_offset"]) for g in generations] == [(30, 0), (10, 4)]
     added_rows = sum(json.loads((output / layout.commit_path(shard)).read_text())["rows"] for shard in (4, 5))
     assert added_rows == 10
 
