@@ -112,6 +112,12 @@ def test_an_append_with_nothing_new_does_nothing_and_says_so_in_one_line(tmp_pat
     assert said == ["append: no new image (10 listed, every one already in the output); nothing to add"]
 
 
+def test_append_to_an_empty_output_is_a_first_run(tmp_path, images):
+    plan, manifest = prepare(appending(tmp_path))
+    assert [(g.manifest, g.num_images) for g in plan.generations] == [(layout.MANIFEST_FILE, 10)]
+    assert manifest.num_rows == 10 and plan.num_shards == 3
+
+
 def test_append_to_an_output_of_another_model_is_refused_naming_the_difference(tmp_path, images):
     commit_pending(config_for(tmp_path), tmp_path / "out")
     add_images(tmp_path, 3)
