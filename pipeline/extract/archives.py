@@ -56,12 +56,17 @@ ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, zipfile.BadZipFile)
 def expand_braces(uri: str) -> list[str]:
     """WebDataset's brace notation, before any glob: `{00000..00009}` (a range, zero-padded to the width of its
     first bound) and `{a,b}` (a list), the leftmost first, so several braces multiply."""
-    for pattern, expand in ((BRACE_RANGE, brace_range), (BRACE_LIST, lambda match: match.group(1).split(","))):
-        match = pattern.search(uri)
-        if match:
-            head, tail = uri[:match.start()], uri[match.end():]
-            return [expanded for part in expand(match) for expanded in expand_braces(head + part + tail)]
-    return [uri]
+    matches = [(match, expand) for pattern, expand in ((BRACE_RANGE, brace_range), (BRACE_LIST, brace_list))
+               if (match := pattern.search(uri))]
+    if not matches:
+        return [uri]
+    match, expand = min(matches, key=lambda pair: pair[0].start())
+    head, tail = uri[:match.start()], uri[match.end():]
+    return [expanded for part in expand(match) for expanded in expand_braces(head + part + tail)]
+
+
+def brace_list(match: re.Match) -> list[str]:
+    return match.group(1).split(",")
 
 
 def brace_range(match: re.Match) -> list[str]:
@@ -213,20 +218,25 @@ def tar_members(archive: tarfile.TarFile, wanted: Callable[[str], bool]) -> Iter
                 yield broken  # a stream cannot go on past a cut member: what follows is lost too
                 return
             yield Member(info.name, info.offset, data)
-    except ARCHIVE_ERRORS as error:
-        yield ArchiveBreak(archive.offset, None, str(error) or type(error).__name__)
+    except ARCHIVE_ERRORS as error:  # skipping a member's data ran out, or the next header is damaged
+        yield cut_member_break(archive, last) or ArchiveBreak(archive.offset, None, str(error) or type(error).__name__)
         return
-    broken = end_of_stream_break(archive, last)
+    broken = cut_member_break(archive, last) or end_of_stream_break(archive)
     if broken:
         yield broken
 
 
-def end_of_stream_break(archive: tarfile.TarFile, last: tarfile.TarInfo | None) -> ArchiveBreak | None:
+def cut_member_break(archive: tarfile.TarFile, last: tarfile.TarInfo | None) -> ArchiveBreak | None:
+    """The last member's data ends beyond what the stream held: the archive breaks inside that member."""
+    if last is not None and last.isfile() and last.offset_data + last.size > archive.fileobj.pos:
+        return ArchiveBreak(last.offset, last.name, "the member's data is cut short")
+    return None
+
+
+def end_of_stream_break(archive: tarfile.TarFile) -> ArchiveBreak | None:
     """tarfile ends its iteration quietly when the stream stops at or inside a header; a whole tar ends with
     a zero block, so fewer than 512 bytes read past the next header's offset means the archive was cut."""
     read_to = archive.fileobj.pos  # bytes of the (uncompressed) stream tarfile consumed
-    if last is not None and last.isfile() and last.offset_data + last.size > read_to:
-        return ArchiveBreak(last.offset, last.name, "the member's data is cut short")
     if read_to - archive.offset < tarfile.BLOCKSIZE:
         return ArchiveBreak(archive.offset, None, "the archive ends without its end-of-archive block")
     return None
