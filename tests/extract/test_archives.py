@@ -7,6 +7,7 @@ runs `featurize extract` on a real local Ray and compares with the same images e
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -23,7 +24,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import InputConfig, ModelConfig
-from pipeline.extract.archives import expand_braces
+from pipeline.extract.archives import ArchiveBreak, expand_braces, read_members
 from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, process_shard
 from tests.helpers import write_extract_config
@@ -211,3 +212,20 @@ def test_archives_on_s3_are_read_as_one_stream_each(tmp_path, s3, bucket, moto_e
     assert uri == f"tar://part1/sample_003.jpg::s3://{bucket}/shards/00001.tar"
     with fsspec.open(uri, s3={"client_kwargs": {"endpoint_url": moto_endpoint}, "skip_instance_cache": True}) as handle:
         assert handle.read() == good["part1/sample_003"]
+
+
+def test_a_gzipped_tar_lists_like_the_plain_one_and_a_cut_gzip_stream_names_its_break(tmp_path):
+    write_tar_shard(tmp_path / "plain.tar", 0)
+    compressed = gzip.compress((tmp_path / "plain.tar").read_bytes())
+    (tmp_path / "shard.tgz").write_bytes(compressed)
+    (tmp_path / "cut.tar.gz").write_bytes(compressed[: len(compressed) // 2])
+
+    plain = list_images(InputConfig(uri=(str(tmp_path / "plain.tar"),), labels="member:cls")).to_pylist()
+    packed = list_images(InputConfig(uri=(str(tmp_path / "shard.tgz"),), labels="member:cls")).to_pylist()
+    assert [(row["uri"].replace("shard.tgz", "plain.tar"), row["label"]) for row in packed] == [
+        (row["uri"], row["label"]) for row in plain]
+
+    cut = list_images(InputConfig(uri=(str(tmp_path / "cut.tar.gz"),))).column("uri").to_pylist()
+    assert 0 < len(cut) <= len(plain) + 1 and len(set(cut)) == len(cut)
+    members = list(read_members(str(tmp_path / "cut.tar.gz"), "tar", {}, lambda name: name.endswith(".jpg")))
+    assert isinstance(members[-1], ArchiveBreak) and "truncated or corrupt archive" in members[-1].describe()
