@@ -83,14 +83,34 @@ GpuShare = Annotated[Number | None, BeforeValidator(null_word),
                      rule(lambda value: value >= 0, "use 0 (CPU only), a fraction or a count of GPUs, or leave it "
                                                     "unset (auto)")]
 ErrorRate = Annotated[Number, rule(lambda value: 0.0 <= value <= 1.0, "allowed: a fraction in [0, 1]")]
+# Prefixes of input.labels that read a label from an archive: a sibling member (`member:cls`, its text) or a field
+# of the sample's .json member (`json:class`, `json:meta.class` for a nested one).
+MEMBER_LABELS, JSON_LABELS = "member:", "json:"
+
+
+def check_labels(labels: str) -> str:
+    """`member:EXT` needs an extension and `json:FIELD` a field; anything else is a keyword or a manifest column
+    (checked against the manifest when it is read)."""
+    for prefix, example, what in ((MEMBER_LABELS, "member:cls", "a member extension (no dot)"),
+                                  (JSON_LABELS, "json:class", "a field of the sample's .json member")):
+        value = labels[len(prefix):] if labels.startswith(prefix) else None
+        if value is not None and (not value or value != value.strip() or value.startswith(".") or "/" in value):
+            raise ValueError(f"got {labels!r}, which needs {what} after {prefix!r}, e.g. {example}; allowed: none, "
+                             f"from_dirs, member:EXT, json:FIELD (archives) or a manifest column name")
+    return labels
+
+
+Labels = Annotated[Text, AfterValidator(check_labels)]
 INPUT_URI_REQUIRED = "input.uri is required: a directory, glob or manifest file (or a list of them)"
 
 
 @section("input")
 class InputConfig:
-    uri: Texts = ()  # dir, glob, or manifest (.csv/.parquet/.txt); a list of them is allowed
-    labels: Text = "none"  # none | from_dirs | name of a manifest column
-    extensions: Texts = ("jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp")  # directory and glob listings
+    # dir, glob, manifest (.csv/.parquet/.txt), or archive (.tar/.tar.gz/.tgz/.zip); a list of them is allowed;
+    # braces expand first (`shards/{00000..00999}.tar`)
+    uri: Texts = ()
+    labels: Labels = "none"  # none | from_dirs | name of a manifest column | member:EXT | json:FIELD (archives)
+    extensions: Texts = ("jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp")  # listings and archive members
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, anon, profile...)
 
 

@@ -13,6 +13,10 @@ path below the listed directory, or below a glob's fixed directory, counts: `/ho
 its images. A glob that names a hidden component itself (`*/.thumbs/*.jpg`, `.*.jpg`) lists everything it
 matches, and an image file or manifest entry named explicitly is always kept.
 
+Archives (`.tar`, `.tar.gz`, `.tgz`, `.zip`; one, a glob, or a brace range) give one row per image member, in
+the archive's stream order; pipeline/extract/archives.py says how they are read. Braces (`{00000..00099}`,
+`{a,b}`) expand in any input uri before anything else.
+
 A listing with no image at all is a ConfigError (exit 2) that says where it looked and what to check.
 """
 
@@ -30,6 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
+from pipeline.extract import archives
 from pipeline.io import faults, redaction, storage
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".txt")
@@ -38,17 +43,18 @@ LISTING_SCHEMA = pa.schema([pa.field("uri", pa.string()), pa.field("label", pa.s
 # works as an Arrow (RE2) and a Python regular expression.
 HIDDEN_COMPONENT = r"(?:^|/)(?:\.|__MACOSX/)"
 # What a source is, decided once per source (it also picks the wording when nothing is found).
-MANIFEST, IMAGE_FILE, FILE_TREE = "a manifest", "an image file", "a directory or glob"
+MANIFEST, IMAGE_FILE, FILE_TREE, ARCHIVES = "a manifest", "an image file", "a directory or glob", "an archive"
 
 
 def list_images(input_config: InputConfig) -> pa.Table:
     """The frozen order of every image to process; ConfigError when there is none."""
-    kinds_and_tables = [list_source(uri, input_config) for uri in input_config.uri]
+    sources = [expanded for uri in input_config.uri for expanded in archives.expand_braces(uri)]
+    kinds_and_tables = [list_source(uri, input_config) for uri in sources]
     tables = [table for _, table in kinds_and_tables]
     listing = drop_repeated_uris(pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table())
     if listing.num_rows == 0:
         kinds = [kind for kind, _ in kinds_and_tables]
-        raise no_images_error(input_config, kinds)
+        raise no_images_error(input_config, sources, kinds)
     return listing
 
 
@@ -65,6 +71,8 @@ def list_source(uri: str, input_config: InputConfig) -> tuple[str, pa.Table]:
 
 
 def source_kind(uri: str, options: dict) -> str:
+    if archives.archive_format(uri):  # one archive or a glob of them: asked no more questions (10 000 shards)
+        return ARCHIVES
     if uri.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_directory(uri, options):
         return MANIFEST
     if storage.is_glob(uri) or storage.is_directory(uri, options):
@@ -80,12 +88,34 @@ def source_kind(uri: str, options: dict) -> str:
 def list_one_source(uri: str, kind: str, input_config: InputConfig) -> pa.Table:
     if kind == MANIFEST:
         return read_manifest(uri, input_config)
+    reads_members = archives.label_sidecar_extension(input_config.labels) is not None
+    if reads_members and kind != ARCHIVES:
+        raise ConfigError(f"input.labels: {input_config.labels!r} reads labels from archive members, but "
+                          f"{redaction.redact(uri)} is {kind}; use input.labels: from_dirs or none, or point "
+                          "input.uri at .tar/.zip archives")
+    if kind == ARCHIVES:
+        return list_archives(uri, input_config)
     if input_config.labels not in ("from_dirs", "none"):
         raise ConfigError(f"input.labels: {input_config.labels!r} names a manifest column, but "
                           f"{redaction.redact(uri)} is {kind}; use input.labels: from_dirs or none")
     uris = list_image_file(uri, input_config) if kind == IMAGE_FILE else list_file_tree(uri, input_config)
     labels = parent_directory_names(uris) if input_config.labels == "from_dirs" else pa.nulls(len(uris), pa.string())
     return pa.table({"uri": uris, "label": labels})
+
+
+def list_archives(uri: str, input_config: InputConfig) -> pa.Table:
+    """The member rows of one archive or of every archive a glob matches (in name order), each streamed once."""
+    if input_config.labels not in ("from_dirs", "none") and archives.label_sidecar_extension(
+            input_config.labels) is None:
+        raise ConfigError(f"input.labels: {input_config.labels!r} names a manifest column, but "
+                          f"{redaction.redact(uri)} is {ARCHIVES}; use input.labels: member:EXT (e.g. member:cls), "
+                          "json:FIELD, from_dirs or none")
+    options = input_config.storage_options
+    found = sorted(storage.find_files(uri, options)) if storage.is_glob(uri) else [uri]
+    listings = [archives.list_archive(archive_uri, input_config.extensions, input_config.labels, options)
+                for archive_uri in found]
+    return pa.table({"uri": pa.array([member for listing in listings for member in listing.uris], pa.string()),
+                     "label": pa.array([label for listing in listings for label in listing.labels], pa.string())})
 
 
 def list_image_file(uri: str, input_config: InputConfig) -> pa.Array:
@@ -137,10 +167,10 @@ def parent_directory_names(uris: pa.Array) -> pa.Array:
     return pc.fill_null(parents, "")
 
 
-def no_images_error(input_config: InputConfig, kinds: list[str]) -> ConfigError:
+def no_images_error(input_config: InputConfig, sources: list[str], kinds: list[str]) -> ConfigError:
     """Nothing to process: say where we looked and what to check, instead of an empty job."""
-    manifests = [uri for uri, kind in zip(input_config.uri, kinds) if kind == MANIFEST]
-    trees = [uri for uri, kind in zip(input_config.uri, kinds) if kind != MANIFEST]
+    manifests = [uri for uri, kind in zip(sources, kinds) if kind == MANIFEST]
+    trees = [uri for uri, kind in zip(sources, kinds) if kind != MANIFEST]
     problems = []
     if trees:
         extensions = ", ".join(normalised_extensions(input_config.extensions))

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.extract.archives import member_key
 from pipeline.io import redaction, storage
 from pipeline.output.ledger import read_success
 
@@ -25,6 +26,7 @@ def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dic
         pa.field("features", pa.list_(value_type, feature_dim)),
         pa.field("top_k_labels", pa.list_(pa.string())),
         pa.field("top_k_scores", pa.list_(pa.float32())),
+        pa.field("key", pa.string()),  # the WebDataset sample key of an archive member; null for a loose file
     ])
     metadata = {key: redaction.redact(str(value)) for key, value in (provenance or {}).items()}  # URIs: no secrets
     return schema.with_metadata(metadata)
@@ -43,6 +45,7 @@ class ShardRows:
     features: list = field(default_factory=list)
     top_k_labels: list = field(default_factory=list)
     top_k_scores: list = field(default_factory=list)
+    key: list = field(default_factory=list)
 
     def add_ok(self, uri, label, width, height, features: np.ndarray, labels: list[str], scores: list[float]):
         self._add(uri, label, "ok", None, width, height, features, labels, scores)
@@ -60,6 +63,7 @@ class ShardRows:
         self.features.append(features)
         self.top_k_labels.append(labels)
         self.top_k_scores.append(scores)
+        self.key.append(member_key(uri))  # a function of the member URL: rows of every kind get it alike
 
     def __len__(self) -> int:
         return len(self.uri)
@@ -95,4 +99,4 @@ def read_features(output_uri: str, storage_options: dict | None = None, columns:
                             columns=columns) for path in success["files"]]
     if not tables:
         return row_schema(1).empty_table()
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")  # files written before the `key` column: nulls

@@ -3,11 +3,18 @@
 Fetch and decode run in a thread pool a bounded window ahead of the forward pass, so the model does not
 wait on I/O; Pillow and the storage clients release the GIL for the heavy parts. Every input yields
 exactly one row: bytes that cannot be fetched or decoded become error rows with the reason.
+
+Archive members (chained `tar://...::...` / `zip://...::...` URIs, see archives.py) are not fetched one by one:
+a run of a shard's items from one archive streams that archive once, in the reading thread, and hands each
+member's bytes to the decode threads as it passes; members the stream never delivered (a truncated archive,
+a failed read) become error rows saying why.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -17,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.config import ModelConfig, OutputConfig
+from pipeline.extract import archives
 from pipeline.extract.decode import DecodedImage, decode_image
 from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import faults, storage
@@ -92,11 +100,28 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
         reason = f"fetch failed: {faults.describe_error(error)}"  # "not found", "access denied", ...; redacted
         return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
     fetched = time.perf_counter()
+    return decode_fetched(uri, label, data, fetched - started, target_size, settings)
+
+
+def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, target_size: tuple[int, int],
+                   settings: ShardSettings) -> Item:
+    """Bytes already fetched (a loose file, or an archive member off its stream) -> an Item."""
+    started = time.perf_counter()
+    crash_marker = os.environ.get(CRASH_MARKER_VARIABLE)
+    if crash_marker and crash_marker in uri:
+        os._exit(77)
     bug_marker = os.environ.get(BUG_MARKER_VARIABLE)
     if bug_marker and bug_marker in uri:
         raise AssertionError(f"test hook: a bug in featurize's own code while decoding {uri}")
     image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
-    return Item(uri, label, image, fetched - started, time.perf_counter() - fetched)
+    return Item(uri, label, image, fetch_seconds, time.perf_counter() - started)
+
+
+def error_item(uri: str, label: str | None, reason: str, fetch_seconds: float = 0.0) -> Future:
+    """An item that is an error row already, as a finished future (it rides the same queue as decodes)."""
+    future: Future = Future()
+    future.set_result(Item(uri, label, DecodedImage(None, None, None, reason), fetch_seconds, 0.0))
+    return future
 
 
 def is_fetch_failure(error: Exception) -> bool:
@@ -107,15 +132,62 @@ def is_fetch_failure(error: Exception) -> bool:
 
 def decoded_items(task: ShardTask, target_size: tuple[int, int], settings: ShardSettings,
                   executor: ThreadPoolExecutor, window: int) -> Iterator[Item]:
-    """Items in manifest order, decoded at most `window` ahead of the consumer (bounded memory)."""
+    """Items in manifest order (an archive's members in its stream order), decoded at most `window` ahead of
+    the consumer (bounded memory)."""
     pending: collections.deque[Future] = collections.deque()
-    entries = iter(zip(task.uris, task.labels))
-    for uri, label in entries:
-        pending.append(executor.submit(fetch_and_decode, uri, label, target_size, settings))
+    for future in item_futures(task, target_size, settings, executor):
+        pending.append(future)
         if len(pending) >= window:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def item_futures(task: ShardTask, target_size: tuple[int, int], settings: ShardSettings,
+                 executor: ThreadPoolExecutor) -> Iterator[Future]:
+    """One future an item: loose files fetched and decoded in the threads; each run of members of one archive
+    from one stream of it."""
+    entries = zip(task.uris, task.labels)
+    for archive_uri, run in itertools.groupby(entries, key=lambda entry: archives.archive_of(entry[0])):
+        if archive_uri is None:
+            for uri, label in run:
+                yield executor.submit(fetch_and_decode, uri, label, target_size, settings)
+        else:
+            yield from archive_member_futures(archive_uri, list(run), target_size, settings, executor)
+
+
+def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None]], target_size: tuple[int, int],
+                           settings: ShardSettings, executor: ThreadPoolExecutor) -> Iterator[Future]:
+    """Stream one archive, decode the members `entries` name as they pass, stop once all are found; what the
+    stream never delivered is an error row with the reason (where the archive broke, or why the read failed)."""
+    needed = {archives.split_member_uri(uri)[1]: (uri, label) for uri, label in entries}
+    kind = archives.split_member_uri(entries[0][0])[0]
+    reason = "not found in the archive (was it changed after the listing?)"
+    started = time.perf_counter()
+    try:
+        members = archives.read_members(archive_uri, kind, settings.input_storage_options, needed.__contains__)
+        with contextlib.closing(members):
+            for member in members:
+                if isinstance(member, archives.ArchiveBreak):
+                    reason = member.describe()
+                    break
+                if member.name not in needed:
+                    continue
+                uri, label = needed.pop(member.name)
+                fetch_seconds, started = time.perf_counter() - started, time.perf_counter()
+                if member.error is not None:
+                    yield error_item(uri, label, member.error, fetch_seconds)
+                else:
+                    yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, target_size,
+                                          settings)
+                if not needed:
+                    break  # the rest of the archive belongs to other shards: stop reading it
+    except Exception as error:  # noqa: BLE001 - classified just below
+        if not is_fetch_failure(error):
+            raise
+        reason = f"fetch failed: {faults.describe_error(error)}"
+    for uri, label in needed.values():
+        yield error_item(uri, label, reason)
 
 
 def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:

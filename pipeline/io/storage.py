@@ -263,6 +263,36 @@ def local_copy(uri: str, storage_options: dict | None = None) -> Iterator[str]:
         yield local_path
 
 
+# Archives are read front to back in ranges this large: one GET for a shard up to this size, a handful for a
+# GB-sized one, and never one request per member; memory stays bounded by one range, whatever the archive's size.
+STREAM_BLOCK_SIZE = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def open_stream(uri: str, storage_options: dict | None = None) -> Iterator[IO[bytes]]:
+    """A file object to read `uri` sequentially (archives): the local file itself, or a remote object read in
+    STREAM_BLOCK_SIZE ranges ahead of the reader. Opening is retried; a failure mid-stream is the reader's."""
+    fs, path = filesystem(uri, storage_options)
+    if protocol_of(uri) == "file":
+        check_regular_file(path)
+        with open(path, "rb") as handle:
+            yield handle
+        return
+    handle = with_retries(lambda: fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE, cache_type="readahead"))
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def local_path_uri(uri: str) -> str:
+    """A local path as an absolute `file://` URL (the outer part of a chained archive-member URL); other URIs
+    unchanged."""
+    if protocol_of(uri) != "file" or uri.startswith("file://"):
+        return uri
+    return "file://" + os.path.abspath(uri)
+
+
 def upload_file(local_path: str, uri: str, storage_options: dict | None = None) -> None:
     """Copy a local file to any fsspec URI."""
     fs, path = filesystem(uri, storage_options)
