@@ -35,6 +35,9 @@ def configure_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. its token-auth notice on every local start
+        # gcsfs logs every request it gives up on with a traceback at ERROR, then raises: featurize reports the
+        # raised error itself, as one line naming the key (or as an error row)
+        logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 class StandardErrorHandler(logging.StreamHandler):

@@ -150,15 +150,15 @@ def server_message(error: BaseException) -> str:
 def access_error(key: str, uri: str, action: str, error: BaseException) -> StorageError:
     """A StorageError saying what failed, why, and what to do; no secret in it."""
     reason = describe_error(error)
+    if reason == "not found" and action == "write to" and is_object_store(uri):
+        reason = "bucket not found"  # a write misses no object, only its bucket (gcsfs: a bare FileNotFoundError)
     section = key.split(".", 1)[0]
     hints = {
         "bucket not found": "the bucket does not exist: create it or fix the URI",
         "not found": "it does not exist (or is invisible with these credentials): check the URI",
         "access denied": (f"the credentials in use (environment variables, the profile, the instance role, or "
                           f"{section}.storage_options) are invalid or not allowed to {action} it"),
-        "no credentials found": ("set them in the environment (e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), "
-                                 f"name a profile ({section}.storage_options.profile), run with an instance role, "
-                                 f"or use {section}.storage_options.anon: true for a public bucket"),
+        "no credentials found": credentials_hint(uri, section),
     }
     hint = hints.get(reason, "the store kept failing; check that it is reachable and try again")
     detail = server_message(error)
@@ -166,6 +166,24 @@ def access_error(key: str, uri: str, action: str, error: BaseException) -> Stora
     if detail and detail.lower() not in reason:
         message += f" ({detail})"
     return StorageError(f"{message}; {hint}")
+
+
+def credentials_hint(uri: str, section: str) -> str:
+    """Where credentials come from for the store `uri` names, in that store's own words."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme in ("gs", "gcs"):
+        return ("set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run where application-default "
+                f"credentials exist, or use {section}.storage_options.token: anon for a public bucket")
+    if scheme in ("az", "abfs", "abfss"):
+        return ("set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or "
+                f"AZURE_STORAGE_SAS_TOKEN, or give them in {section}.storage_options (account_name, account_key, ...)")
+    return ("set them in the environment (e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), "
+            f"name a profile ({section}.storage_options.profile), run with an instance role, "
+            f"or use {section}.storage_options.anon: true for a public bucket")
+
+
+def is_object_store(uri: str) -> bool:
+    return "://" in uri and not uri.startswith(("file://", "memory://", "local://"))
 
 
 def is_storage_failure(error: BaseException) -> bool:

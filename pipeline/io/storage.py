@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import tempfile
+import types
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -33,6 +34,9 @@ log = logging.getLogger("featurize.storage")
 # loop: the three layers multiplied to 125 attempts an object (5 x 5 x 5), minutes of backoff before a dead
 # endpoint became an error row, and with botocore's 60 s connect timeout, hours.
 S3_CLIENT_ATTEMPTS = 3
+# gcsfs retries each request itself, 6 attempts with 1-32 s pauses, a 401 "Invalid Credentials" included (refused
+# credentials took ~31 s to stop a job); bounded the same way as botocore's, below with_retries.
+GCS_CLIENT_ATTEMPTS = 3
 
 # The pip extra that installs each protocol's fsspec implementation, for the message when it is missing.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
@@ -81,7 +85,19 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
         raise StorageError(f"{redact(uri)}: {error}; {hint}") from None
     if s3:
         fs.retries = 1  # s3fs's loop around each call (a class attribute, not an option): with_retries is ours
+    if protocol_family(protocol_of(uri)) == "gs":
+        bound_gcs_retries(fs)
     return fs, path
+
+
+def bound_gcs_retries(fs: fsspec.AbstractFileSystem) -> None:
+    """gcsfs fixes its retry count when its class is defined (`@retry_request(retries=6)` on `_request`), with no
+    option to change it: this instance gets the same request function under gcsfs's own retry loop, bounded."""
+    from gcsfs.retry import retry_request
+
+    request = getattr(type(fs)._request, "__wrapped__", None)
+    if request is not None and "_request" not in vars(fs):
+        fs._request = types.MethodType(retry_request(retries=GCS_CLIENT_ATTEMPTS)(request), fs)
 
 
 def with_bounded_s3_retries(options: dict) -> dict:

@@ -201,8 +201,7 @@ def test_a_missing_bucket_or_bad_credentials_stop_at_once(store, tiny_model, tmp
     code, seconds, message = extract(from_environment, "no-such-bucket-featurize/features")
     assert code == 2 and seconds < 20, message
     assert f"output.uri: cannot write to {store.uri('no-such-bucket-featurize/features')}" in message, message
-    if store.name != "gcs":  # gcsfs raises a bare FileNotFoundError for GCS's 404: bucket or object alike
-        assert "bucket not found" in message and "create it or fix the URI" in message, message
+    assert "bucket not found" in message and "create it or fix the URI" in message, message
 
     code, seconds, message = extract(from_environment, f"{bucket}/out-1", images="no-such-input-bucket/images/")
     assert code == 2 and seconds < 20, message
@@ -210,8 +209,7 @@ def test_a_missing_bucket_or_bad_credentials_stop_at_once(store, tiny_model, tmp
 
     with store.proxy(refuse_all=True) as proxy:
         code, seconds, message = extract(store.options(proxy.url), f"{bucket}/out-2")
-    # gcsfs retries GCS's 401 "Invalid Credentials" itself, 6 attempts over ~31 s (its retry loop is fixed
-    # when the class is defined; pipeline/io/storage.py does not bound it yet, as it bounds botocore's)
-    assert code == 2 and seconds < (45 if store.name == "gcs" else 20), message
+    # gcsfs retries GCS's 401 "Invalid Credentials" itself: storage.bound_gcs_retries keeps it to 3 attempts
+    assert code == 2 and seconds < 20, message
     assert "output.uri: cannot write to" in message and "access denied" in message, message
     print(f"\n[{store.name} refused] {seconds:.1f} s, {proxy.counts['requests']} requests: {message[:300]}")

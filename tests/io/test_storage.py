@@ -142,6 +142,24 @@ def test_permanent_errors_have_short_reasons(error, reason):
     assert faults.describe_error(error) == reason
 
 
+@pytest.mark.parametrize("uri, names", [
+    ("s3://bucket/out", ("AWS_ACCESS_KEY_ID", "anon: true")),
+    ("gs://bucket/out", ("GOOGLE_APPLICATION_CREDENTIALS", "token: anon")),
+    ("az://container/out", ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")),
+])
+def test_missing_credentials_are_explained_in_each_stores_words(uri, names):
+    message = str(faults.access_error("output.uri", uri, "write to", NoCredentialsError()))
+    assert message.startswith(f"output.uri: cannot write to {uri}: no credentials found")
+    assert all(name in message for name in names), message
+
+
+def test_a_write_that_finds_nothing_on_an_object_store_names_the_bucket(tmp_path):
+    remote = str(faults.access_error("output.uri", "gs://gone/out", "write to", FileNotFoundError()))
+    assert "bucket not found" in remote and "create it or fix the URI" in remote
+    local = str(faults.access_error("output.uri", str(tmp_path / "out"), "write to", FileNotFoundError()))
+    assert ": not found;" in local
+
+
 def test_other_errors_are_described_without_secrets(monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_KEY", SECRET)
     reason = faults.describe_error(RuntimeError(f"bad header {SECRET}"))
