@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("output", help="output directory of `featurize extract`, `predict` or `train`")
     inspect.set_defaults(handler=command_inspect)
 
+    report = commands.add_parser("report", parents=[common],
+                                 help="an HTML report with pictures of an extract, search or dedup output",
+                                 description="Write an HTML page to open in a browser: for extract, throughput "
+                                             "over time, stage split, errors by reason, sample rows with their "
+                                             "predictions and a 2-D map of the features; for dedup, the largest "
+                                             "groups; for search, each query beside its neighbours.")
+    report.add_argument("output", help="output directory of `featurize extract`, `search` or `dedup`")
+    report.add_argument("--out", help="folder to write index.html (and thumbnails/, charts/) into; default "
+                                      "OUTPUTNAME-report in the working directory")
+    report.add_argument("--self-contained", action="store_true",
+                        help="write only index.html, every picture inside it as a data: URI")
+    report.set_defaults(handler=command_report)
+
     lease = commands.add_parser("lease", help="the lease that keeps two runs off one output")
     lease_commands = lease.add_subparsers(required=True, metavar="ACTION")
     break_ = lease_commands.add_parser("break", parents=[common],
@@ -207,6 +220,14 @@ def command_inspect(arguments) -> int:
     from pipeline.tools.report import inspect_output
 
     inspect_output(arguments.output, console)
+    return 0
+
+
+def command_report(arguments) -> int:
+    from pipeline.tools.html_report import write_report
+
+    index = write_report(arguments.output, arguments.out, arguments.self_contained)
+    console.print(f"report written: {index}", highlight=False, soft_wrap=True)
     return 0
 
 
