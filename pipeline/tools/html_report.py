@@ -138,28 +138,32 @@ def extract_summary(success: dict | None, commits: list, plan: dict, provenance:
              ("rows", f"{ok + error} ({ok} ok, {error} error)"),
              ("shards", f"{len(commits)} of {num_shards} committed")]
     if success:
-        lines += [("time", f"{success['seconds']['total']:.1f} s, {success['seconds']['startup']:.1f} s to the "
-                           "first commit"),
-                  ("throughput", f"{success.get('images_per_second', 0):.1f} images/s")]
+        lines.append(("time", f"{success['seconds']['total']:.1f} s, {success['seconds']['startup']:.1f} s to the "
+                              "first commit"))
+    if success and "images_per_second" in success:
+        lines.append(("throughput", f"{success['images_per_second']:.1f} images/s"))
     return lines + [(key, provenance[key]) for key in PROVENANCE_SHOWN if key in provenance]
 
 
 def error_sections(output_uri: str, commits: list, reasons: collections.Counter,
                    storage_options: dict | None) -> list[dict]:
-    """Per reason, most common first: its count and up to ERROR_EXAMPLES files with their full reasons."""
+    """Per reason, most common first: its count and up to ERROR_EXAMPLES files with their full reasons. Commit
+    records without reasons (written by other tools) get theirs counted from the rows of the files read."""
     examples: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    counted = collections.Counter()
     files_with_errors = [path for record in commits if record.error for path in record.files][:MAX_ERROR_FILES]
     for path in files_with_errors:
-        if all(len(examples[reason]) >= ERROR_EXAMPLES for reason in reasons):
+        if reasons and all(len(examples[reason]) >= ERROR_EXAMPLES for reason in reasons):
             break
         table = read_table(output_uri, path, storage_options, ["uri", "status", "error"])
         table = table.filter(pc.equal(table["status"], "error"))
         for uri, error in zip(table["uri"].to_pylist(), table["error"].to_pylist()):
             category = reason_category(error or "")
+            counted[category] += 1
             if len(examples[category]) < ERROR_EXAMPLES:
                 examples[category].append((redaction.redact(uri), redaction.redact(error or "")))
     return [{"reason": reason, "count": count, "examples": examples.get(reason, [])}
-            for reason, count in reasons.most_common()]
+            for reason, count in (reasons or counted).most_common()]
 
 
 def sample_ok_rows(output_uri: str, files: list[str], storage_options: dict | None, seed: int = 0) -> pa.Table:
@@ -247,21 +251,19 @@ def dedup_context(output_uri: str, assets: Assets, storage_options: dict | None)
 def search_context(output_uri: str, assets: Assets, storage_options: dict | None) -> dict:
     success = read_success(output_uri, storage_options)
     table = analysis_table(output_uri, "search", success, storage_options)
-    queries = list(dict.fromkeys(table["query_uri"].to_pylist()))  # in the order search wrote them
-    table = table.sort_by([("rank", "ascending")])
-    shown = queries[:SEARCH_QUERIES]
+    queries = pc.unique(table["query_uri"])  # in the order search wrote them
+    shown = queries[:SEARCH_QUERIES].to_pylist()
     by_query = collections.defaultdict(list)
-    for row in table.filter(pc.is_in(table["query_uri"], pa.array(shown))).to_pylist():
+    for row in table.filter(pc.is_in(table["query_uri"], pa.array(shown, pa.string()))).sort_by("rank").to_pylist():
         by_query[row["query_uri"]].append(row)
     pictures = thumbnails(shown + [row["uri"] for rows in by_query.values() for row in rows], assets,
                           storage_options)
     results = [{"query": pictures[query],
                 "neighbours": [{"picture": pictures[row["uri"]], "rank": row["rank"], "score": f"{row['score']:.3f}"}
                                for row in by_query[query]]} for query in shown]
-    summary = [("queries", f"{len(queries)}" + (f" (the first {len(shown)} shown)" if len(shown) < len(queries)
-                                                 else "")),
-               ("neighbours per query", str(max(collections.Counter(table["query_uri"].to_pylist()).values(),
-                                                default=0)))]
+    hidden = f" (the first {len(shown)} shown)" if len(shown) < len(queries) else ""
+    summary = [("queries", f"{len(queries)}{hidden}"),
+               ("neighbours per query", str(max(map(len, by_query.values()), default=0)))]
     return {"summary": summary, "results": results}
 
 
