@@ -78,7 +78,7 @@ def embedding_map_png(features: np.ndarray, categories: list[str], colour_name: 
     from matplotlib import colormaps
 
     points, method = project_2d(features)
-    common = [name for name, _ in collections.Counter(categories).most_common(MAP_COLOURS)]
+    common = sorted(name for name, _ in collections.Counter(categories).most_common(MAP_COLOURS))  # legend order
     figure = new_figure(6.5, 5.0)
     axes = figure.subplots()
     others = np.array([category not in common for category in categories])

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
+from pipeline.extract.plan import Plan
 from pipeline.extract.worker import reason_category
 from pipeline.io import redaction, storage
 from pipeline.output import layout, ledger
@@ -104,7 +105,7 @@ def extract_context(output_uri: str, assets: Assets, storage_options: dict | Non
     success = read_success(output_uri, storage_options)
     commits = [record for _, record in sorted(ledger.read_commits(output_uri, storage_options).items())]
     files = success["files"] if success else [path for record in commits for path in record.files]
-    plan = ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options)
+    plan = Plan.from_document(ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options))
     provenance = ledger.read_file_metadata(output_uri, files[0], storage_options) if files else {}
     reasons = collections.Counter()
     for record in commits:
@@ -131,9 +132,9 @@ def summed_timings(commits: list[ledger.CommitRecord]) -> dict[str, float]:
     return dict(timings)
 
 
-def extract_summary(success: dict | None, commits: list, plan: dict, provenance: dict) -> list[tuple[str, str]]:
+def extract_summary(success: dict | None, commits: list, plan: Plan, provenance: dict) -> list[tuple[str, str]]:
     ok, error = sum(record.ok for record in commits), sum(record.error for record in commits)
-    num_shards = success["shards"]["total"] if success else plan.get("num_shards", "?")
+    num_shards = success["shards"]["total"] if success else plan.num_shards
     lines = [("status", "finished" if success else "incomplete: rerun the same `featurize extract` to finish"),
              ("rows", f"{ok + error} ({ok} ok, {error} error)"),
              ("shards", f"{len(commits)} of {num_shards} committed")]
@@ -142,7 +143,7 @@ def extract_summary(success: dict | None, commits: list, plan: dict, provenance:
                               "first commit"))
     if success and "images_per_second" in success:
         lines.append(("throughput", f"{success['images_per_second']:.1f} images/s"))
-    return lines + [(key, provenance[key]) for key in PROVENANCE_SHOWN if key in provenance]
+    return lines + [(key, redaction.redact(provenance[key])) for key in PROVENANCE_SHOWN if key in provenance]
 
 
 def error_sections(output_uri: str, commits: list, reasons: collections.Counter,
@@ -243,7 +244,7 @@ def dedup_context(output_uri: str, assets: Assets, storage_options: dict | None)
     num_dropped = table.num_rows - int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)
     summary = [("images", str(table.num_rows)), ("groups", str(len(group_ids))),
                ("groups with near-duplicates", str(len(duplicated))), ("images not kept", str(num_dropped))]
-    summary += [(key, str(value)) for key, value in (success or {}).items()
+    summary += [(key, redaction.redact(str(value))) for key, value in (success or {}).items()
                 if key in ("threshold", "features", "metric") and not isinstance(value, (dict, list))]
     return {"summary": summary, "sheets": sheets}
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from tests.helpers import read_rows, write_extract_config, write_labelled_images
+from tests.helpers import read_rows, unfinished_output, write_extract_config, write_labelled_images
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SECRET = "SECRETVALUE1234"
@@ -78,7 +78,8 @@ def test_extract_report_shows_progress_errors_a_gallery_and_a_map(tmp_path, ray_
 
     assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
     page = open_page(browser, tmp_path / "report" / "index.html")
-    browser.save_screenshot(str(tmp_path / "extract-report.png"))
+    browser.set_window_size(1400, browser.execute_script("return document.body.scrollHeight") + 40)
+    browser.save_screenshot(str(tmp_path / "extract-report.png"))  # the whole page, for a person to look at
 
     assert_renders(page, num_images=19 + 3)  # 20 ok rows less the deleted one, progress, stage split, map
     text = page["text"]
@@ -167,7 +168,14 @@ def test_search_report_puts_each_query_beside_its_neighbours(tmp_path, browser):
         "#3 score 0.500"]
 
 
-def test_report_of_a_train_output_or_nothing_is_a_clear_error(tmp_path, capsys):
+def test_an_unfinished_extract_gets_its_report_and_a_train_output_or_nothing_a_clear_error(tmp_path, capsys):
+    output = unfinished_output(tmp_path)  # shard 0 of 3 committed: 2 ok rows whose files do not exist, 1 error
+    assert main(["report", str(output), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "incomplete: rerun the same `featurize extract` to finish" in page and "1 of 3 committed" in page
+    assert page.count("no picture: fetch failed: not found") == 2 and "Too few ok rows for a map" in page
+    assert "truncated image: cut short" in page
+
     assert main(["report", str(tmp_path / "nothing")]) == 2
     (tmp_path / "trained").mkdir()
     (tmp_path / "trained" / "metrics.json").write_text("{}")
