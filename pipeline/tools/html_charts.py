@@ -38,7 +38,7 @@ def throughput_png(commit_times: list[float], commit_rows: list[int], startup_se
         spans = seconds[window:] - seconds[:-window]
         counts = np.convolve(rows, np.ones(window), "valid")[1:]
         rate.plot(seconds[window:], counts / np.maximum(spans, 1e-6), marker=".")
-    rate.set(xlabel="seconds since start", ylabel="images / s", title="throughput between commits")
+    rate.set(xlabel="seconds since start", ylabel="images / s", title="throughput between commits", ylim=(0, None))
     return charts.figure_png(figure)
 
 
