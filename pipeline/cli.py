@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "predictions and a 2-D map of the features; for dedup, the largest "
                                              "groups; for search, each query beside its neighbours.")
     report.add_argument("output", help="output directory of `featurize extract`, `search` or `dedup`")
-    report.add_argument("--out", help="folder to write index.html (and thumbnails/, charts/) into; default "
-                                      "OUTPUTNAME-report in the working directory")
+    report.add_argument("--out", metavar="FOLDER",
+                        help="folder to write index.html (and thumbnails/, charts/) into; default "
+                             "OUTPUTNAME-report in the working directory")
     report.add_argument("--self-contained", action="store_true",
                         help="write only index.html, every picture inside it as a data: URI")
     report.set_defaults(handler=command_report)

@@ -98,6 +98,10 @@ def read_success(output_uri: str, storage_options: dict | None) -> dict | None:
     return ledger.read_json(uri, storage_options) if storage.exists(uri, storage_options) else None
 
 
+def score_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 # --- extract ------------------------------------------------------------------------------------------------
 
 
@@ -193,7 +197,7 @@ def gallery(sample: pa.Table, assets: Assets, storage_options: dict | None, seed
     rows = sample.take(np.sort(chosen)).to_pylist()
     pictures = thumbnails([row["uri"] for row in rows], assets, storage_options)
     return [{"picture": pictures[row["uri"]], "label": row["label"],
-             "predictions": [(name, f"{score:.3f}") for name, score in
+             "predictions": [(name, score_text(score)) for name, score in
                              zip(row["top_k_labels"] or [], row["top_k_scores"] or [])]} for row in rows]
 
 
@@ -240,7 +244,7 @@ def dedup_context(output_uri: str, assets: Assets, storage_options: dict | None)
     pictures = thumbnails([row["uri"] for sheet in sheets for row in sheet["members"]], assets, storage_options)
     for sheet in sheets:
         sheet["members"] = [{"picture": pictures[row["uri"]], "keep": bool(row["keep"]),
-                             "similarity": f"{row['similarity']:.3f}"} for row in sheet["members"]]
+                             "similarity": score_text(row["similarity"])} for row in sheet["members"]]
     num_dropped = table.num_rows - int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)
     summary = [("images", str(table.num_rows)), ("groups", str(len(group_ids))),
                ("groups with near-duplicates", str(len(duplicated))), ("images not kept", str(num_dropped))]
@@ -260,8 +264,8 @@ def search_context(output_uri: str, assets: Assets, storage_options: dict | None
     pictures = thumbnails(shown + [row["uri"] for rows in by_query.values() for row in rows], assets,
                           storage_options)
     results = [{"query": pictures[query],
-                "neighbours": [{"picture": pictures[row["uri"]], "rank": row["rank"], "score": f"{row['score']:.3f}"}
-                               for row in by_query[query]]} for query in shown]
+                "neighbours": [{"picture": pictures[row["uri"]], "rank": row["rank"],
+                                "score": score_text(row["score"])} for row in by_query[query]]} for query in shown]
     hidden = f" (the first {len(shown)} shown)" if len(shown) < len(queries) else ""
     summary = [("queries", f"{len(queries)}{hidden}"),
                ("neighbours per query", str(max(map(len, by_query.values()), default=0)))]
