@@ -78,7 +78,7 @@ def test_extract_report_shows_progress_errors_a_gallery_and_a_map(tmp_path, ray_
 
     assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
     page = open_page(browser, tmp_path / "report" / "index.html")
-    browser.set_window_size(1400, browser.execute_script("return document.body.scrollHeight") + 40)
+    browser.set_window_size(1400, browser.execute_script("return document.body.scrollHeight") + 200)
     browser.save_screenshot(str(tmp_path / "extract-report.png"))  # the whole page, for a person to look at
 
     assert_renders(page, num_images=19 + 3)  # 20 ok rows less the deleted one, progress, stage split, map
