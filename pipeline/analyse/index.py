@@ -114,7 +114,8 @@ def choose_index(num_vectors: int, dim: int, memory_budget: int, kind: str = "au
 def ivf_pq_plan(num_vectors: int, dim: int, memory_budget: int) -> IndexPlan:
     """IVF-PQ with the largest code that fits the budget (recall grows with the code size)."""
     nlist = number_of_lists(num_vectors)
-    bits = max(1, min(8, int(math.log2(max(2, num_vectors // 4)))))  # tiny collections: fewer PQ centroids
+    # 2^bits centroids per sub-quantizer, each wanting 39 training vectors: tiny collections get fewer bits
+    bits = max(1, min(8, int(math.log2(max(2, num_vectors // MIN_TRAIN_PER_CENTROID)))))
     sizes = code_sizes(dim)
     fitting = [m for m in sizes if ivf_pq_bytes(num_vectors, dim, nlist, m) <= memory_budget]
     pq_m = fitting[0] if fitting else sizes[-1]
