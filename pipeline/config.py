@@ -443,8 +443,9 @@ class SearchConfig:
 
 @section("dedup")
 class DedupOptions:
-    # cosine similarity at or above which two images are near-duplicates (measured: see README "Analyse")
-    threshold: Annotated[Number, rule(lambda value: -1.0 <= value <= 1.0, "allowed: a cosine in [-1, 1]")] = 0.9
+    # cosine similarity at or above which two images are near-duplicates; 0.78 measured on real photos with planted
+    # copies (half size, JPEG q20, 5% crop, all three): pair precision 1.0, recall 0.98 (README "Analyse")
+    threshold: Annotated[Number, rule(lambda value: -1.0 <= value <= 1.0, "allowed: a cosine in [-1, 1]")] = 0.78
     neighbours: Positive = 16  # kNN edges looked at per image (a group may still be larger: components chain)
     batch_rows: Positive = 16_384
 

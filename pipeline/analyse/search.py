@@ -107,7 +107,8 @@ def model_from_provenance(provenance: dict, overrides: dict) -> ModelConfig:
         "weights": "none" if weights == "embedded" else weights,
         "weights_sha256": None,
         "layer": None if provenance.get("layer") in (None, "default") else provenance["layer"],
-        "pooling": provenance.get("pooling", ModelConfig.pooling),
+        # "none": the cut layer was already pooled, so the key has no effect on the features
+        "pooling": provenance["pooling"] if provenance.get("pooling") in ("avg", "max") else ModelConfig.pooling,
         "preprocess": provenance.get("preprocess", ModelConfig.preprocess),
         "resize": provenance.get("resize", ModelConfig.resize),
         "draft_margin": int(provenance.get("draft_margin", ModelConfig.draft_margin)),
