@@ -153,3 +153,22 @@ def test_bad_keys_exit_2_naming_the_key(tmp_path, capsys, command, setting, name
         config.write_text(json.dumps({"index": {"uri": "x"}, "queries": "all", "output": {"uri": "o"}}))
     assert main([command, "--config", str(config), "--set", setting]) == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_every_item_against_the_index_on_ray_actors(extract_output, digits, ray_local, tmp_path):
+    index = str(tmp_path / "index")
+    build_index(load_config(IndexConfig, None, [f"features.uri={extract_output}", f"output.uri={index}"]))
+    document, _ = search(search_config(index, tmp_path / "all", ["all"], "run.actors=2"))
+    table = pq.read_table(tmp_path / "all" / "neighbours.parquet").to_pandas()
+    ok_uris = [uri for row, uri in enumerate(digits.uris) if digits.ok[row]]
+    assert document["rows"] == {"total": len(ok_uris) * K, "queries": len(ok_uris), "query_errors": 0}
+    assert sorted(table["query_uri"].unique()) == sorted(ok_uris)
+    assert (table.groupby("query_uri")["rank"].apply(list) == [list(range(1, K + 1))] * len(ok_uris)).all()
+    first = table[table["rank"] == 1]
+    assert np.allclose(first["score"], 1.0, atol=1e-5)  # each item finds itself (or an identical twin) first
+    sample = ok_uris[::300]
+    _, direct = search(search_config(index, tmp_path / "direct", sample))
+    for uri in sample:
+        expected = direct.filter(pc.equal(direct["query_uri"], uri)).to_pandas()
+        np.testing.assert_allclose(table[table["query_uri"] == uri]["score"], expected["score"], atol=1e-5)
