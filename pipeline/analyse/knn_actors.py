@@ -14,13 +14,13 @@ from pipeline.config import SearchConfig
 class KnnActor:
     """Holds one loaded index; `search_file` returns the neighbours of every ok row of one features file."""
 
-    def __init__(self, index_uri: str, storage_options: dict, nprobe: int, ef_search: int):
+    def __init__(self, index_uri: str, storage_options: dict, nprobe: int, ef_search: int, refine_factor: int):
         import faiss
 
         from pipeline.analyse.search import load_index
 
         faiss.omp_set_num_threads(1)  # one core per actor: the actors are the parallelism
-        self.loaded = load_index(index_uri, storage_options, nprobe, ef_search)
+        self.loaded = load_index(index_uri, storage_options, nprobe, ef_search, refine_factor)
 
     def search_file(self, file_uri: str, feature_dim: int, k: int, batch_rows: int) -> pa.Table:
         from pipeline.analyse.search import NEIGHBOURS_SCHEMA, nearest, neighbours_table
@@ -45,8 +45,8 @@ def neighbours_of_every_item(config: SearchConfig, index_document: dict) -> Iter
     num_actors = max(1, min(config.run.actors or num_cpus, len(files)))
     remote = ray.remote(num_cpus=1)(KnnActor)
     knobs = config.search
-    actors = [remote.remote(config.index.uri, dict(config.index.storage_options), knobs.nprobe, knobs.ef_search)
-              for _ in range(num_actors)]
+    actors = [remote.remote(config.index.uri, dict(config.index.storage_options), knobs.nprobe, knobs.ef_search,
+                            knobs.refine_factor) for _ in range(num_actors)]
     pending: dict = {}
     next_file = 0
     try:

@@ -50,14 +50,15 @@ class LoadedIndex:
         return dict(self.document.get("provenance", {}))
 
 
-def load_index(uri: str, storage_options: dict | None, nprobe: int, ef_search: int) -> LoadedIndex:
+def load_index(uri: str, storage_options: dict | None, nprobe: int, ef_search: int, refine_factor: int = 4
+               ) -> LoadedIndex:
     """The index, its uris and its `_SUCCESS`, with the search-time knobs set."""
     import pyarrow.parquet as pq
 
     document = analyse_output.read_finished(uri, storage_options, "index", "index.uri")
     index = analyse_index.deserialize(storage.read_bytes(storage.join(uri, analyse_index.INDEX_FILE),
                                                          storage_options))
-    set_search_knobs(index, document["kind"], nprobe, ef_search)
+    set_search_knobs(index, document["kind"], nprobe, ef_search, refine_factor)
     fs, path = storage.filesystem(storage.join(uri, analyse_index.IDS_FILE), storage_options)
     with fs.open(path, "rb") as handle:
         ids = pq.read_table(handle, columns=["row_id", "uri"])
@@ -65,11 +66,13 @@ def load_index(uri: str, storage_options: dict | None, nprobe: int, ef_search: i
     return LoadedIndex(document, index, uris)
 
 
-def set_search_knobs(index, kind: str, nprobe: int, ef_search: int) -> None:
+def set_search_knobs(index, kind: str, nprobe: int, ef_search: int, refine_factor: int = 4) -> None:
     import faiss
 
     if kind == "ivf_pq":
         faiss.extract_index_ivf(index).nprobe = nprobe
+        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+            faiss.downcast_index(index).k_factor = refine_factor  # re-rank refine_factor x k PQ candidates
     elif kind == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = ef_search
 
@@ -199,6 +202,7 @@ def search(config: SearchConfig) -> tuple[dict, pa.Table | None]:
     knobs = config.search
     fingerprint = fingerprint_of({"index": config.index.uri, "queries": config.queries, "model": config.model,
                                   "k": knobs.k, "nprobe": knobs.nprobe, "ef_search": knobs.ef_search,
+                                  "refine_factor": knobs.refine_factor,
                                   "index_fingerprint": analyse_output.read_finished(
                                       config.index.uri, config.index.storage_options, "index", "index.uri"
                                   ).get("fingerprint")})
@@ -207,7 +211,8 @@ def search(config: SearchConfig) -> tuple[dict, pa.Table | None]:
         return {**done, "already_done": True}, None
     if config.queries == (ALL_QUERIES,):
         return search_all(config, fingerprint), None
-    loaded = load_index(config.index.uri, config.index.storage_options, knobs.nprobe, knobs.ef_search)
+    loaded = load_index(config.index.uri, config.index.storage_options, knobs.nprobe, knobs.ef_search,
+                        knobs.refine_factor)
     check_overrides(loaded.provenance, config.model, config.index.uri)
     indexed, others = split_queries(config.queries, loaded.uris)
     query_uris, matrix = indexed_vectors(loaded, indexed, knobs.batch_rows)
