@@ -392,6 +392,13 @@ class AnalyseOutputConfig:
 OUTPUT_URI_REQUIRED = "output.uri is required: the directory (local or fsspec URI) to write to"
 
 
+def require_features_and_output(features: FeaturesConfig, output: AnalyseOutputConfig) -> None:
+    if not features.uri:
+        raise ConfigError("features.uri is required: the output directory of `featurize extract` (or a list)")
+    if not output.uri:
+        raise ConfigError(OUTPUT_URI_REQUIRED)
+
+
 @section("")
 class IndexConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)  # uri: one or more extract outputs
@@ -399,10 +406,7 @@ class IndexConfig:
     output: AnalyseOutputConfig = field(default_factory=AnalyseOutputConfig)
 
     def validate(self) -> IndexConfig:
-        if not self.features.uri:
-            raise ConfigError("features.uri is required: the output directory of `featurize extract` (or a list)")
-        if not self.output.uri:
-            raise ConfigError(OUTPUT_URI_REQUIRED)
+        require_features_and_output(self.features, self.output)
         return self
 
 
@@ -459,10 +463,7 @@ class DedupConfig:
     output: AnalyseOutputConfig = field(default_factory=AnalyseOutputConfig)
 
     def validate(self) -> DedupConfig:
-        if not self.features.uri:
-            raise ConfigError("features.uri is required: the output directory of `featurize extract` (or a list)")
-        if not self.output.uri:
-            raise ConfigError(OUTPUT_URI_REQUIRED)
+        require_features_and_output(self.features, self.output)
         if self.index.metric != "cosine":
             raise ConfigError(f"index.metric: got {self.index.metric!r}; dedup compares cosine similarity: "
                               "remove index.metric")

@@ -73,7 +73,9 @@ def test_auto_picks_exact_for_small_and_compressed_for_large_within_budget():
     large = choose_index(10_000_000, 1280, 2 * GIB)
     assert large.kind == "ivf_pq" and large.estimated_bytes <= 2 * GIB and 1280 % large.pq_m == 0
     assert large.pq_m >= choose_index(10_000_000, 1280, 1 * GIB).pq_m  # a bigger budget, a bigger code
-    assert large.factory().startswith(f"IVF{large.nlist},PQ")
+    assert large.factory().startswith(f"IVF{large.nlist},PQ") and not large.refine
+    roomy = choose_index(10_000_000, 1280, 16 * GIB)  # room for 8-bit vectors: the PQ shortlist is re-ranked
+    assert roomy.kind == "ivf_pq" and roomy.refine and roomy.factory().endswith(",Refine(SQ8)")
     with pytest.raises(ConfigError, match="index.memory_budget"):
         choose_index(10_000_000, 1280, 8 * GIB, kind="flat")
 
