@@ -281,6 +281,8 @@ def command_search(arguments) -> int:
 
     config = load_config(SearchConfig, arguments.config, arguments.set)
     success, table = search(config)
+    if success.get("already_done"):
+        console.print(f"{config.output.uri} already holds this search (same index, queries and settings)")
     print_neighbours(table, console, config.search.show)
     for uri, reason in success.get("query_errors", {}).items():
         error_console.print(f"[yellow]query skipped:[/] {uri}: {reason}", highlight=False, soft_wrap=True)
