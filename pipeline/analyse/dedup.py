@@ -66,11 +66,11 @@ def components(num_rows: int, rows: np.ndarray, columns: np.ndarray) -> tuple[np
 def dedup(config: DedupConfig) -> dict:
     """Write (or find already written) the near-duplicate groups; returns the `_SUCCESS` document."""
     options, out, read_options = config.dedup, config.output, config.features.storage_options
-    feature_set = open_features(config.features.uri, read_options)
     check_same_provenance(config.features.uri, read_options)
+    feature_set = open_features(config.features.uri, read_options)
     num_rows = num_ok_rows(feature_set, read_options)
     plan = choose_index(num_rows, feature_set.feature_dim, memory_bytes(config.index.memory_budget),
-                        config.index.kind)
+                        config.index.kind, config.index.train_sample)
     fingerprint = fingerprint_of({"sources": sources_document(feature_set, read_options), "files": feature_set.files,
                                   "dedup": asdict(options), "plan": asdict(plan)})
     done = analyse_output.finished(out, fingerprint, "dedup")

@@ -77,10 +77,10 @@ def ivf_pq_bytes(num_vectors: int, dim: int, nlist: int, pq_m: int, refine: bool
     return num_vectors * (pq_m + ID_BYTES + (dim if refine else 0)) + nlist * dim * 4 + dim * 256 * 4
 
 
-def number_of_lists(num_vectors: int) -> int:
+def number_of_lists(num_vectors: int, train_sample: int | None = None) -> int:
     """~4 sqrt(n) lists as a power of two (autofaiss' rule), at most one per 39 training vectors."""
     wanted = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(num_vectors))))
-    return max(1, min(wanted, num_vectors // MIN_TRAIN_PER_CENTROID))
+    return max(1, min(wanted, min(num_vectors, train_sample or num_vectors) // MIN_TRAIN_PER_CENTROID))
 
 
 def code_sizes(dim: int) -> list[int]:
@@ -88,7 +88,8 @@ def code_sizes(dim: int) -> list[int]:
     return [m for m in range(min(dim // 4, 256), 0, -1) if dim % m == 0] or [1]
 
 
-def choose_index(num_vectors: int, dim: int, memory_budget: int, kind: str = "auto") -> IndexPlan:
+def choose_index(num_vectors: int, dim: int, memory_budget: int, kind: str = "auto",
+                 train_sample: int | None = None) -> IndexPlan:
     """The index for `num_vectors` vectors of `dim` dims within `memory_budget` bytes (a pure function)."""
     if num_vectors < 1:
         raise ConfigError("features.uri holds no ok rows: there is nothing to index")
@@ -104,7 +105,7 @@ def choose_index(num_vectors: int, dim: int, memory_budget: int, kind: str = "au
     elif kind == "hnsw":
         plan = IndexPlan("hnsw", num_vectors, dim, hnsw_bytes(num_vectors, dim), hnsw_m=HNSW_NEIGHBOURS)
     else:
-        plan = ivf_pq_plan(num_vectors, dim, memory_budget)
+        plan = ivf_pq_plan(num_vectors, dim, memory_budget, train_sample)
     if plan.estimated_bytes > memory_budget:
         raise ConfigError(f"index.memory_budget: {kind} needs about {plan.estimated_bytes / 2**30:.2f} GiB for "
                           f"{num_vectors} vectors of {dim} dims, above the budget of {memory_budget / 2**30:.2f} "
@@ -112,10 +113,10 @@ def choose_index(num_vectors: int, dim: int, memory_budget: int, kind: str = "au
     return plan
 
 
-def ivf_pq_plan(num_vectors: int, dim: int, memory_budget: int) -> IndexPlan:
+def ivf_pq_plan(num_vectors: int, dim: int, memory_budget: int, train_sample: int | None = None) -> IndexPlan:
     """IVF-PQ re-ranked with 8-bit vectors where those fit the budget (recall near exact search at a quarter of
     flat's memory); else the largest PQ code that fits (recall grows with the code size)."""
-    nlist = number_of_lists(num_vectors)
+    nlist = number_of_lists(num_vectors, train_sample)
     # 2^bits centroids per sub-quantizer, each wanting 39 training vectors: tiny collections get fewer bits
     bits = max(1, min(8, int(math.log2(max(2, num_vectors // MIN_TRAIN_PER_CENTROID)))))
     sizes = code_sizes(dim)
@@ -188,10 +189,11 @@ def build_index(config: IndexConfig) -> dict:
     """Build (or find already built) the index output; returns its `_SUCCESS` document."""
     options, out = config.index, config.output
     read_options = config.features.storage_options
-    feature_set = open_features(config.features.uri, read_options)
     check_same_provenance(config.features.uri, read_options)
+    feature_set = open_features(config.features.uri, read_options)
     num_vectors = num_ok_rows(feature_set, read_options)
-    plan = choose_index(num_vectors, feature_set.feature_dim, memory_bytes(options.memory_budget), options.kind)
+    plan = choose_index(num_vectors, feature_set.feature_dim, memory_bytes(options.memory_budget), options.kind,
+                        options.train_sample)
     sources = sources_document(feature_set, read_options)
     fingerprint = fingerprint_of({"sources": sources, "files": feature_set.files, "metric": options.metric,
                                   "plan": asdict(plan), "train_sample": options.train_sample})
