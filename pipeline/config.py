@@ -443,6 +443,7 @@ class SearchConfig:
             raise ConfigError("queries is required: image files, a folder, URIs already in the index, or all")
         if not self.output.uri:
             raise ConfigError(OUTPUT_URI_REQUIRED)
+        ModelConfig(**self.model)  # the keys and values of model.* are checked now; they apply on the index's own
         return self
 
 

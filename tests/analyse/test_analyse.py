@@ -146,14 +146,12 @@ def test_dedup_finds_planted_near_duplicates(planted, tmp_path):
     ("index", "index.memory_budget=lots", "index.memory_budget"),
     ("dedup", "dedup.threshold=1.5", "dedup.threshold"),
     ("search", "search.neighbors=3", "search: unknown key"),
+    ("search", "model.layr=x", "model: unknown key"),
 ])
 def test_bad_keys_exit_2_naming_the_key(tmp_path, capsys, command, setting, named):
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({"features": {"uri": "x"}, "index": {"uri": "x"}, "queries": "all",
-                                  "output": {"uri": str(tmp_path / "out")}} if command == "search" else
-                                 {"features": {"uri": "x"}, "output": {"uri": str(tmp_path / "out")}}))
-    if command == "search":
-        config.write_text(json.dumps({"index": {"uri": "x"}, "queries": "all", "output": {"uri": "o"}}))
+    given = {"index": {"uri": "x"}, "queries": "all"} if command == "search" else {"features": {"uri": "x"}}
+    config.write_text(json.dumps({**given, "output": {"uri": str(tmp_path / "out")}}))
     assert main([command, "--config", str(config), "--set", setting]) == 2
     assert named in capsys.readouterr().err
 
