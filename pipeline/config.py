@@ -421,7 +421,7 @@ class SearchOptions:
     k: Positive = 10  # neighbours per query
     nprobe: Positive = 32  # ivf_pq: inverted lists visited per query
     ef_search: Positive = 128  # hnsw: candidate list length per query
-    refine_factor: Positive = 4  # ivf_pq with re-ranking: PQ candidates re-ranked per neighbour wanted
+    refine_factor: Positive = 32  # ivf_pq with re-ranking: PQ candidates re-ranked per neighbour (0.96 recall@10)
     batch_rows: Positive = 4096  # queries searched at a time
     show: Whole = 10  # queries shown in the terminal table (0 = none)
 

@@ -59,7 +59,7 @@ def timed_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]
 
 
 def run(num_vectors: int, dim: int, num_queries: int, output: Path, k: int = 10, train_sample: int = 65_536,
-        pq_sizes: tuple[int, ...] = (64, 128)) -> dict:
+        pq_sizes: tuple[int, ...] = (64, 128), kinds: tuple[str, ...] = ("hnsw", "ivf_pq", "ivf_pq_refine")) -> dict:
     options = IndexOptions(train_sample=train_sample)
     vectors = as_metric_space(clustered_vectors(num_vectors, dim, seed=0), "cosine")
     queries = as_metric_space(clustered_vectors(num_queries, dim, seed=7), "cosine")
@@ -77,7 +77,8 @@ def run(num_vectors: int, dim: int, num_queries: int, output: Path, k: int = 10,
         build = time.perf_counter() - started
         size = len(serialize(index))
         for knob, value in knobs or [("", 0)]:
-            set_search_knobs(index, plan.kind, value if knob == "nprobe" else 0, value if knob == "ef_search" else 0)
+            settings = {"nprobe": 32, "ef_search": 0, "refine_factor": 1, knob: value}
+            set_search_knobs(index, plan.kind, settings["nprobe"], settings["ef_search"], settings["refine_factor"])
             ids, seconds = timed_search(index, queries, k)
             row = {"index": name, "factory": plan.factory(), "knob": f"{knob}={value}" if knob else "",
                    "build_s": round(build, 1), "bytes_per_vector": round(size / num_vectors, 1),
@@ -90,12 +91,17 @@ def run(num_vectors: int, dim: int, num_queries: int, output: Path, k: int = 10,
         del index
 
     measure("flat", IndexPlan("flat", num_vectors, dim, 0), [])  # the exact top 10 every other row is scored on
-    measure("hnsw", IndexPlan("hnsw", num_vectors, dim, hnsw_bytes(num_vectors, dim), hnsw_m=HNSW_NEIGHBOURS),
-            [("ef_search", 64), ("ef_search", 128), ("ef_search", 256)])
-    nlist = number_of_lists(num_vectors)
-    for pq_m, refine in [(size, False) for size in pq_sizes] + [(64, True)]:
-        measure("ivf_pq", IndexPlan("ivf_pq", num_vectors, dim, ivf_pq_bytes(num_vectors, dim, nlist, pq_m, refine),
-                                    nlist=nlist, pq_m=pq_m, refine=refine), [("nprobe", 16), ("nprobe", 64)])
+    if "hnsw" in kinds:
+        measure("hnsw", IndexPlan("hnsw", num_vectors, dim, hnsw_bytes(num_vectors, dim), hnsw_m=HNSW_NEIGHBOURS),
+                [("ef_search", 64), ("ef_search", 128), ("ef_search", 256)])
+    nlist = number_of_lists(num_vectors, options.train_sample)
+    for pq_m in pq_sizes if "ivf_pq" in kinds else ():
+        measure("ivf_pq", IndexPlan("ivf_pq", num_vectors, dim, ivf_pq_bytes(num_vectors, dim, nlist, pq_m),
+                                    nlist=nlist, pq_m=pq_m), [("nprobe", 16), ("nprobe", 64)])
+    if "ivf_pq_refine" in kinds:  # a PQ64 shortlist of refine_factor x k, re-ranked with 8-bit vectors
+        measure("ivf_pq", IndexPlan("ivf_pq", num_vectors, dim, ivf_pq_bytes(num_vectors, dim, nlist, 64, True),
+                                    nlist=nlist, pq_m=64, refine=True),
+                [("refine_factor", factor) for factor in (4, 16, 32, 64)])
     rows[0].pop("ids")
     lists = number_of_lists(10_000_000)
     report["ten_million"] = {f"ivf_pq m={m}": round(ivf_pq_bytes(10_000_000, dim, lists, m) / 2**30, 2)
@@ -126,10 +132,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--train-sample", type=int, default=65_536, help="vectors IVF-PQ trains on")
     parser.add_argument("--pq-sizes", default="64,128", help="IVF-PQ code sizes (bytes per vector) to measure")
+    parser.add_argument("--kinds", default="hnsw,ivf_pq,ivf_pq_refine", help="indexes measured besides flat")
     parser.add_argument("--output", default="results/bench-index")
     arguments = parser.parse_args()
     run(arguments.vectors, arguments.dim, arguments.queries, Path(arguments.output),
-        train_sample=arguments.train_sample, pq_sizes=tuple(int(size) for size in arguments.pq_sizes.split(",")))
+        train_sample=arguments.train_sample, pq_sizes=tuple(int(size) for size in arguments.pq_sizes.split(",")),
+        kinds=tuple(arguments.kinds.split(",")))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class LoadedIndex:
         return dict(self.document.get("provenance", {}))
 
 
-def load_index(uri: str, storage_options: dict | None, nprobe: int, ef_search: int, refine_factor: int = 4
+def load_index(uri: str, storage_options: dict | None, nprobe: int, ef_search: int, refine_factor: int = 32
                ) -> LoadedIndex:
     """The index, its uris and its `_SUCCESS`, with the search-time knobs set."""
     import pyarrow.parquet as pq
@@ -66,7 +66,7 @@ def load_index(uri: str, storage_options: dict | None, nprobe: int, ef_search: i
     return LoadedIndex(document, index, uris)
 
 
-def set_search_knobs(index, kind: str, nprobe: int, ef_search: int, refine_factor: int = 4) -> None:
+def set_search_knobs(index, kind: str, nprobe: int, ef_search: int, refine_factor: int = 32) -> None:
     import faiss
 
     if kind == "ivf_pq":
