@@ -22,7 +22,8 @@ from tests.helpers import CLASSES
 # Real photographs bundled with scikit-image (offline), plus scikit-learn's two; greyscale ones become RGB.
 SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field", "immunohistochemistry",
                   "moon", "retina", "rocket", "stereo_motorcycle", "cell", "brick", "grass", "gravel", "page", "text")
-VARIANTS = ("original", "downscaled", "jpeg_q20", "cropped", "all_three")
+# The README's threshold measurement adds a fifth, "all_three" (every change at once); the tests keep to the issue's.
+VARIANTS = ("original", "downscaled", "jpeg_q20", "cropped")
 
 
 def real_photos() -> dict[str, np.ndarray]:
