@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="results/bench", help="where bench.json and bench.png go")
     bench.set_defaults(handler=command_bench)
 
+    # --- analyse: index, search, dedup (pipeline/analyse/) ---
+    for name, handler, help_text in (
+            ("index", command_index, "build a similarity index (faiss) over extracted features"),
+            ("search", command_search, "nearest neighbours of images or indexed uris in an index"),
+            ("dedup", command_dedup, "near-duplicate groups and a keep-list from extracted features")):
+        analyse = commands.add_parser(name, parents=[common], help=help_text)
+        add_config_arguments(analyse)
+        analyse.set_defaults(handler=handler)
+
     demo = commands.add_parser("demo", parents=[common],
                                help="offline end-to-end run: sample data, extract, train, summary")
     demo.add_argument("--workdir", default="results/demo", help="where sample data and results go")
@@ -273,6 +282,46 @@ def command_bench(arguments) -> int:
                              loop_images=arguments.loop_images, camera_images=arguments.camera_images,
                              runtime=arguments.runtime, manifest_entries=arguments.manifest_entries)
     run_bench(settings, Path(arguments.output), console)
+    return 0
+
+
+def command_index(arguments) -> int:
+    from pipeline.analyse.index import build_index
+    from pipeline.config import IndexConfig
+
+    config = load_config(IndexConfig, arguments.config, arguments.set)
+    success = build_index(config)
+    state = "already built" if success.get("already_done") else "built"
+    console.print(f"index {state}: {success['rows']['ok']} vectors, {success['kind']} ({success['factory']}, "
+                  f"{success['metric']}), {success['index_bytes'] / 2**20:.1f} MiB, in {config.output.uri}")
+    return 0
+
+
+def command_search(arguments) -> int:
+    from pipeline.analyse.search import print_neighbours, search
+    from pipeline.config import SearchConfig
+
+    config = load_config(SearchConfig, arguments.config, arguments.set)
+    success, table = search(config)
+    if success.get("already_done"):
+        console.print(f"{config.output.uri} already holds this search (same index, queries and settings)")
+    print_neighbours(table, console, config.search.show)
+    for uri, reason in success.get("query_errors", {}).items():
+        error_console.print(f"[yellow]query skipped:[/] {uri}: {reason}", highlight=False, soft_wrap=True)
+    console.print(f"{success['rows']['total']} neighbours of {success['rows']['queries']} queries written to "
+                  f"{config.output.uri}")
+    return 0
+
+
+def command_dedup(arguments) -> int:
+    from pipeline.analyse.dedup import dedup
+    from pipeline.config import DedupConfig
+
+    config = load_config(DedupConfig, arguments.config, arguments.set)
+    counts = dedup(config)["counts"]
+    console.print(f"{counts['rows']} images in {counts['groups']} groups: {counts['duplicates']} near-duplicates "
+                  f"in {counts['groups_with_duplicates']} groups (keep the rest); groups.parquet in "
+                  f"{config.output.uri}")
     return 0
 
 

@@ -73,10 +73,11 @@ def normalise_provenance_value(value):
     return None if value in (None, "None", "null") else str(value)
 
 
-def provenance_differences(expected: dict, actual: dict, expected_name: str, actual_name: str) -> list[str]:
-    """One line per key of PROVENANCE_KEYS on which the two disagree, with both values."""
+def provenance_differences(expected: dict, actual: dict, expected_name: str, actual_name: str,
+                           keys: tuple[str, ...] = PROVENANCE_KEYS) -> list[str]:
+    """One line per key of `keys` on which the two disagree, with both values."""
     return [f"{key}: {expected.get(key)!r} ({expected_name}) vs {actual.get(key)!r} ({actual_name})"
-            for key in PROVENANCE_KEYS
+            for key in keys
             if normalise_provenance_value(expected.get(key)) != normalise_provenance_value(actual.get(key))]
 
 

@@ -1,0 +1,130 @@
+"""`featurize dedup`: near-duplicate groups as connected components of the kNN graph whose edges join images
+with cosine similarity >= `dedup.threshold`.
+
+Output (paths relative to output.uri): `groups.parquet` with every ok input row once: `uri`, `group` (int64;
+a singleton is its own group), `similarity` (float32 cosine to the group's representative, 1.0 for it), `keep`
+(true for exactly one representative per group: the member with the most near-duplicate edges, ties to the
+earliest row), then `_SUCCESS` (stage "dedup", counts). The features are streamed from the Parquet files; the
+kNN index is chosen as `featurize index` chooses (index.kind, index.memory_budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.analyse import output as analyse_output
+from pipeline.analyse.index import build_faiss, check_same_provenance, choose_index
+from pipeline.analyse.search import set_search_knobs
+from pipeline.analyse.vectors import as_metric_space, fingerprint_of, num_ok_rows, ok_batches, sources_document
+from pipeline.config import DedupConfig, memory_bytes
+from pipeline.io import storage
+from pipeline.train.features import open_features
+
+GROUPS_FILE = "groups.parquet"
+GROUPS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False),
+                           pa.field("group", pa.int64(), nullable=False),
+                           pa.field("similarity", pa.float32(), nullable=False),
+                           pa.field("keep", pa.bool_(), nullable=False)])
+IVF_NPROBE = 64
+HNSW_EF_SEARCH = 128
+
+
+def near_duplicate_edges(index, batches, neighbours: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(row, neighbour row) pairs with cosine >= threshold, each row's `neighbours` nearest looked at."""
+    rows, columns = [], []
+    start = 0
+    for _, matrix in batches:
+        scores, ids = index.search(as_metric_space(matrix, "cosine"), min(neighbours + 1, index.ntotal))
+        own = np.arange(start, start + len(matrix))[:, None]
+        close = (scores >= threshold) & (ids >= 0) & (ids != own)
+        rows.append(np.broadcast_to(own, ids.shape)[close])
+        columns.append(ids[close])
+        start += len(matrix)
+    return (np.concatenate(rows) if rows else np.zeros(0, np.int64),
+            np.concatenate(columns) if columns else np.zeros(0, np.int64))
+
+
+def components(num_rows: int, rows: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each row, representative row of each group): connected components of the edge graph; the
+    representative has the most edges (ties: the earliest row)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, columns)), shape=(num_rows, num_rows))
+    _, groups = connected_components(graph, directed=False)
+    degree = np.bincount(np.concatenate([rows, columns]), minlength=num_rows)
+    order = np.lexsort((np.arange(num_rows), -degree, groups))  # by group, most edges first, then earliest
+    first_of_group = np.r_[True, groups[order][1:] != groups[order][:-1]]
+    representatives = np.empty(groups.max() + 1, np.int64)
+    representatives[groups[order][first_of_group]] = order[first_of_group]
+    return groups.astype(np.int64), representatives
+
+
+def dedup(config: DedupConfig) -> dict:
+    """Write (or find already written) the near-duplicate groups; returns the `_SUCCESS` document."""
+    options, out, read_options = config.dedup, config.output, config.features.storage_options
+    check_same_provenance(config.features.uri, read_options)
+    feature_set = open_features(config.features.uri, read_options)
+    num_rows = num_ok_rows(feature_set, read_options)
+    plan = choose_index(num_rows, feature_set.feature_dim, memory_bytes(config.index.memory_budget),
+                        config.index.kind, config.index.train_sample)
+    fingerprint = fingerprint_of({"sources": sources_document(feature_set, read_options), "files": feature_set.files,
+                                  "dedup": asdict(options), "plan": asdict(plan)})
+    done = analyse_output.finished(out, fingerprint, "dedup")
+    if done is not None:
+        return {**done, "already_done": True}
+
+    def batches():
+        return ok_batches(feature_set, read_options, options.batch_rows)
+
+    index = build_faiss(plan, config.index, batches)
+    set_search_knobs(index, plan.kind, IVF_NPROBE, HNSW_EF_SEARCH)
+    rows, columns = near_duplicate_edges(index, batches(), options.neighbours, options.threshold)
+    del index
+    groups, representatives = components(num_rows, rows, columns)
+    group_sizes = np.bincount(groups)
+    with analyse_output.writing(out, "dedup") as started:
+        with analyse_output.parquet_writer(storage.join(out.uri, GROUPS_FILE), GROUPS_SCHEMA,
+                                           out.storage_options) as writer:
+            representative_vectors = gather_rows(batches(), representatives[group_sizes > 1])
+            start = 0
+            for uris, matrix in batches():
+                row_ids = np.arange(start, start + len(matrix))
+                writer.write_table(groups_table(uris, as_metric_space(matrix, "cosine"), row_ids, groups,
+                                                representatives, group_sizes, representative_vectors))
+                start += len(matrix)
+        counts = {"rows": num_rows, "groups": int(len(group_sizes)),
+                  "groups_with_duplicates": int((group_sizes > 1).sum()),
+                  "duplicates": int(num_rows - len(group_sizes)), "edges": int(len(rows))}
+        extras = {"rows": {"total": feature_set.num_rows, "ok": num_rows, "error": feature_set.num_rows - num_rows},
+                  "counts": counts, "threshold": options.threshold, "kind": plan.kind,
+                  "provenance": feature_set.provenance}
+        return analyse_output.write_success(out, "dedup", fingerprint, [GROUPS_FILE], started, extras)
+
+
+def gather_rows(batches, wanted: np.ndarray) -> dict[int, np.ndarray]:
+    """{row id: normalised vector} of the wanted rows (the representatives of groups with duplicates)."""
+    wanted = np.sort(wanted)
+    found, start = {}, 0
+    for _, matrix in batches:
+        inside = wanted[(wanted >= start) & (wanted < start + len(matrix))]
+        normalised = as_metric_space(matrix[inside - start], "cosine")
+        found.update(zip(inside.tolist(), normalised))
+        start += len(matrix)
+    return found
+
+
+def groups_table(uris: pa.Array, normalised: np.ndarray, row_ids: np.ndarray, groups: np.ndarray,
+                 representatives: np.ndarray, group_sizes: np.ndarray,
+                 representative_vectors: dict[int, np.ndarray]) -> pa.Table:
+    group = groups[row_ids]
+    representative = representatives[group]
+    similarity = np.ones(len(row_ids), np.float32)
+    for position in np.nonzero(group_sizes[group] > 1)[0]:
+        similarity[position] = float(normalised[position] @ representative_vectors[int(representative[position])])
+    similarity[representative == row_ids] = 1.0
+    return pa.Table.from_arrays([uris.cast(pa.string()), pa.array(group), pa.array(similarity),
+                                 pa.array(representative == row_ids)], schema=GROUPS_SCHEMA)

@@ -1,0 +1,280 @@
+"""`featurize search`: the k nearest neighbours of queries in an index built by `featurize index`.
+
+Queries are uris already in the index (their stored features), image files or folders (extracted here with the
+model the index's provenance names: an index built from other features is refused, naming the difference), or
+`all`: every item against the index, spread across Ray actors (pipeline/analyse/knn_actors.py).
+
+Output (paths relative to output.uri): `neighbours.parquet` with `query_uri`, `rank` (1 = nearest), `uri`, `score`
+(cosine similarity, inner product, or squared L2 distance for `l2`: smaller is nearer), then `_SUCCESS` (stage
+"search"). A query image that cannot be read or decoded has no rows; its reason is in `_SUCCESS` `query_errors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.analyse import index as analyse_index
+from pipeline.analyse import output as analyse_output
+from pipeline.analyse.vectors import ANALYSE_PROVENANCE_KEYS, as_metric_space, fingerprint_of, ok_batches
+from pipeline.config import InputConfig, ModelConfig, SearchConfig
+from pipeline.errors import ConfigError
+from pipeline.io import redaction, storage
+from pipeline.sections import replace_keys
+from pipeline.train.features import open_features, provenance_differences
+
+NEIGHBOURS_FILE = "neighbours.parquet"
+NEIGHBOURS_SCHEMA = pa.schema([pa.field("query_uri", pa.string(), nullable=False),
+                               pa.field("rank", pa.int32(), nullable=False),
+                               pa.field("uri", pa.string(), nullable=False),
+                               pa.field("score", pa.float32(), nullable=False)])
+ALL_QUERIES = "all"
+
+
+@dataclass
+class LoadedIndex:
+    document: dict  # the index output's `_SUCCESS`
+    index: object  # the faiss index
+    uris: pa.Array  # row id -> uri
+
+    @property
+    def metric(self) -> str:
+        return self.document["metric"]
+
+    @property
+    def provenance(self) -> dict:
+        return dict(self.document.get("provenance", {}))
+
+
+def load_index(uri: str, storage_options: dict | None, nprobe: int, ef_search: int, refine_factor: int = 32
+               ) -> LoadedIndex:
+    """The index, its uris and its `_SUCCESS`, with the search-time knobs set."""
+    import pyarrow.parquet as pq
+
+    document = analyse_output.read_finished(uri, storage_options, "index", "index.uri")
+    index = analyse_index.deserialize(storage.read_bytes(storage.join(uri, analyse_index.INDEX_FILE),
+                                                         storage_options))
+    set_search_knobs(index, document["kind"], nprobe, ef_search, refine_factor)
+    fs, path = storage.filesystem(storage.join(uri, analyse_index.IDS_FILE), storage_options)
+    with fs.open(path, "rb") as handle:
+        ids = pq.read_table(handle, columns=["row_id", "uri"])
+    uris = ids.sort_by("row_id")["uri"].combine_chunks()
+    return LoadedIndex(document, index, uris)
+
+
+def set_search_knobs(index, kind: str, nprobe: int, ef_search: int, refine_factor: int = 32) -> None:
+    import faiss
+
+    if kind == "ivf_pq":
+        faiss.extract_index_ivf(index).nprobe = nprobe
+        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+            faiss.downcast_index(index).k_factor = refine_factor  # re-rank refine_factor x k PQ candidates
+    elif kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efSearch = ef_search
+
+
+def nearest(loaded: LoadedIndex, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row ids) of the k nearest, best first; row id -1 where the index has fewer than k."""
+    scores, ids = loaded.index.search(as_metric_space(matrix, loaded.metric), min(k, loaded.index.ntotal))
+    return scores, ids
+
+
+def neighbours_table(query_uris: list[str] | pa.Array, scores: np.ndarray, ids: np.ndarray,
+                     index_uris: pa.Array) -> pa.Table:
+    """One row per (query, neighbour), rank 1 first."""
+    found = ids >= 0
+    query_rows, ranks = np.nonzero(found)
+    query_uris = pa.array(query_uris, type=pa.string()) if not isinstance(query_uris, pa.Array) else query_uris
+    return pa.Table.from_arrays([
+        query_uris.take(pa.array(query_rows)).cast(pa.string()),
+        pa.array((ranks + 1).astype(np.int32)),
+        index_uris.take(pa.array(ids[found])).cast(pa.string()),
+        pa.array(scores[found].astype(np.float32)),
+    ], schema=NEIGHBOURS_SCHEMA)
+
+
+# --- the query model ---------------------------------------------------------------------------------
+
+
+def model_from_provenance(provenance: dict, overrides: dict) -> ModelConfig:
+    """The model that extracted the index's features, as a `model.*` section, with the search config's
+    `model.*` keys on top (a key that would change the features is refused: see check_overrides)."""
+    weights = provenance.get("weights", "imagenet")
+    side = str(provenance.get("input_size", "")).split("x")
+    values = {
+        "backbone": provenance.get("backbone", ModelConfig.backbone),
+        "weights": "none" if weights == "embedded" else weights,
+        "weights_sha256": None,
+        "layer": None if provenance.get("layer") in (None, "default") else provenance["layer"],
+        # "none": the cut layer was already pooled, so the key has no effect on the features
+        "pooling": provenance["pooling"] if provenance.get("pooling") in ("avg", "max") else ModelConfig.pooling,
+        "preprocess": provenance.get("preprocess", ModelConfig.preprocess),
+        "resize": provenance.get("resize", ModelConfig.resize),
+        "draft_margin": int(provenance.get("draft_margin", ModelConfig.draft_margin)),
+        "input_size": int(side[0]) if side[0].isdigit() and len(set(side)) == 1 else None,
+        "top_k": 0,
+        "runtime": provenance.get("runtime", "auto"),
+    }
+    config = ModelConfig(**values)
+    return replace_keys(config, overrides) if overrides else config
+
+
+def check_overrides(provenance: dict, overrides: dict, index_uri: str) -> None:
+    """A `model.*` key that differs from what the index's features were extracted with is refused before any
+    model loads, naming each difference."""
+    derived = model_from_provenance(provenance, {})
+    differences = []
+    for key, value in overrides.items():
+        if key in ("runtime", "trust", "xla", "mixed_precision", "top_k", "weights_sha256"):
+            continue  # how the model runs, not what it computes
+        if key in dataclasses.asdict(derived) and str(value) != str(getattr(derived, key)):
+            differences.append(f"model.{key}: {value!r} (query model) vs {getattr(derived, key)!r} (index)")
+    if differences:
+        raise_refusal(index_uri, differences)
+
+
+def raise_refusal(index_uri: str, differences: list[str]) -> None:
+    raise ConfigError(f"index.uri: {redaction.redact(index_uri)} was built from features extracted differently "
+                      f"from the query model: {'; '.join(differences)}. Search with the index's own model (drop "
+                      "these model.* keys), or build an index from features extracted this way")
+
+
+def extract_images(uris: list[str], model_config: ModelConfig, index_provenance: dict, index_uri: str,
+                   batch_size: int = 16) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """(uris, features, {uri: reason} of the images that failed) for image queries, with the query model
+    checked against the index's provenance once it is built."""
+    from pipeline.extract.worker import ShardSettings, fetch_and_decode
+    from pipeline.models.extractor import FeatureExtractor
+
+    extractor = FeatureExtractor(model_config, batch_size=batch_size)
+    differences = provenance_differences(index_provenance, extractor.provenance, "index", "query model",
+                                         ANALYSE_PROVENANCE_KEYS)
+    if differences:
+        raise_refusal(index_uri, differences)
+    settings = ShardSettings(output_uri="", output_storage_options={}, input_storage_options={},
+                             resize=model_config.resize, draft_margin=model_config.draft_margin)
+    done, parts, failures = [], [], {}
+    for start in range(0, len(uris), batch_size):
+        items = [fetch_and_decode(uri, None, extractor.input_size, settings) for uri in uris[start:start + batch_size]]
+        good = [item for item in items if item.image.error is None]
+        failures.update({item.uri: item.image.error for item in items if item.image.error is not None})
+        if good:
+            parts.append(extractor(np.stack([item.image.pixels for item in good])).features)
+            done.extend(item.uri for item in good)
+    dim = extractor.feature_dim
+    return done, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)), failures
+
+
+# --- queries -------------------------------------------------------------------------------------------
+
+
+def split_queries(queries: tuple[str, ...], index_uris: pa.Array) -> tuple[list[str], list[str]]:
+    """(queries that are uris in the index, the rest: image files, folders, globs)."""
+    present = pc.is_in(pa.array(list(queries), pa.string()), value_set=index_uris).to_pylist()
+    indexed = [query for query, is_present in zip(queries, present) if is_present]
+    return indexed, [query for query, is_present in zip(queries, present) if not is_present]
+
+
+def indexed_vectors(loaded: LoadedIndex, uris: list[str], batch_rows: int) -> tuple[list[str], np.ndarray]:
+    """The stored features of uris already in the index, read from the extract outputs it was built from."""
+    sources = tuple(source["uri"] for source in loaded.document["sources"])
+    feature_set = open_features(sources)
+    found_uris, parts = [], []
+    for batch_uris, matrix in ok_batches(feature_set, None, batch_rows, pa.array(uris, pa.string())):
+        found_uris.extend(batch_uris.to_pylist())
+        parts.append(matrix)
+    return found_uris, (np.concatenate(parts) if parts else np.zeros((0, feature_set.feature_dim), np.float32))
+
+
+def image_query_uris(queries: list[str]) -> list[str]:
+    from pipeline.extract.listing import list_images
+
+    return list_images(InputConfig(uri=tuple(queries))).column("uri").to_pylist() if queries else []
+
+
+def search(config: SearchConfig) -> tuple[dict, pa.Table | None]:
+    """Run (or find already done) a search; returns its `_SUCCESS` and the neighbours of the listed queries
+    (None for `queries: all`, whose output may be large)."""
+    knobs = config.search
+    fingerprint = fingerprint_of({"index": config.index.uri, "queries": config.queries, "model": config.model,
+                                  "k": knobs.k, "nprobe": knobs.nprobe, "ef_search": knobs.ef_search,
+                                  "refine_factor": knobs.refine_factor,
+                                  "index_fingerprint": analyse_output.read_finished(
+                                      config.index.uri, config.index.storage_options, "index", "index.uri"
+                                  ).get("fingerprint")})
+    done = analyse_output.finished(config.output, fingerprint, "search")
+    if done is not None:
+        return {**done, "already_done": True}, None
+    if config.queries == (ALL_QUERIES,):
+        return search_all(config, fingerprint), None
+    loaded = load_index(config.index.uri, config.index.storage_options, knobs.nprobe, knobs.ef_search,
+                        knobs.refine_factor)
+    check_overrides(loaded.provenance, config.model, config.index.uri)
+    indexed, others = split_queries(config.queries, loaded.uris)
+    query_uris, matrix = indexed_vectors(loaded, indexed, knobs.batch_rows)
+    failures: dict[str, str] = {}
+    image_uris = image_query_uris(others)
+    if image_uris:
+        model_config = model_from_provenance(loaded.provenance, config.model)
+        extracted_uris, extracted, failures = extract_images(image_uris, model_config, loaded.provenance,
+                                                             config.index.uri)
+        query_uris, matrix = query_uris + extracted_uris, np.concatenate([matrix, extracted])
+    tables = [neighbours_table(query_uris[start:start + knobs.batch_rows],
+                               *nearest(loaded, matrix[start:start + knobs.batch_rows], knobs.k), loaded.uris)
+              for start in range(0, len(query_uris), knobs.batch_rows)]
+    table = pa.concat_tables(tables) if tables else NEIGHBOURS_SCHEMA.empty_table()
+    with analyse_output.writing(config.output, "search") as started:
+        with analyse_output.parquet_writer(storage.join(config.output.uri, NEIGHBOURS_FILE), NEIGHBOURS_SCHEMA,
+                                           config.output.storage_options) as writer:
+            writer.write_table(table)
+        document = analyse_output.write_success(config.output, "search", fingerprint, [NEIGHBOURS_FILE], started,
+                                                search_extras(loaded.document, config, len(query_uris),
+                                                              table.num_rows, failures))
+    return document, table
+
+
+def search_extras(index_document: dict, config: SearchConfig, num_queries: int, num_rows: int,
+                  failures: dict[str, str]) -> dict:
+    return {"rows": {"total": num_rows, "queries": num_queries, "query_errors": len(failures)},
+            "query_errors": failures, "k": config.search.k, "metric": index_document["metric"],
+            "kind": index_document["kind"], "index": redaction.redact(config.index.uri),
+            "provenance": index_document.get("provenance", {})}
+
+
+def search_all(config: SearchConfig, fingerprint: str) -> dict:
+    """Every item of the index against the index, on Ray actors that each load the index once."""
+    from pipeline.analyse.knn_actors import neighbours_of_every_item
+
+    index_document = analyse_output.read_finished(config.index.uri, config.index.storage_options, "index",
+                                                  "index.uri")
+    num_rows = num_queries = 0
+    with analyse_output.writing(config.output, "search") as started:
+        with analyse_output.parquet_writer(storage.join(config.output.uri, NEIGHBOURS_FILE), NEIGHBOURS_SCHEMA,
+                                           config.output.storage_options) as writer:
+            for table in neighbours_of_every_item(config, index_document):
+                writer.write_table(table)
+                num_rows += table.num_rows
+                num_queries += len(pc.unique(table["query_uri"]))
+        return analyse_output.write_success(config.output, "search", fingerprint, [NEIGHBOURS_FILE], started,
+                                            search_extras(index_document, config, num_queries, num_rows, {}))
+
+
+def print_neighbours(table: pa.Table, console, show: int) -> None:
+    """The first `show` queries with their neighbours, as a terminal table."""
+    from rich.table import Table
+
+    if table is None or not show or not table.num_rows:
+        return
+    queries = pc.unique(table["query_uri"]).to_pylist()[:show]
+    view = Table(title=f"nearest neighbours ({len(queries)} of {len(pc.unique(table['query_uri']))} queries)")
+    for column in ("query", "rank", "neighbour", "score"):
+        view.add_column(column, overflow="fold")
+    shown = table.filter(pc.is_in(table["query_uri"], value_set=pa.array(queries, pa.string())))
+    for row in shown.to_pylist():
+        view.add_row(row["query_uri"] if row["rank"] == 1 else "", str(row["rank"]), row["uri"],
+                     f"{row['score']:.4f}")
+    console.print(view)
