@@ -109,6 +109,7 @@ class InputConfig:
     # dir, glob, manifest (.csv/.parquet/.txt), or archive (.tar/.tar.gz/.tgz/.zip); a list of them is allowed;
     # braces expand first (`shards/{00000..00999}.tar`)
     uri: Texts = ()
+    uri_column: Text = "uri"  # the manifests' column of image URIs (img2dataset and LAION parts call it `url`)
     labels: Labels = "none"  # none | from_dirs | name of a manifest column | member:EXT | json:FIELD (archives)
     extensions: Texts = ("jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp")  # listings and archive members
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, anon, profile...)

@@ -42,14 +42,15 @@ def write_manifest(path: str, num_entries: int) -> None:
 def measure(num_entries: int) -> tuple[int, int]:
     """(peak RSS before planning, peak RSS after planning) of this process, in bytes."""
     from pipeline.config import ExtractConfig, InputConfig, ModelConfig, OutputConfig
-    from pipeline.extract.plan import prepare
+    from pipeline.extract.plan import prepare_plan
+    from pipeline.output.ledger import Ledger
 
     with tempfile.TemporaryDirectory() as scratch:
         write_manifest(f"{scratch}/manifest.parquet", num_entries)
         before = peak_rss_bytes()
         config = ExtractConfig(input=InputConfig(uri=(f"{scratch}/manifest.parquet",), labels="label"),
                                model=ModelConfig(weights="none"), output=OutputConfig(uri=f"{scratch}/out"))
-        plan, _ = prepare(config.validate())
+        plan = prepare_plan(config.validate(), Ledger(config.output.uri))
         if plan.num_images != num_entries:
             raise AssertionError(f"planned {plan.num_images} images of {num_entries} manifest entries")
         return before, peak_rss_bytes()
