@@ -178,7 +178,8 @@ def list_file_tree(uri: str, input_config: InputConfig) -> Iterator[pa.Array]:
         yield images_of(storage.find_files(uri, options))
         return
     entries = [(found, is_directory) for found, is_directory in storage.list_entries(uri, options)
-               if not re.search(HIDDEN_COMPONENT, found[len(root) - 1:] + ("/" if is_directory else ""))]
+               if len(found) >= len(root)  # some stores list the prefix's own marker object
+               and not re.search(HIDDEN_COMPONENT, found[len(root) - 1:] + ("/" if is_directory else ""))]
     # A prefix's paths all start with `name/`: sorted by that key, prefixes and files interleave as in a full sort.
     entries.sort(key=lambda entry: entry[0] + "/" if entry[1] else entry[0])
 
