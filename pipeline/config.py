@@ -177,6 +177,7 @@ class ExtractConfig:
 SCHEDULING = "scheduling only: where and how fast rows are computed, not their values"
 FINGERPRINT_EXCLUDED = {  # the ExtractConfig keys that do not change the rows; every other key is fingerprinted
     "input.storage_options": "how the input is reached (endpoint, credentials), not what it holds",
+    "input.uri_column": "where a manifest keeps its URIs; input.uri is fingerprinted and the listing frozen",
     "model.weights_sha256": "a guard on the weights file, whose actual checksum is fingerprinted instead",
     "model.trust": "permission to load Lambda layers; the model files themselves are fingerprinted",
     "model.xla": "compiles the same computation",
