@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import pickle
+import signal
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,15 @@ from pipeline.extract import listing, parts
 from pipeline.extract.plan import prepare_plan
 from pipeline.extract.worker import ShardSettings, ShardTask
 from pipeline.output import layout, ledger
-from tests.helpers import cosine_rows, read_rows, write_extract_config, write_labelled_images
+from tests.helpers import (
+    committed_shards,
+    cosine_rows,
+    featurize_process,
+    read_rows,
+    wait_for_commits_beyond,
+    write_extract_config,
+    write_labelled_images,
+)
 
 
 def write_manifest_parts(directory: Path, paths: list[Path], num_parts: int) -> None:
@@ -134,3 +144,34 @@ def test_a_directory_listing_streams_prefix_by_prefix_in_the_order_of_a_full_sor
     assert written.column("uri").to_pylist() == expected
     assert written.column("label").to_pylist() == [Path(uri).parent.name for uri in expected]
     assert json.loads((output / layout.PLAN_FILE).read_text())["generations"][0]["parts"][1]["num_images"] == 4
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_driver_sigkilled_over_tar_shards_resumes_losing_and_duplicating_nothing(tmp_path, ray_local, tiny_model):
+    paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=12, size=(40, 30))
+    (tmp_path / "tars").mkdir()
+    for number in range(4):
+        with tarfile.open(tmp_path / "tars" / f"shard-{number:05d}.tar", "w") as archive:
+            for path in paths[number * 6:(number + 1) * 6]:
+                archive.add(path, arcname=f"{path.parent.name}-{path.name}")
+    address = ray_local.get_runtime_context().gcs_address  # the driver joins this test's Ray: no second start-up
+    config = write_extract_config(tmp_path / "config.yaml", tmp_path / "tars" / "shard-{00000..00003}.tar",
+                                  tiny_model, tmp_path / "features", run={"shard_size": 3, "address": address})
+    output = tmp_path / "features"
+    driver = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.4")  # slow enough to be caught mid-run
+    try:
+        wait_for_commits_beyond(0, output, driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    committed_before = committed_shards(output)
+    assert not (output / layout.SUCCESS_FILE).exists() and 0 < committed_before < 8
+
+    assert main(["extract", "--config", str(config)]) == 0
+
+    rows, success = read_rows(output)
+    assert len(rows) == 24 and rows["uri"].is_unique and (rows["status"] == "ok").all()
+    assert {uri.split("::")[0].removeprefix("tar://") for uri in rows["uri"]} == {
+        f"{path.parent.name}-{path.name}" for path in paths}
+    assert success["shards"] == {"total": 8, "run": 8 - committed_before, "committed": 8}
