@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import ConfigError
 from pipeline.extract.listing import LISTING_SCHEMA, drop_repeated_uris
 from pipeline.io import storage
 
@@ -105,6 +106,17 @@ def read_slice(output: str, options: dict | None, where: ManifestSlice, start: i
             group_start = group_stop
         table = parquet.read_row_groups(groups, columns=LISTING_SCHEMA.names) if groups else LISTING_SCHEMA.empty_table()
     return table.slice(local_start - (skip or 0), local_stop - local_start)
+
+
+def check_parts(output: str, options: dict | None, frozen: list[Part]) -> None:
+    """Every frozen part is there with the size the plan recorded (a HEAD each): a resume never reads shards out of
+    a manifest that changed under it."""
+    for part in frozen:
+        found = storage.size_of(storage.join(output, part.path), options)
+        if found is None or (part.bytes is not None and found != part.bytes):
+            state = "is missing" if found is None else f"holds {found} bytes, the plan recorded {part.bytes}"
+            raise ConfigError(f"output.uri: the frozen manifest part {part.path} {state}, so the shards it holds "
+                              f"cannot be resumed exactly; use output.mode: overwrite to list the input again")
 
 
 def read_part(output: str, options: dict | None, part: Part) -> pa.Table:

@@ -201,6 +201,7 @@ def prepare_plan(config: ExtractConfig, run_ledger: ledger.Ledger, say: Callable
     if frozen is None:
         return new_plan(config, inputs, run_ledger, say)
     plan = Plan.from_document(frozen)
+    parts.check_parts(output, options, [part for generation in plan.generations for part in generation.all_parts()])
     if config.output.mode == "append":
         return append_generation(config, plan, run_ledger, say)
     say_if_input_grew(config, plan, say)

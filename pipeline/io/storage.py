@@ -419,6 +419,16 @@ def modified_times(directory_uri: str, storage_options: dict | None = None) -> d
     return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry_modified(entry) for entry in entries}
 
 
+def size_of(uri: str, storage_options: dict | None = None) -> int | None:
+    """Bytes of a file; None when it does not exist."""
+    fs, path = filesystem(uri, storage_options)
+    forget_cached_listing(fs, path)
+    try:
+        return with_retries(lambda: fs.size(path))
+    except FileNotFoundError:
+        return None
+
+
 def modified_time(uri: str, storage_options: dict | None = None) -> float | None:
     fs, path = filesystem(uri, storage_options)
     forget_cached_listing(fs, path)

@@ -145,6 +145,11 @@ def test_a_directory_listing_streams_prefix_by_prefix_in_the_order_of_a_full_sor
     assert written.column("label").to_pylist() == [Path(uri).parent.name for uri in expected]
     assert json.loads((output / layout.PLAN_FILE).read_text())["generations"][0]["parts"][1]["num_images"] == 4
 
+    with open(output / frozen[1].path, "ab") as changed:  # a part that changed under the plan is never resumed
+        changed.write(b"more")
+    with pytest.raises(ConfigError, match="_manifest-p00001.parquet holds .* overwrite"):
+        prepare_plan(config, ledger.Ledger(str(output)))
+
 
 @pytest.mark.ray
 @pytest.mark.slow
