@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ExtractConfig, InputConfig, load_config
+from pipeline.config import ExtractConfig, InputConfig, ModelConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.extract import listing, parts
 from pipeline.extract.plan import prepare_plan
-from pipeline.extract.worker import ShardSettings, ShardTask
+from pipeline.extract.worker import ShardSettings, ShardTask, process_shard
 from pipeline.output import layout, ledger
 from tests.helpers import (
     committed_shards,
@@ -43,6 +43,19 @@ def write_manifest_parts(directory: Path, paths: list[Path], num_parts: int) -> 
                        directory / f"part-{index:05d}.parquet")
 
 
+def folder_rows(tmp_path: Path, model: Path):
+    """The same images extracted from their folder (labels from_dirs), as one shard through the worker in-process."""
+    from pipeline.models.extractor import FeatureExtractor
+
+    extractor = FeatureExtractor(ModelConfig(backbone=str(model), weights="none", runtime="keras"), batch_size=4,
+                                 num_threads=1)
+    folder = listing.list_images(InputConfig(uri=(str(tmp_path / "images"),), labels="from_dirs"))
+    settings = ShardSettings(output_uri=str(tmp_path / "reference"), output_storage_options={},
+                             input_storage_options={}, decode_threads=2)
+    task = ShardTask(0, 0, folder.num_rows, folder.column("uri").to_pylist(), folder.column("label").to_pylist())
+    return pq.read_table(tmp_path / "reference" / process_shard(task, extractor, settings).file).to_pandas()
+
+
 @pytest.mark.ray
 def test_a_glob_of_manifest_parts_with_a_url_column_extracts_like_the_folder_and_resumes_from_compacted_commits(
         tmp_path, ray_local, tiny_model, monkeypatch):
@@ -52,17 +65,14 @@ def test_a_glob_of_manifest_parts_with_a_url_column_extracts_like_the_folder_and
     monkeypatch.setattr(ledger, "FINISH_COMPACTS_ABOVE", 1)
     by_manifest = write_extract_config(
         tmp_path / "manifest.yaml", tmp_path / "metadata" / "part-*.parquet", tiny_model, tmp_path / "from_manifest",
-        input={"uri_column": "url", "labels": "breed"}, run={"shard_size": 2})
-    by_folder = write_extract_config(tmp_path / "folder.yaml", tmp_path / "images", tiny_model,
-                                     tmp_path / "from_folder", input={"labels": "from_dirs"})
+        input={"uri_column": "url", "labels": "breed"}, model={"runtime": "keras"}, run={"shard_size": 2})
 
     assert main(["extract", "--config", str(by_manifest)]) == 0
-    assert main(["extract", "--config", str(by_folder)]) == 0
 
     rows, success = read_rows(tmp_path / "from_manifest")
     assert len(rows) == len(paths) and rows["uri"].is_unique and set(rows["uri"]) == {str(p) for p in paths}
     assert success["rows"] == {"total": 12, "ok": 12, "error": 0} and success["shards"]["total"] == 6
-    reference, _ = read_rows(tmp_path / "from_folder")
+    reference = folder_rows(tmp_path, tiny_model)
     rows, reference = rows.set_index("uri").sort_index(), reference.set_index("uri").sort_index()
     assert rows["label"].tolist() == reference["label"].tolist() == [Path(uri).parent.name for uri in rows.index]
     assert cosine_rows(np.stack(rows["features"]), np.stack(reference["features"])).min() >= 0.9999
@@ -162,7 +172,8 @@ def test_a_driver_sigkilled_over_tar_shards_resumes_losing_and_duplicating_nothi
                 archive.add(path, arcname=f"{path.parent.name}-{path.name}")
     address = ray_local.get_runtime_context().gcs_address  # the driver joins this test's Ray: no second start-up
     config = write_extract_config(tmp_path / "config.yaml", tmp_path / "tars" / "shard-{00000..00003}.tar",
-                                  tiny_model, tmp_path / "features", run={"shard_size": 3, "address": address})
+                                  tiny_model, tmp_path / "features", model={"runtime": "keras"},
+                                  run={"shard_size": 3, "address": address})
     output = tmp_path / "features"
     driver = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.4")  # slow enough to be caught mid-run
     try:
