@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--manifest-entries", type=int, default=1_000_000,
                        help="driver memory to plan a manifest this long; 0 skips it")
     bench.add_argument("--output", default="results/bench", help="where bench.json and bench.png go")
+    bench.add_argument("--scale", action="store_true",
+                       help="instead: driver memory and time to first commit for 1M and 10M-entry manifests, and "
+                            "tar shards vs loose files on local disk and loopback S3 (bench-scale.json)")
     bench.set_defaults(handler=command_bench)
 
     # --- analyse: index, search, dedup (pipeline/analyse/) ---
@@ -275,6 +278,11 @@ def command_weights_pull(arguments) -> int:
 def command_bench(arguments) -> int:
     from pathlib import Path
 
+    if arguments.scale:
+        from pipeline.tools.bench_scale import ScaleSettings, run_scale_bench
+
+        run_scale_bench(ScaleSettings(), Path(arguments.output), console)
+        return 0
     from pipeline.tools.bench import BenchSettings, run_bench
 
     settings = BenchSettings(backbone=arguments.backbone, input_size=arguments.input_size,

@@ -109,6 +109,7 @@ class InputConfig:
     # dir, glob, manifest (.csv/.parquet/.txt), or archive (.tar/.tar.gz/.tgz/.zip); a list of them is allowed;
     # braces expand first (`shards/{00000..00999}.tar`)
     uri: Texts = ()
+    uri_column: Text = "uri"  # the manifests' column of image URIs (img2dataset and LAION parts call it `url`)
     labels: Labels = "none"  # none | from_dirs | name of a manifest column | member:EXT | json:FIELD (archives)
     extensions: Texts = ("jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp")  # listings and archive members
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, anon, profile...)
@@ -176,6 +177,7 @@ class ExtractConfig:
 SCHEDULING = "scheduling only: where and how fast rows are computed, not their values"
 FINGERPRINT_EXCLUDED = {  # the ExtractConfig keys that do not change the rows; every other key is fingerprinted
     "input.storage_options": "how the input is reached (endpoint, credentials), not what it holds",
+    "input.uri_column": "where a manifest keeps its URIs; input.uri is fingerprinted and the listing frozen",
     "model.weights_sha256": "a guard on the weights file, whose actual checksum is fingerprinted instead",
     "model.trust": "permission to load Lambda layers; the model files themselves are fingerprinted",
     "model.xla": "compiles the same computation",

@@ -28,7 +28,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from pipeline.config import ExtractConfig
 from pipeline.errors import USER_ERRORS, ConfigError
 from pipeline.extract.actor import actor_shape, remote_class
-from pipeline.extract.plan import Plan, prepare
+from pipeline.extract.plan import Plan, prepare_plan
 from pipeline.extract.progress import ProgressReporter
 from pipeline.extract.rows import row_schema
 from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, quarantine_rows, reason_category
@@ -135,18 +135,18 @@ class Driver:
         (a second run on the output stops here, in about a second) and held to the end."""
         self.reporter.phase(f"planning {redaction.redact(self.output)}")
         with ledger.held(self.output, self.options, "extract", started=self.started) as run_ledger:
-            plan, manifest = prepare(self.config, run_ledger, say=self.reporter.phase)
+            plan = prepare_plan(self.config, run_ledger, say=self.reporter.phase)
             commits = run_ledger.commits
             todo = run_ledger.pending(plan.num_shards)  # in shard order: an earlier generation's shards go first
             generations = f" ({len(plan.generations)} generations)" if len(plan.generations) > 1 else ""
             self.reporter.phase(f"{plan.num_images} images in {plan.num_shards} shards{generations}, {len(commits)} "
                                 "already committed")
-            description = self.run_shards(plan, manifest, todo, run_ledger, verbose) if todo else None
+            description = self.run_shards(plan, todo, run_ledger, verbose) if todo else None
             extras = {"provenance": self.provenance(description, run_ledger),
                       "max_error_rate": self.config.run.max_error_rate}
             return run_ledger.finish(plan.num_shards, plan.fingerprint, extras)
 
-    def run_shards(self, plan: Plan, manifest, todo: list[int], run_ledger: ledger.Ledger,
+    def run_shards(self, plan: Plan, todo: list[int], run_ledger: ledger.Ledger,
                    verbose: bool) -> dict | None:
         """Start Ray, run the pending shards; returns an actor's description (None when none got ready)."""
         self.reporter.phase("starting Ray")
@@ -157,8 +157,7 @@ class Driver:
                 self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
                                     done_images=sum(record.rows for record in commits.values()),
                                     done_errors=sum(record.error for record in commits.values()))
-                scheduler = ShardScheduler(self.config, self.settings, run_ledger, self.reporter,
-                                           [whole_shard(plan, manifest, index) for index in todo])
+                scheduler = ShardScheduler(self.config, self.settings, run_ledger, self.reporter, plan, todo)
                 scheduler.run()
                 return scheduler.actor_description
             except KeyboardInterrupt:
@@ -177,10 +176,12 @@ class Driver:
 
 
 class ShardScheduler:
-    """The actor pool and the pull-based scheduling loop of one run, until every pending shard is committed."""
+    """The actor pool and the pull-based scheduling loop of one run, until every pending shard is committed. A
+    pending shard becomes a task only when an actor has room for it: the driver holds tasks in flight, retries and
+    pieces of bisected shards, never one per pending shard."""
 
     def __init__(self, config: ExtractConfig, settings: ShardSettings, run_ledger: ledger.Ledger,
-                 reporter: ProgressReporter, tasks: list[ShardTask]):
+                 reporter: ProgressReporter, plan: Plan, todo: list[int]):
         self.config = config
         self.ledger = run_ledger
         self.reporter = reporter
@@ -188,10 +189,12 @@ class ShardScheduler:
         decode_threads = config.run.decode_threads or max(4, int(self.shape.num_cpus))
         self.settings = dataclasses.replace(settings, run_tag=run_ledger.run_tag, decode_threads=decode_threads)
         self.actor_class = remote_class(self.shape.num_cpus, self.shape.num_gpus)
-        self.queue = collections.deque(tasks)
-        self.states = {task.shard: ShardState() for task in tasks}
+        self.plan = plan
+        self.fresh = collections.deque(todo)  # shard numbers not started yet
+        self.queue: collections.deque[ShardTask] = collections.deque()  # retries and bisected pieces, first
+        self.states: dict[int, ShardState] = {}  # shards started and not yet committed
         self.owner: dict[ray.ObjectRef, tuple[ActorSlot, ShardTask]] = {}
-        self.num_actors = min(self.shape.count, len(tasks))
+        self.num_actors = min(self.shape.count, len(todo))
         self.slots: list[ActorSlot] = []
         self.actor_description: dict | None = None
         self.failed_starts = 0  # actor deaths before the model was ready, since the last good start
@@ -201,7 +204,7 @@ class ShardScheduler:
         self.reporter.phase(f"loading the model on {len(self.slots)} actor(s) ({self.shape.num_cpus:g} CPUs"
                             f"{f', {self.shape.num_gpus:g} GPUs' if self.shape.num_gpus else ''} each)")
         try:
-            while self.states:
+            while self.states or self.fresh:
                 self.ledger.lease.raise_if_lost()  # the heartbeat found the lease gone: stop before more work
                 self.assign()
                 refs = list(self.owner) + [slot.ready for slot in self.slots if not slot.is_ready]
@@ -255,11 +258,16 @@ class ShardScheduler:
         """Pull model: each ready actor gets pieces until it holds its bounded share."""
         limit = self.config.run.shards_in_flight_per_actor
         for slot in self.slots:
-            while slot.is_ready and self.queue and len(slot.in_flight) < limit:
-                task = self.queue.popleft()
+            while slot.is_ready and (self.queue or self.fresh) and len(slot.in_flight) < limit:
+                task = self.queue.popleft() if self.queue else self.start_shard(self.fresh.popleft())
                 ref = slot.handle.process.remote(task, self.settings)
                 slot.in_flight.append(ref)
                 self.owner[ref] = (slot, task)
+
+    def start_shard(self, shard: int) -> ShardTask:
+        start, stop, where = self.plan.shard_slice(shard)
+        self.states[shard] = ShardState()
+        return ShardTask(shard, start, stop, where=where)
 
     def collect(self, ref: ray.ObjectRef) -> None:
         slot, task = self.owner[ref]
@@ -297,24 +305,24 @@ class ShardScheduler:
         self.replace(slot)
         self.queue.extendleft(reversed(queued))
         if running.attempt < self.config.run.max_attempts:
-            self.queue.appendleft(with_attempt(running, running.attempt + 1))
-        elif len(running.uris) > 1:
+            self.queue.appendleft(running.piece(running.start, running.stop, running.attempt + 1))
+        elif running.stop - running.start > 1:
             self.bisect(running)
         else:
             self.quarantine(running)
 
     def bisect(self, task: ShardTask) -> None:
         """Split a piece that keeps killing workers, so the poison image ends up alone."""
-        middle = len(task.uris) // 2
-        halves = [ShardTask(task.shard, task.start, task.start + middle, task.uris[:middle], task.labels[:middle]),
-                  ShardTask(task.shard, task.start + middle, task.stop, task.uris[middle:], task.labels[middle:])]
+        middle = (task.start + task.stop) // 2
+        halves = [task.piece(task.start, middle, 1), task.piece(middle, task.stop, 1)]
         self.states[task.shard].outstanding += 1
         self.queue.extendleft(reversed(halves))
 
     def quarantine(self, task: ShardTask) -> None:
         """Record the image that kept killing workers as an error row, written by the driver itself."""
-        log.warning("quarantined %s after %d crashes", redaction.redact(task.uris[0]), task.attempt)
-        rows = quarantine_rows(task, task.attempt)
+        own_settings = dataclasses.replace(self.settings, output_storage_options=self.ledger.options)
+        rows = quarantine_rows(task, task.attempt, own_settings)  # the driver reads the piece with its own options
+        log.warning("quarantined %s after %d crashes", redaction.redact(rows.uri[0]), task.attempt)
         description = self.actor_description or {"feature_dim": 1, "provenance": {}}
         schema = row_schema(description["feature_dim"], self.settings.feature_dtype, description["provenance"])
         relative_path = self.ledger.write_data(task.shard, rows.to_table(schema), self.settings.row_group_size)
@@ -331,7 +339,7 @@ class ShardScheduler:
                                f"{redaction.redact(str(error))}") from None
         log.warning("shard %d failed (attempt %d of %d), retrying; the worker's traceback:\n%s", task.shard,
                     task.attempt, self.config.run.max_attempts, redaction.redact(str(error)))
-        self.queue.append(with_attempt(task, task.attempt + 1))
+        self.queue.append(task.piece(task.start, task.stop, task.attempt + 1))
 
     def replace(self, slot: ActorSlot) -> None:
         ray.kill(slot.handle, no_restart=True)
@@ -355,12 +363,6 @@ class ShardScheduler:
         self.reporter.shard_committed()
 
 
-def whole_shard(plan: Plan, manifest, index: int) -> ShardTask:
-    start, stop = plan.shard_bounds(index)
-    piece = manifest.slice(start, stop - start)
-    return ShardTask(index, start, stop, piece.column("uri").to_pylist(), piece.column("label").to_pylist())
-
-
 def interrupted_message(signal_number: int, num_shards: int, num_committed: int) -> str:
     return (f"interrupted by {signal.Signals(signal_number).name}: {num_committed} of {num_shards} shards "
             "are committed and kept; run the same command to resume")
@@ -370,10 +372,6 @@ def forwarded_environment() -> dict:
     """FEATURIZE_* variables (settings and test hooks) reach actors on every node."""
     variables = {key: value for key, value in os.environ.items() if key.startswith("FEATURIZE_")}
     return {"env_vars": variables} if variables else {}
-
-
-def with_attempt(task: ShardTask, attempt: int) -> ShardTask:
-    return ShardTask(task.shard, task.start, task.stop, task.uris, task.labels, attempt)
 
 
 def run_extract(config: ExtractConfig, reporter: ProgressReporter | None = None, verbose: bool = False) -> dict:

@@ -4,6 +4,9 @@ The first run lists the input and freezes it into the output (`_manifest.parquet
 later run in `resume` mode reuses that manifest, so shard i always means the same images. A run whose
 fingerprint differs from the frozen one is refused with the keys that differ.
 
+The listing is frozen as it streams, into parts of whole shards (pipeline/extract/parts.py) that `_plan.json` names
+with their sizes and checksums; a shard is a row range of one part, and the driver keeps only the plan.
+
 `output.mode: append` lists the input again and freezes only the images no earlier generation holds (a pyarrow
 anti-join on uri) as a new generation, whose shards are numbered after the existing ones (layout in
 pipeline/output/layout.py). The pending shards of earlier generations run first, in the same run. A resume of a
@@ -13,8 +16,8 @@ small plan lists the input again only to say, in one line, that append would fin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import io
 import json
 import logging
 import time
@@ -23,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import (
     FINGERPRINT_EXCLUDED,
@@ -33,7 +35,9 @@ from pipeline.config import (
     is_weights_file,
 )
 from pipeline.errors import USER_ERRORS, ConfigError
-from pipeline.extract.listing import list_images
+from pipeline.extract import parts
+from pipeline.extract.listing import LISTING_SCHEMA, iterate_listing, list_images
+from pipeline.extract.parts import ManifestSlice, Part
 from pipeline.io import faults, redaction, storage
 from pipeline.output import layout, ledger
 
@@ -52,9 +56,13 @@ class Generation:
     num_images: int
     shard_offset: int  # the number of its first shard: shard numbers continue across generations
     created: float | None = None  # epoch seconds; None for generation 0 of an output older than generations
+    parts: tuple[Part, ...] = ()  # its frozen parts, the first being `manifest`; () before parts existed
 
     def num_shards(self, shard_size: int) -> int:
         return -(-self.num_images // shard_size)
+
+    def all_parts(self) -> tuple[Part, ...]:
+        return self.parts or (Part(self.manifest, self.num_images),)
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,23 @@ class Plan:
             first_row += generation.num_images
         raise IndexError(f"shard {shard_index} is not in the plan (it has {self.num_shards} shards)")
 
-    def with_generation(self, num_images: int) -> Plan:
-        """The plan grown by one generation of `num_images` images, numbered after every existing shard."""
-        generation = Generation(layout.manifest_file(len(self.generations)), num_images, self.num_shards, time.time())
+    def shard_slice(self, shard_index: int) -> tuple[int, int, ManifestSlice]:
+        """The shard's rows [start, stop) (as shard_bounds) and the frozen part that holds them."""
+        start, stop = self.shard_bounds(shard_index)
+        first_row = 0
+        for generation in self.generations:
+            for part in generation.all_parts():
+                if first_row <= start < first_row + part.num_images:
+                    if stop > first_row + part.num_images:
+                        raise AssertionError(f"shard {shard_index} spans two manifest parts")  # parts hold whole shards
+                    return start, stop, ManifestSlice(part.path, first_row)
+                first_row += part.num_images
+        raise IndexError(f"shard {shard_index} is not in the plan's manifest parts")
+
+    def with_generation(self, parts: list[Part]) -> Plan:
+        """The plan grown by one generation of these parts, numbered after every existing shard."""
+        generation = Generation(parts[0].path, sum(part.num_images for part in parts), self.num_shards, time.time(),
+                                tuple(parts))
         return dataclasses.replace(self, generations=(*self.generations, generation))
 
     def document(self) -> dict:
@@ -100,9 +122,10 @@ class Plan:
         """A `_plan.json`; one written before generations existed is generation 0 alone."""
         recorded = document.get("generations") or [
             {"manifest": layout.MANIFEST_FILE, "num_images": document["num_images"], "shard_offset": 0}]
+        generations = tuple(Generation(**{**generation, "parts": tuple(Part(**part) for part in generation.get(
+            "parts", ()))}) for generation in recorded)
         return cls(fingerprint=document["fingerprint"], fingerprint_inputs=document.get("fingerprint_inputs", {}),
-                   shard_size=document["shard_size"],
-                   generations=tuple(Generation(**generation) for generation in recorded))
+                   shard_size=document["shard_size"], generations=generations)
 
 
 def model_files(config: ExtractConfig) -> list[tuple[str, str]]:
@@ -158,53 +181,82 @@ def digest(document: dict) -> str:
 
 def prepare(config: ExtractConfig, run_ledger: ledger.Ledger | None = None,
             say: Callable[[str], None] = log.info) -> tuple[Plan, pa.Table]:
-    """Honour output.mode, then return the plan and the frozen manifest of every generation (concatenated, in
-    shard order). The run's ledger (holding the output's lease) reads the commits as it opens; planning alone needs
-    none. `say` gets the one-line notes: no new image to append, new images a resume leaves out."""
+    """`prepare_plan`, and the frozen manifest of every generation as one table (tests and tools: memory per
+    image; a run reads one shard's slice at a time instead)."""
+    run_ledger = run_ledger or ledger.Ledger(config.output.uri, config.output.storage_options)
+    plan = prepare_plan(config, run_ledger, say)
+    return plan, read_manifests(plan, config.output.uri, config.output.storage_options)
+
+
+def prepare_plan(config: ExtractConfig, run_ledger: ledger.Ledger, say: Callable[[str], None] = log.info) -> Plan:
+    """Honour output.mode, then return the plan. The run's ledger (holding the output's lease) reads the commits as
+    it opens. `say` gets the one-line notes: listing progress, no new image to append, new images a resume leaves
+    out."""
     output, options = config.output.uri, config.output.storage_options
-    run_ledger = run_ledger or ledger.Ledger(output, options)
     check_model_files(config)
     storage.check_writable(output, options)  # a missing bucket or bad credentials stop here, not after listing
     inputs = fingerprint_inputs(config)
     frozen = run_ledger.open(config.output.mode, digest(inputs), inputs, what="features",
                              remedy="Use output.mode: overwrite or another output.uri.")
     if frozen is None:
-        return new_plan(config, inputs, run_ledger)
+        return new_plan(config, inputs, run_ledger, say)
     plan = Plan.from_document(frozen)
-    manifest = read_manifests(plan, output, options)
+    parts.check_parts(output, options, [part for generation in plan.generations for part in generation.all_parts()])
     if config.output.mode == "append":
-        return append_generation(config, plan, manifest, run_ledger, say)
-    say_if_input_grew(config, plan, manifest, say)
-    return plan, manifest
+        return append_generation(config, plan, run_ledger, say)
+    say_if_input_grew(config, plan, say)
+    return plan
 
 
-def new_plan(config: ExtractConfig, inputs: dict, run_ledger: ledger.Ledger) -> tuple[Plan, pa.Table]:
-    manifest = list_images(config.input)
-    generation = Generation(layout.manifest_file(0), manifest.num_rows, shard_offset=0, created=time.time())
+def new_plan(config: ExtractConfig, inputs: dict, run_ledger: ledger.Ledger, say: Callable[[str], None]) -> Plan:
+    """List the input straight into frozen parts, then write the plan that names them."""
+    storage.make_dirs(config.output.uri, config.output.storage_options)
+    writer = parts.PartWriter(config.output.uri, config.output.storage_options, config.run.shard_size,
+                              functools.partial(layout.manifest_part_file, 0))
+    for chunk in iterate_listing(config.input, ListingProgress(say)):
+        writer.add(chunk)
+    frozen = writer.close()
+    generation = Generation(frozen[0].path, writer.num_images, shard_offset=0, created=time.time(),
+                            parts=tuple(frozen))
     plan = Plan(fingerprint=digest(inputs), fingerprint_inputs=inputs, shard_size=config.run.shard_size,
                 generations=(generation,))
-    storage.make_dirs(config.output.uri, config.output.storage_options)
-    write_manifest(manifest, generation, config.output.uri, config.output.storage_options)
-    run_ledger.write_plan(plan.document())  # last: its presence means the manifest is complete
-    return plan, manifest
+    run_ledger.write_plan(plan.document())  # last: its presence means the parts are complete
+    return plan
 
 
-def append_generation(config: ExtractConfig, plan: Plan, manifest: pa.Table, run_ledger: ledger.Ledger,
-                      say: Callable[[str], None]) -> tuple[Plan, pa.Table]:
+class ListingProgress:
+    """The number of images listed so far, said every few seconds while a long listing runs."""
+
+    def __init__(self, say: Callable[[str], None], every_seconds: float = 5.0):
+        self.say, self.every_seconds = say, every_seconds
+        self.last = time.monotonic()
+
+    def __call__(self, num_listed: int) -> None:
+        if time.monotonic() - self.last >= self.every_seconds:
+            self.last = time.monotonic()
+            self.say(f"listing: {num_listed:,} images so far")
+
+
+def append_generation(config: ExtractConfig, plan: Plan, run_ledger: ledger.Ledger,
+                      say: Callable[[str], None]) -> Plan:
     """Freeze the listed images no generation holds yet as a new generation; with none, the plan as it is (its
-    pending shards, if any, still run: append implies resume)."""
+    pending shards, if any, still run: append implies resume). The anti-join holds the whole listing and every
+    frozen uri at once: append alone costs driver memory per image (about 100 bytes each)."""
+    output, options = config.output.uri, config.output.storage_options
     listing = list_images(config.input)
-    added = images_not_in(listing, manifest)
+    added = images_not_in(listing, read_manifests(plan, output, options))
     if added.num_rows == 0:
         say(f"append: no new image ({listing.num_rows} listed, every one already in the output); nothing to add")
-        return plan, manifest
-    grown = plan.with_generation(added.num_rows)
+        return plan
+    writer = parts.PartWriter(output, options, plan.shard_size,
+                              functools.partial(layout.manifest_part_file, len(plan.generations)))
+    writer.add(added)
+    grown = plan.with_generation(writer.close())
     generation = grown.generations[-1]
-    write_manifest(added, generation, config.output.uri, config.output.storage_options)
     run_ledger.write_plan(grown.document())  # last: the generation exists once the plan names it
     say(f"append: {added.num_rows} new images as generation {len(plan.generations)} (shards "
         f"{generation.shard_offset}-{grown.num_shards - 1})")
-    return grown, pa.concat_tables([manifest, added.cast(manifest.schema)])
+    return grown
 
 
 def images_not_in(listing: pa.Table, known: pa.Table) -> pa.Table:
@@ -216,7 +268,7 @@ def images_not_in(listing: pa.Table, known: pa.Table) -> pa.Table:
     return kept.sort_by(position).select(listing.column_names)
 
 
-def say_if_input_grew(config: ExtractConfig, plan: Plan, manifest: pa.Table, say: Callable[[str], None]) -> None:
+def say_if_input_grew(config: ExtractConfig, plan: Plan, say: Callable[[str], None]) -> None:
     """A resume stays exact (the frozen plan); for a small plan, one line when the input now holds images the plan
     does not. A large one would have to list everything again: nothing is said. A listing that fails (the input
     moved, credentials for the input gone) says nothing either: the resume needs only the frozen manifest."""
@@ -226,20 +278,14 @@ def say_if_input_grew(config: ExtractConfig, plan: Plan, manifest: pa.Table, say
         listing = list_images(config.input)
     except USER_ERRORS:
         return
-    num_new = images_not_in(listing, manifest).num_rows
+    num_new = images_not_in(listing, read_manifests(plan, config.output.uri, config.output.storage_options)).num_rows
     if num_new:
         say(f"the input now holds {num_new} images the frozen plan does not (this resume leaves them out); "
             "output.mode: append processes them")
 
 
-def write_manifest(manifest: pa.Table, generation: Generation, output: str, options: dict) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(manifest, buffer)
-    storage.write_bytes(storage.join(output, generation.manifest), buffer.getvalue(), options)
-
-
 def read_manifests(plan: Plan, output: str, options: dict) -> pa.Table:
-    """Every generation's manifest, concatenated in order (zero-copy): row positions are Plan.shard_bounds's."""
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, generation.manifest), options)))
-              for generation in plan.generations]
-    return pa.concat_tables([table.cast(tables[0].schema) for table in tables])
+    """Every part of every generation, concatenated in order (memory per image: tests, tools, append)."""
+    tables = [parts.read_part(output, options, part) for generation in plan.generations
+              for part in generation.all_parts()]
+    return pa.concat_tables([table.cast(LISTING_SCHEMA) for table in tables])

@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.config import ModelConfig, OutputConfig
 from pipeline.extract import archives
 from pipeline.extract.decode import DecodedImage, decode_image
+from pipeline.extract.parts import ManifestSlice, read_slice
 from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import faults, storage
 from pipeline.output import layout, ledger
@@ -40,14 +41,32 @@ SLOW_SECONDS_VARIABLE = "FEATURIZE_TEST_SLOW_SECONDS"
 
 @dataclass(frozen=True)
 class ShardTask:
-    """A contiguous piece [start, stop) of the manifest; a whole shard unless it was bisected."""
+    """A contiguous piece [start, stop) of the manifest; a whole shard unless it was bisected. A run's tasks carry
+    where the piece lies in the frozen manifest (`where`) and the worker reads it there, so a task is a few dozen
+    bytes whatever the shard size; `uris` and `labels` name the images directly instead (tools, tests)."""
 
     shard: int
     start: int
     stop: int
-    uris: list[str]
-    labels: list[str | None]
+    uris: list[str] | None = None
+    labels: list[str | None] | None = None
     attempt: int = 1
+    where: ManifestSlice | None = None
+
+    def piece(self, start: int, stop: int, attempt: int | None = None) -> ShardTask:
+        """Rows [start, stop) of this piece, as a task of its own."""
+        named = self.uris is not None
+        return ShardTask(self.shard, start, stop,
+                         self.uris[start - self.start:stop - self.start] if named else None,
+                         self.labels[start - self.start:stop - self.start] if named else None,
+                         self.attempt if attempt is None else attempt, self.where)
+
+    def entries(self, settings: ShardSettings | None = None) -> list[tuple[str, str | None]]:
+        """(uri, label) of every image of the piece, read from the frozen manifest when the task carries none."""
+        if self.uris is not None:
+            return list(zip(self.uris, self.labels))
+        table = read_slice(settings.output_uri, settings.output_storage_options, self.where, self.start, self.stop)
+        return list(zip(table.column("uri").to_pylist(), table.column("label").to_pylist()))
 
 
 @dataclass(frozen=True)
@@ -147,7 +166,7 @@ def item_futures(task: ShardTask, target_size: tuple[int, int], settings: ShardS
                  executor: ThreadPoolExecutor) -> Iterator[Future]:
     """One future an item: loose files fetched and decoded in the threads; each run of members of one archive
     from one stream of it."""
-    entries = zip(task.uris, task.labels)
+    entries = task.entries(settings)
     for archive_uri, run in itertools.groupby(entries, key=lambda entry: archives.archive_of(entry[0])):
         if archive_uri is None:
             for uri, label in run:
@@ -258,9 +277,9 @@ def reason_category(error: str) -> str:
     return error.split(":", 1)[0].split(" (", 1)[0].strip()
 
 
-def quarantine_rows(task: ShardTask, attempts: int) -> ShardRows:
+def quarantine_rows(task: ShardTask, attempts: int, settings: ShardSettings | None = None) -> ShardRows:
     """Error rows for images that killed their worker every time they were tried."""
     rows = ShardRows()
-    for uri, label in zip(task.uris, task.labels):
+    for uri, label in task.entries(settings):
         rows.add_error(uri, label, f"quarantined: the worker process crashed on this image {attempts} times")
     return rows

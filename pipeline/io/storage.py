@@ -350,6 +350,31 @@ def find_files(uri: str, storage_options: dict | None = None) -> list[str]:
     return [full_uri(fs, found, uri) for found in paths]
 
 
+def list_entries(directory_uri: str, storage_options: dict | None = None) -> list[tuple[str, bool]]:
+    """(URI, is a directory) of what lies directly under a directory: a listing split by its top-level prefixes."""
+    fs, path = filesystem(directory_uri, storage_options)
+    forget_cached_listing(fs, path)
+    entries = with_retries(lambda: fs.ls(path, detail=True))
+    return [(full_uri(fs, entry["name"].rstrip("/"), directory_uri), entry.get("type") == "directory")
+            for entry in entries]
+
+
+def open_input(uri: str, storage_options: dict | None = None) -> IO[bytes]:
+    """A file opened for reading in pieces (a manifest read as a stream, a part's row groups); close it."""
+    fs, path = filesystem(uri, storage_options)
+    return with_retries(lambda: fs.open(path, "rb"))
+
+
+def remove_many(uris: list[str], storage_options: dict | None = None) -> None:
+    """Delete files of one store at once: object stores take up to 1,000 keys a request."""
+    if not uris:
+        return
+    fs, _ = filesystem(uris[0], storage_options)
+    paths = [filesystem(uri, storage_options)[1] for uri in uris]
+    with contextlib.suppress(FileNotFoundError):
+        with_retries(lambda: fs.rm(paths))
+
+
 def is_directory(uri: str, storage_options: dict | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
     forget_cached_listing(fs, path)
@@ -392,6 +417,16 @@ def modified_times(directory_uri: str, storage_options: dict | None = None) -> d
     except FileNotFoundError:
         return {}
     return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry_modified(entry) for entry in entries}
+
+
+def size_of(uri: str, storage_options: dict | None = None) -> int | None:
+    """Bytes of a file; None when it does not exist."""
+    fs, path = filesystem(uri, storage_options)
+    forget_cached_listing(fs, path)
+    try:
+        return with_retries(lambda: fs.size(path))
+    except FileNotFoundError:
+        return None
 
 
 def modified_time(uri: str, storage_options: dict | None = None) -> float | None:

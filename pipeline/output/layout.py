@@ -5,8 +5,11 @@ Layout of an output directory (paths relative to it):
                                 (extract: rewritten once per `output.mode: append`, adding a generation)
     _manifest.parquet           extract only: the frozen listing (uri, label) of generation 0
     _manifest-g0001.parquet     extract only: the images generation 1 (the first append) added, and so on
+    _manifest-p00001.parquet    extract only: a generation's further parts (`_manifest-g0001-p00001.parquet`...):
+                                a listing is frozen as it streams, in parts of whole shards (extract/parts.py)
     data/shard-00042-<id>.parquet   one uniquely named file per attempt (never overwritten)
     _commits/shard-00042.json   the commit record naming the data file(s) of shard 42
+    _commits/compacted-<id>.json  many commit records in one object (output/ledger.py compacts them)
     _SUCCESS                    JSON summary written after every shard committed
     _LEASE                      the lease of the run writing the output now (pipeline/output/lease.py)
 
@@ -25,6 +28,7 @@ and `_SUCCESS` lists the files of every generation (readers still see one datase
 
 from __future__ import annotations
 
+import time
 import uuid
 
 DATA_DIR = "data"
@@ -45,6 +49,18 @@ def new_data_file_name(shard_index: int, run_tag: str = "") -> str:
 def manifest_file(generation: int) -> str:
     """The frozen listing of one generation: generation 0 keeps the name it had before generations existed."""
     return MANIFEST_FILE if generation == 0 else f"_manifest-g{generation:04d}.parquet"
+
+
+def manifest_part_file(generation: int, part: int) -> str:
+    """Part `part` of a generation's frozen listing: part 0 is the generation's manifest file itself."""
+    first = manifest_file(generation)
+    return first if part == 0 else first.removesuffix(".parquet") + f"-p{part:05d}.parquet"
+
+
+def compacted_commits_path() -> str:
+    """A new object of compacted commit records (unique: a crash between writing it and removing what it replaced
+    leaves two objects holding the same records, which readers merge)."""
+    return f"{COMMITS_DIR}/compacted-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
 
 
 def commit_path(shard_index: int) -> str:

@@ -6,6 +6,12 @@ named data file; a shard counts only once its commit record names the file; data
 removed at the end; `_SUCCESS` is written last, with the file list readers take. Commit records are written by the
 run holding the output's lease alone, one object write each, so the protocol needs no rename and works the same on
 object stores.
+
+Compaction keeps a resume or finish over 100k shards to a few reads: every COMPACT_EVERY commits the run writes
+the records since the last compaction as one `compacted-*.json` object, then deletes their single records (one bulk
+request on object stores); when MAX_COMPACTED objects pile up, or at finish with more than FINISH_COMPACTS_ABOVE
+objects, everything is folded into one. The compacted object is written before anything it replaces is deleted, so
+a crash in between leaves the same record twice, which readers merge.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -24,7 +31,20 @@ import pyarrow.parquet as pq
 from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
 from pipeline.output import lease
-from pipeline.output.layout import COMMITS_DIR, DATA_DIR, PLAN_FILE, SUCCESS_FILE, commit_path, new_data_file_name
+from pipeline.output.layout import (
+    COMMITS_DIR,
+    DATA_DIR,
+    PLAN_FILE,
+    SUCCESS_FILE,
+    commit_path,
+    compacted_commits_path,
+    new_data_file_name,
+)
+
+COMPACT_EVERY = 1000  # single commit records folded into one compacted object
+MAX_COMPACTED = 16  # compacted objects before they are folded into one
+FINISH_COMPACTS_ABOVE = 64  # commit objects above which finish folds them all into one
+READ_THREADS = 16  # single commit records read at once
 
 
 @dataclass
@@ -46,13 +66,32 @@ def write_commit(output_uri: str, record: CommitRecord, storage_options: dict | 
 
 def read_commits(output_uri: str, storage_options: dict | None = None) -> dict[int, CommitRecord]:
     """Every commit record in the output, by shard index."""
+    return read_commit_objects(output_uri, storage_options).records
+
+
+@dataclass
+class CommitObjects:
+    records: dict[int, CommitRecord]
+    compacted: list[str]  # compacted objects, relative to the output
+    singles: list[int]  # shards whose single record object exists
+
+
+def read_commit_objects(output_uri: str, storage_options: dict | None = None) -> CommitObjects:
+    """The compacted objects, then only the single records they do not already hold (read in parallel)."""
+    names = storage.list_names(storage.join(output_uri, COMMITS_DIR), storage_options)
+    compacted = [f"{COMMITS_DIR}/{name}" for name in names if name.startswith("compacted-") and name.endswith(".json")]
     records = {}
-    for name in storage.list_names(storage.join(output_uri, COMMITS_DIR), storage_options):
-        if not (name.startswith("shard-") and name.endswith(".json")):
-            continue
-        data = json.loads(storage.read_bytes(storage.join(output_uri, COMMITS_DIR, name), storage_options))
-        records[data["shard"]] = CommitRecord(**data)
-    return records
+    for path in compacted:
+        for data in read_json(storage.join(output_uri, path), storage_options)["records"]:
+            records[data["shard"]] = CommitRecord(**data)
+    singles = [int(name[len("shard-"):-len(".json")]) for name in names
+               if name.startswith("shard-") and name.endswith(".json")]
+    unread = [shard for shard in singles if shard not in records]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for data in pool.map(lambda shard: read_json(storage.join(output_uri, commit_path(shard)), storage_options),
+                             unread):
+            records[data["shard"]] = CommitRecord(**data)
+    return CommitObjects(records, compacted, singles)
 
 
 def remove_orphans(output_uri: str, commits: dict[int, CommitRecord], storage_options: dict | None = None,
@@ -163,6 +202,8 @@ class Ledger:
         self.key = key  # the config key or option that named the output, for messages
         self.started = started if started is not None else time.time()
         self.commits: dict[int, CommitRecord] = {}
+        self.compacted: list[str] = []  # compacted commit objects in the output
+        self.singles: list[int] = []  # shards whose single commit record object is in the output
         self.first_commit_at: float | None = None
         self.shards_run = 0  # shards this run committed (a resume does only some)
         self.rows_run = 0
@@ -203,7 +244,8 @@ class Ledger:
             action = "appending to it" if mode == "append" else "resuming"
             raise ConfigError(f"{self.key}: {shown} was written with a different configuration, so {action} would mix "
                               f"{what}. Differences: {'; '.join(differences)}. {remedy}")
-        self.commits = read_commits(self.output, self.options)
+        found = read_commit_objects(self.output, self.options)
+        self.commits, self.compacted, self.singles = found.records, found.compacted, found.singles
         return frozen
 
     def write_plan(self, document: dict) -> None:
@@ -227,17 +269,35 @@ class Ledger:
         self.check()
         write_commit(self.output, record, self.options)
         self.commits[record.shard] = record
+        self.singles.append(record.shard)
+        if len(self.singles) >= COMPACT_EVERY:
+            self.compact(everything=len(self.compacted) + 1 >= MAX_COMPACTED)
         self.shards_run += 1
         self.rows_run += record.rows
         self.timings.update(record.timings)
         if self.first_commit_at is None:
             self.first_commit_at = time.time()
 
+    def compact(self, everything: bool) -> None:
+        """Fold the single records (or, with `everything`, every record) into one new object, then delete what it
+        replaces."""
+        self.check()
+        shards = sorted(self.commits) if everything else self.singles
+        path = compacted_commits_path()
+        document = {"records": [asdict(self.commits[shard]) for shard in shards]}
+        storage.write_bytes(self.uri(path), json.dumps(document, sort_keys=True).encode(), self.options)
+        replaced = [commit_path(shard) for shard in self.singles] + (self.compacted if everything else [])
+        storage.remove_many([self.uri(relative) for relative in replaced], self.options)
+        self.compacted = [path] if everything else [*self.compacted, path]
+        self.singles = []
+
     # --- the end ---------------------------------------------------------------------------------
 
     def finish(self, num_shards: int, fingerprint: str, extras: dict) -> dict:
         """Remove orphans, then write `_SUCCESS`: the contract's fields, then the stage's own `extras`."""
         self.check()
+        if len(self.singles) + len(self.compacted) > FINISH_COMPACTS_ABOVE:
+            self.compact(everything=True)
         written_before = self.lease.started_on_store if self.lease else None
         remove_orphans(self.output, self.commits, self.options, written_before=written_before, run_tag=self.run_tag)
         ordered = [self.commits[index] for index in sorted(self.commits)]

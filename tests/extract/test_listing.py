@@ -119,7 +119,7 @@ def test_a_manifest_or_an_image_file_naming_a_hidden_file_keeps_it(tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("uri\n" + "".join(f"{path}\n" for path in hidden))
     listing = list_images(InputConfig(uri=(str(manifest),)))
-    assert listing.column("uri").to_pylist() == sorted(str(path) for path in hidden)
+    assert sorted(listing.column("uri").to_pylist()) == sorted(str(path) for path in hidden)
     single = list_images(InputConfig(uri=(str(hidden[1]),)))
     assert single.column("uri").to_pylist() == [str(hidden[1])]
 

@@ -78,9 +78,10 @@ def ray_with_credentials(request, cloud_environment):
 
 
 def test_listing_crosses_pages(store):
-    """More than 1,000 objects under a prefix: listed page by page (1,000 a page), every image found once."""
+    """More than 1,000 objects under a prefix (class_0): listed page by page (1,000 a page), every image found once."""
     bucket = store.new_bucket()
-    store.put_many({f"{bucket}/many/class_{index % 3}/image_{index:05d}.jpg": b"x" for index in range(1005)}
+    store.put_many({f"{bucket}/many/class_{0 if index < 1002 else index % 3}/image_{index:05d}.jpg": b"x"
+                    for index in range(1005)}
                    | {f"{bucket}/many/class_0/notes_{index}.txt": b"x" for index in range(3)})
     with store.proxy() as proxy:
         started = time.perf_counter()
