@@ -220,33 +220,32 @@ def test_extract_then_append_processes_only_the_added_images(tmp_path, ray_local
     import polars as pl
 
     images = tmp_path / "images"
-    write_labelled_images(images, num_classes=3, per_class=10)  # 30 images in shards of 8: 4 shards
+    write_labelled_images(images, num_classes=4, per_class=250)  # 1,000 images in shards of 128: 8 shards
     output = tmp_path / "features"
-    sections = {"input": {"labels": "from_dirs"}, "run": {"shard_size": 8}}
+    sections = {"input": {"labels": "from_dirs"}, "run": {"shard_size": 128}}
     config = write_extract_config(tmp_path / "config.json", images, tiny_model, output, **sections)
     assert main(["extract", "--config", str(config)]) == 0
 
-    write_labelled_images(images / "class_new", num_classes=1, per_class=10, seed=3)  # 10 more: 2 shards
+    write_labelled_images(images / "class_new", num_classes=1, per_class=100, seed=3)  # 100 more: 1 shard
     assert main(["extract", "--config", str(config), "--set", "output.mode=append"]) == 0
 
     success = json.loads((output / layout.SUCCESS_FILE).read_text())
-    assert success["shards"] == {"total": 6, "run": 2, "committed": 6}
-    assert success["rows"]["total"] == 40 and len(success["files"]) == 6
+    assert success["shards"] == {"total": 9, "run": 1, "committed": 9}
+    assert success["rows"]["total"] == 1100 and len(success["files"]) == 9
     generations = json.loads((output / layout.PLAN_FILE).read_text())["generations"]
-    assert [(g["num_images"], g["shard_offset"]) for g in generations] == [(30, 0), (10, 4)]
-    added_rows = sum(json.loads((output / layout.commit_path(shard)).read_text())["rows"] for shard in (4, 5))
-    assert added_rows == 10
+    assert [(g["num_images"], g["shard_offset"]) for g in generations] == [(1000, 0), (100, 8)]
+    assert json.loads((output / layout.commit_path(8)).read_text())["rows"] == 100  # exactly the added images
 
     paths = [str(output / path) for path in success["files"]]
     with_pandas = pd.concat([pd.read_parquet(path) for path in paths])
     with_duckdb = duckdb.sql(f"select uri from read_parquet({paths!r})").fetchall()
     with_polars = pl.read_parquet(paths)
-    assert len(with_pandas) == len(with_duckdb) == with_polars.height == 40
-    assert with_pandas["uri"].is_unique and with_polars["uri"].n_unique() == 40
-    assert (with_pandas["label"] == "class_0").sum() == 20  # 10 from the first run, 10 in class_new/class_0
+    assert len(with_pandas) == len(with_duckdb) == with_polars.height == 1100
+    assert with_pandas["uri"].is_unique and with_polars["uri"].n_unique() == 1100
+    assert (with_pandas["label"] == "class_0").sum() == 350  # 250 from the first run, 100 in class_new/class_0
 
     assert main(["extract", "--config", str(config), "--set", "output.mode=append"]) == 0  # nothing new
     again = json.loads((output / layout.SUCCESS_FILE).read_text())
-    assert again["shards"] == {"total": 6, "run": 0, "committed": 6} and again["files"] == success["files"]
+    assert again["shards"] == {"total": 9, "run": 0, "committed": 9} and again["files"] == success["files"]
     assert not (output / layout.manifest_file(2)).exists()
     assert len(inspect_output(str(output), Console(width=200))["generations"]) == 2
