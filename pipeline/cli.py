@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=command_models)
 
     inspect = commands.add_parser("inspect", parents=[common],
-                                  help="summarise an output of extract, predict or train: rows, errors, "
-                                       "schema, shards, metrics")
-    inspect.add_argument("output", help="output directory of `featurize extract`, `predict` or `train`")
+                                  help="summarise an output of extract, predict, train, index, search or dedup: "
+                                       "rows, errors, schema, shards, metrics")
+    inspect.add_argument("output", help="output directory of `featurize extract`, `predict`, `train`, `index`, "
+                                        "`search` or `dedup`")
     inspect.set_defaults(handler=command_inspect)
 
     report = commands.add_parser("report", parents=[common],

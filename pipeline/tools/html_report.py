@@ -55,12 +55,7 @@ def write_report(output_uri: str, out: str | None = None, self_contained: bool =
 
 
 def report_kind(output_uri: str, storage_options: dict | None = None) -> str:
-    """dedup | search (their `_SUCCESS` "stage", else their files) | extract; a ConfigError for anything else."""
-    success_uri = storage.join(output_uri, layout.SUCCESS_FILE)
-    if storage.exists(success_uri, storage_options):
-        stage = ledger.read_json(success_uri, storage_options).get("stage")
-        if stage in ANALYSIS_FILES:
-            return stage
+    """dedup | search (their files, finished or not) | extract; a ConfigError for anything else."""
     for kind, name in ANALYSIS_FILES.items():
         if storage.exists(storage.join(output_uri, name), storage_options):
             return kind

@@ -42,10 +42,16 @@ def error_lines(counts: Iterable[tuple[str, int]]) -> list[tuple[str, str]]:
     return [("error", f"{count} x {reason}") for reason, count in counts]
 
 
+# The analyse stages name themselves in their `_SUCCESS` (pipeline/analyse/output.py); they write no plan file.
+ANALYSE_STAGES = ("index", "search", "dedup")
+WHAT_TO_GIVE = "give the output.uri of a featurize extract, train, predict, index, search or dedup run"
+
+
 def inspect_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
-    """A summary of whatever featurize output lies at `output_uri`: extract, predict or train."""
+    """A summary of whatever featurize output lies at `output_uri`: extract, predict, train, index, search, dedup."""
     kind = output_kind(output_uri, storage_options)
-    inspect = {"train": inspect_train_output, "predict": inspect_predict_output}.get(kind, inspect_extract_output)
+    inspect = {"train": inspect_train_output, "predict": inspect_predict_output,
+               **dict.fromkeys(ANALYSE_STAGES, inspect_analyse_output)}.get(kind, inspect_extract_output)
     summary = inspect(output_uri, console, storage_options)
     summary["lease"] = lease.state(output_uri, storage_options)
     if summary["lease"]:
@@ -54,17 +60,23 @@ def inspect_output(output_uri: str, console: Console, storage_options: dict | No
 
 
 def output_kind(output_uri: str, storage_options: dict | None = None) -> str:
-    """extract | predict | train, from the files each stage writes; a ConfigError when it is none of them."""
+    """extract | predict | train | index | search | dedup, from the files each stage writes; a ConfigError when it
+    is none of them."""
     shown = redaction.redact(output_uri)
+    success_uri = storage.join(output_uri, layout.SUCCESS_FILE)
+    if storage.exists(success_uri, storage_options):
+        stage = ledger.read_json(success_uri, storage_options).get("stage")
+        if stage in ANALYSE_STAGES:
+            return stage
     plan_uri = storage.join(output_uri, layout.PLAN_FILE)
     if storage.exists(plan_uri, storage_options):
         return "extract" if "num_images" in ledger.read_json(plan_uri, storage_options) else "predict"
     if storage.exists(storage.join(output_uri, layout.METRICS_FILE), storage_options):
         return "train"
     if not storage.exists(output_uri, storage_options):
-        raise ConfigError(f"{shown} does not exist; give the output.uri of a featurize extract, train or predict run")
-    raise ConfigError(f"{shown} is not a featurize output (it has no {layout.PLAN_FILE} and no "
-                      f"{layout.METRICS_FILE}); give the output.uri of a featurize extract, train or predict run")
+        raise ConfigError(f"{shown} does not exist; {WHAT_TO_GIVE}")
+    raise ConfigError(f"{shown} is not a featurize output (it has no {layout.PLAN_FILE}, no {layout.METRICS_FILE} "
+                      f"and no finished {layout.SUCCESS_FILE}); {WHAT_TO_GIVE}")
 
 
 def inspect_train_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
@@ -74,6 +86,27 @@ def inspect_train_output(output_uri: str, console: Console, storage_options: dic
     console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)} (classifier)", [
         *scores, *counts, ("classes", ", ".join(map(str, metrics.get("classes", []))))]))
     return {"kind": "train", **metrics}
+
+
+def inspect_analyse_output(output_uri: str, console: Console, storage_options: dict | None = None) -> dict:
+    """A finished index, search or dedup output: its files, rows, the stage's own figures and the provenance of
+    the features it was built from."""
+    success = ledger.read_json(storage.join(output_uri, layout.SUCCESS_FILE), storage_options)
+    stage, rows = success["stage"], success.get("rows", {})
+    lines = [("status", "finished (_SUCCESS present)"), ("files", ", ".join(success.get("files", []))),
+             ("rows", ", ".join(f"{count} {name}" for name, count in rows.items())),
+             ("time", f"{success.get('seconds', {}).get('total', 0):.1f} s"),
+             *[(key, str(success[key])) for key in ANALYSE_FIGURES[stage] if key in success],
+             ("fingerprint", success.get("fingerprint", "-")),
+             *[(f"provenance.{key}", value) for key, value in sorted(success.get("provenance", {}).items())]]
+    console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)} ({stage})", lines))
+    return {"kind": stage, **success}
+
+
+# What each analyse stage's `_SUCCESS` says about its result, in the order people read it.
+ANALYSE_FIGURES = {"index": ("kind", "factory", "metric", "feature_dim", "index_bytes", "sources"),
+                   "search": ("k", "metric", "kind", "index", "query_errors"),
+                   "dedup": ("threshold", "counts", "kind")}
 
 
 def ledger_summary(output_uri: str, num_shards: int, storage_options: dict | None) -> tuple[dict, dict]:

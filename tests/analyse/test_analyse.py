@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 
 from pipeline.analyse.dedup import dedup
 from pipeline.analyse.index import FLAT_MAX_VECTORS, build_index, choose_index
@@ -18,6 +19,7 @@ from pipeline.analyse.search import NEIGHBOURS_SCHEMA, search
 from pipeline.cli import main
 from pipeline.config import DedupConfig, IndexConfig, SearchConfig, load_config
 from pipeline.errors import ConfigError
+from pipeline.tools.report import inspect_output
 from tests.helpers import GIB, PROVENANCE, Digits, write_extract_output
 
 K = 5
@@ -173,3 +175,24 @@ def test_every_item_against_the_index_on_ray_actors(extract_output, digits, ray_
     for uri in sample:
         expected = direct.filter(pc.equal(direct["query_uri"], uri)).to_pandas()
         np.testing.assert_allclose(table[table["query_uri"] == uri]["score"], expected["score"], atol=1e-5)
+
+
+def test_inspect_describes_index_search_and_dedup_outputs_and_report_refuses_an_index(
+        planted, planted_index, tmp_path, capsys):
+    search(search_config(planted_index, tmp_path / "search", planted.ok_uris[:2]))
+    dedup(load_config(DedupConfig, None, [f"features.uri={planted.output}", f"output.uri={tmp_path / 'dedup'}"]))
+    capsys.readouterr()
+    expected = {planted_index: ("(index)", "flat", f"{len(planted.ok_uris)} ok"),
+                str(tmp_path / "search"): ("(search)", "neighbours.parquet", "2 queries"),
+                str(tmp_path / "dedup"): ("(dedup)", "groups.parquet", "threshold")}
+    for output, phrases in expected.items():
+        console = Console(width=400, record=True)
+        summary = inspect_output(output, console)
+        printed = " ".join(console.export_text().replace("│", " ").split())
+        assert all(phrase in printed for phrase in phrases), (phrases, printed)
+        assert summary["provenance"]["backbone"] == planted.provenance["backbone"]
+        assert f"provenance.backbone {planted.provenance['backbone']}" in printed
+    assert main(["inspect", planted_index]) == 0
+
+    assert main(["report", planted_index, "--out", str(tmp_path / "page")]) == 2
+    assert "is a `featurize index` output" in " ".join(capsys.readouterr().err.split())
