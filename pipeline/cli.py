@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scale", action="store_true",
                        help="instead: driver memory and time to first commit for 1M and 10M-entry manifests, and "
                             "tar shards vs loose files on local disk and loopback S3 (bench-scale.json)")
+    bench.add_argument("--index", action="store_true",
+                       help="instead: the similarity index kinds (flat, HNSW, IVF-PQ) on clustered vectors: recall@10, "
+                            "speed vs exact search, bytes per vector, and what 10M vectors need (bench-index.json)")
+    bench.add_argument("--index-vectors", type=int, default=200_000, help="vectors of 1,280 dims for --index")
+    bench.add_argument("--index-queries", type=int, default=500, help="queries for --index")
     bench.set_defaults(handler=command_bench)
 
     # --- analyse: index, search, dedup (pipeline/analyse/) ---
@@ -283,6 +288,11 @@ def command_bench(arguments) -> int:
         from pipeline.tools.bench_scale import ScaleSettings, run_scale_bench
 
         run_scale_bench(ScaleSettings(), Path(arguments.output), console)
+        return 0
+    if arguments.index:
+        from pipeline.analyse.bench import run
+
+        run(arguments.index_vectors, 1280, arguments.index_queries, Path(arguments.output))  # prints its table
         return 0
     from pipeline.tools.bench import BenchSettings, run_bench
 
