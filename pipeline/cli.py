@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "rows, errors, schema, shards, metrics")
     inspect.add_argument("output", help="output directory of `featurize extract`, `predict`, `train`, `index`, "
                                         "`search` or `dedup`")
+    add_config_arguments(inspect, required=False, config_help=STORE_CONFIG_HELP)
     inspect.set_defaults(handler=command_inspect)
 
     report = commands.add_parser("report", parents=[common],
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "OUTPUTNAME-report in the working directory")
     report.add_argument("--self-contained", action="store_true",
                         help="write only index.html, every picture inside it as a data: URI")
+    add_config_arguments(report, required=False,
+                         config_help=STORE_CONFIG_HELP + "; its input.storage_options reach the images (default: "
+                                                         "the output's)")
     report.set_defaults(handler=command_report)
 
     lease = commands.add_parser("lease", help="the lease that keeps two runs off one output")
@@ -106,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "so that the next run need not wait for its expiry. A run still "
                                                    "alive that loses its lease stops without writing (exit 2).")
     break_.add_argument("output", help="the output directory (output.uri of extract, --output of predict)")
-    add_config_arguments(break_, required=False,
-                         config_help="a config whose output.storage_options reach the output (endpoint, profile); "
-                                     "without it the store's defaults")
+    add_config_arguments(break_, required=False, config_help=STORE_CONFIG_HELP)
     break_.set_defaults(handler=command_lease_break)
 
     weights = commands.add_parser("weights", help="manage weights files")
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="results/demo", help="where sample data and results go")
     demo.set_defaults(handler=command_demo)
     return parser
+
+
+STORE_CONFIG_HELP = ("a config whose output.storage_options reach the output (endpoint, profile); without it the "
+                     "store's defaults")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True,
@@ -235,17 +241,28 @@ def format_accuracy(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def store_options(arguments, section: str = "output") -> dict | None:
+    """`SECTION.storage_options` of the optional --config (with --set), for commands that take an output path;
+    None when the config does not give them."""
+    from pipeline.sections import read_settings
+
+    settings = read_settings(arguments.config, arguments.set).get(section) or {}
+    options = settings.get("storage_options") if isinstance(settings, dict) else None
+    return dict(options) if options is not None else None
+
+
 def command_inspect(arguments) -> int:
     from pipeline.tools.report import inspect_output
 
-    inspect_output(arguments.output, console)
+    inspect_output(arguments.output, console, store_options(arguments))
     return 0
 
 
 def command_report(arguments) -> int:
     from pipeline.tools.html_report import write_report
 
-    index = write_report(arguments.output, arguments.out, arguments.self_contained)
+    index = write_report(arguments.output, arguments.out, arguments.self_contained, store_options(arguments),
+                         store_options(arguments, "input"))
     console.print(f"report written: {index}", highlight=False, soft_wrap=True)
     return 0
 
@@ -253,10 +270,8 @@ def command_report(arguments) -> int:
 def command_lease_break(arguments) -> int:
     from pipeline.io import faults, redaction
     from pipeline.output import lease
-    from pipeline.sections import read_settings
 
-    output = read_settings(arguments.config, arguments.set).get("output") or {}
-    options = dict(output.get("storage_options") or {}) if isinstance(output, dict) else {}
+    options = store_options(arguments) or {}
     try:
         holder = lease.break_lease(arguments.output, options)
     except Exception as error:  # noqa: BLE001 - a storage failure gets a clear message, the rest goes on up

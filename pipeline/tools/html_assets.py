@@ -40,8 +40,10 @@ class Assets:
     """Stores pictures for a report: under `folder` (one file each, linked relatively) or, self-contained, as
     data: URIs in the page itself."""
 
-    def __init__(self, folder: str, self_contained: bool, storage_options: dict | None = None):
+    def __init__(self, folder: str, self_contained: bool, storage_options: dict | None = None,
+                 input_options: dict | None = None):
         self.folder, self.self_contained, self.options = folder, self_contained, storage_options
+        self.input_options = input_options  # reach the images the rows name
 
     def add(self, subfolder: str, name: str, data: bytes, mime: str) -> str:
         """The src for `data`: a data: URI, or `subfolder/name` written beside index.html."""
@@ -71,11 +73,11 @@ def thumbnail_jpeg(uri: str, input_options: dict | None) -> tuple[bytes | None, 
     return buffer.getvalue(), None
 
 
-def thumbnails(uris: list[str], assets: Assets, input_options: dict | None = None) -> dict[str, Thumbnail]:
-    """A Thumbnail for every distinct uri, fetched in parallel threads."""
+def thumbnails(uris: list[str], assets: Assets) -> dict[str, Thumbnail]:
+    """A Thumbnail for every distinct uri, fetched in parallel threads with the assets' input options."""
     distinct = list(dict.fromkeys(uris))
     with ThreadPoolExecutor(FETCH_THREADS) as executor:
-        results = list(executor.map(lambda uri: thumbnail_jpeg(uri, input_options), distinct))
+        results = list(executor.map(lambda uri: thumbnail_jpeg(uri, assets.input_options), distinct))
     shown = {}
     for uri, (jpeg, reason) in zip(distinct, results):
         name = hashlib.sha256(uri.encode()).hexdigest()[:20] + ".jpg"  # no URI text in file names

@@ -41,12 +41,13 @@ PROVENANCE_SHOWN = ("backbone", "weights", "layer", "pooling", "input_size", "pr
 
 
 def write_report(output_uri: str, out: str | None = None, self_contained: bool = False,
-                 storage_options: dict | None = None) -> str:
-    """Write the report of the output at `output_uri` into the folder `out`; returns the index.html URI. Images
-    are read with `storage_options` (the store's own credentials when None)."""
+                 storage_options: dict | None = None, input_options: dict | None = None) -> str:
+    """Write the report of the output at `output_uri` (read with `storage_options`) into the folder `out`;
+    returns the index.html URI. Images are read with `input_options`, else `storage_options` (the store's own
+    credentials when both are None)."""
     kind = report_kind(output_uri, storage_options)
     out = out or default_folder(output_uri)
-    assets = Assets(out, self_contained)
+    assets = Assets(out, self_contained, input_options=storage_options if input_options is None else input_options)
     context = CONTEXTS[kind](output_uri, assets, storage_options)
     page = render({"kind": kind, "output": redaction.redact(output_uri), **context})
     index = storage.join(out, "index.html")
@@ -119,7 +120,7 @@ def extract_context(output_uri: str, assets: Assets, storage_options: dict | Non
         "summary": extract_summary(success, commits, plan, provenance),
         "charts": {name: assets.chart(name, png) for name, png in charts.items() if png is not None},
         "errors": error_sections(output_uri, commits, reasons, storage_options),
-        "gallery": gallery(sample, assets, storage_options),
+        "gallery": gallery(sample, assets),
         "embedding_map": embedding_map(sample, assets),
     }
 
@@ -187,10 +188,10 @@ def sample_ok_rows(output_uri: str, files: list[str], storage_options: dict | No
     return sample
 
 
-def gallery(sample: pa.Table, assets: Assets, storage_options: dict | None, seed: int = 0) -> list[dict]:
+def gallery(sample: pa.Table, assets: Assets, seed: int = 0) -> list[dict]:
     chosen = np.random.default_rng(seed).permutation(sample.num_rows)[:GALLERY_SIZE]
     rows = sample.take(np.sort(chosen)).to_pylist()
-    pictures = thumbnails([row["uri"] for row in rows], assets, storage_options)
+    pictures = thumbnails([row["uri"] for row in rows], assets)
     return [{"picture": pictures[row["uri"]], "label": row["label"],
              "predictions": [(name, score_text(score)) for name, score in
                              zip(row["top_k_labels"] or [], row["top_k_scores"] or [])]} for row in rows]
@@ -236,7 +237,7 @@ def dedup_context(output_uri: str, assets: Assets, storage_options: dict | None)
         members.sort(key=lambda row: (not row["keep"], -(row["similarity"] or 0.0)))
         sheets.append({"group": int(group), "size": int(size), "members": members[:GROUP_IMAGES],
                        "more": int(size) - min(int(size), GROUP_IMAGES)})
-    pictures = thumbnails([row["uri"] for sheet in sheets for row in sheet["members"]], assets, storage_options)
+    pictures = thumbnails([row["uri"] for sheet in sheets for row in sheet["members"]], assets)
     for sheet in sheets:
         sheet["members"] = [{"picture": pictures[row["uri"]], "keep": bool(row["keep"]),
                              "similarity": score_text(row["similarity"])} for row in sheet["members"]]
@@ -256,8 +257,7 @@ def search_context(output_uri: str, assets: Assets, storage_options: dict | None
     by_query = collections.defaultdict(list)
     for row in table.filter(pc.is_in(table["query_uri"], pa.array(shown, pa.string()))).sort_by("rank").to_pylist():
         by_query[row["query_uri"]].append(row)
-    pictures = thumbnails(shown + [row["uri"] for rows in by_query.values() for row in rows], assets,
-                          storage_options)
+    pictures = thumbnails(shown + [row["uri"] for rows in by_query.values() for row in rows], assets)
     results = [{"query": pictures[query],
                 "neighbours": [{"picture": pictures[row["uri"]], "rank": row["rank"],
                                 "score": score_text(row["score"])} for row in by_query[query]]} for query in shown]

@@ -182,3 +182,29 @@ def test_an_unfinished_extract_gets_its_report_and_a_train_output_or_nothing_a_c
     assert main(["report", str(tmp_path / "trained")]) == 2
     errors = capsys.readouterr().err
     assert "nothing does not exist" in errors and "draws extract, search and dedup outputs" in errors
+
+
+@pytest.mark.s3
+def test_a_search_output_and_its_images_on_s3_are_reached_through_the_configs_storage_options(
+        tmp_path, browser, s3, bucket, moto_endpoint, capsys):
+    """`featurize report` and `featurize inspect` take `--config`: output.storage_options reach the output,
+    input.storage_options the images (here the loopback S3 server's endpoint, in no environment variable)."""
+    paths = write_labelled_images(tmp_path / "images", num_classes=1, per_class=3)
+    images = [f"s3://{bucket}/images/{path.name}" for path in paths]
+    s3.pipe({uri[len("s3://"):]: path.read_bytes() for uri, path in zip(images, paths)})
+    local = write_analysis_output(tmp_path / "search", "search", "neighbours.parquet", pa.table({
+        "query_uri": [images[0]] * 2, "rank": pa.array([1, 2], pa.int32()), "uri": images[1:],
+        "score": pa.array([0.9, 0.8], pa.float32())}))
+    output = f"s3://{bucket}/search"
+    s3.put(str(local), output.removeprefix("s3://"), recursive=True)
+    options = {"client_kwargs": {"endpoint_url": moto_endpoint}}
+    config = tmp_path / "store.yaml"
+    config.write_text(json.dumps({"output": {"storage_options": options}, "input": {"storage_options": options}}))
+
+    assert main(["inspect", output, "--config", str(config)]) == 0
+    assert "(search)" in capsys.readouterr().out
+    assert main(["report", output, "--config", str(config), "--out", str(tmp_path / "report"),
+                 "--self-contained"]) == 0
+    page = open_page(browser, tmp_path / "report" / "index.html")
+    assert_renders(page, num_images=3)  # the query and its two neighbours, read from the store
+    assert "no picture" not in page["text"]
