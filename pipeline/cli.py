@@ -348,7 +348,7 @@ def command_search(arguments) -> int:
 
 
 def command_dedup(arguments) -> int:
-    from pipeline.analyse.dedup import dedup
+    from pipeline.analyse.dedup import chaining_warning, dedup
     from pipeline.config import DedupConfig
 
     config = load_config(DedupConfig, arguments.config, arguments.set)
@@ -356,6 +356,9 @@ def command_dedup(arguments) -> int:
     console.print(f"{counts['rows']} images in {counts['groups']} groups: {counts['duplicates']} near-duplicates "
                   f"in {counts['groups_with_duplicates']} groups (keep the rest); groups.parquet in "
                   f"{config.output.uri}")
+    warning = chaining_warning(counts, config.dedup.threshold)
+    if warning:
+        console.print(warning, style="yellow", highlight=False)
     return 0
 
 

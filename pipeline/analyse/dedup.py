@@ -63,6 +63,22 @@ def components(num_rows: int, rows: np.ndarray, columns: np.ndarray) -> tuple[np
     return groups.astype(np.int64), representatives
 
 
+# Near-duplicates come in small groups. A group holding a large share of the collection means the threshold joins
+# different images on these features: pooled CNN features of one narrow domain (small scans, one product shot)
+# all sit close together, and connected components chain through them.
+CHAINED_GROUP_SHARE, CHAINED_GROUP_MIN = 0.05, 10
+
+
+def chaining_warning(counts: dict, threshold: float) -> str | None:
+    """One line for the terminal when the largest group is too large to be near-duplicates; None otherwise."""
+    largest, num_rows = counts.get("largest_group", 0), counts["rows"]
+    if largest < CHAINED_GROUP_MIN or largest <= CHAINED_GROUP_SHARE * num_rows:
+        return None
+    return (f"warning: one group holds {largest} of {num_rows} images ({largest / num_rows:.0%}); near-duplicates "
+            f"rarely do, so dedup.threshold {threshold} likely joins different images on these features. Look at "
+            "it with `featurize report OUTPUT` and raise dedup.threshold (README: Analyse, dedup)")
+
+
 def dedup(config: DedupConfig) -> dict:
     """Write (or find already written) the near-duplicate groups; returns the `_SUCCESS` document."""
     options, out, read_options = config.dedup, config.output, config.features.storage_options
@@ -98,7 +114,8 @@ def dedup(config: DedupConfig) -> dict:
                 start += len(matrix)
         counts = {"rows": num_rows, "groups": int(len(group_sizes)),
                   "groups_with_duplicates": int((group_sizes > 1).sum()),
-                  "duplicates": int(num_rows - len(group_sizes)), "edges": int(len(rows))}
+                  "duplicates": int(num_rows - len(group_sizes)), "edges": int(len(rows)),
+                  "largest_group": int(group_sizes.max()) if len(group_sizes) else 0}
         extras = {"rows": {"total": feature_set.num_rows, "ok": num_rows, "error": feature_set.num_rows - num_rows},
                   "counts": counts, "threshold": options.threshold, "kind": plan.kind,
                   "provenance": feature_set.provenance}

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from pipeline.analyse.dedup import dedup
+from pipeline.analyse.dedup import chaining_warning, dedup
 from pipeline.analyse.index import FLAT_MAX_VECTORS, build_index, choose_index
 from pipeline.analyse.search import NEIGHBOURS_SCHEMA, search
 from pipeline.cli import main
@@ -123,6 +123,8 @@ def test_dedup_finds_planted_near_duplicates(planted, tmp_path):
     success = dedup(load_config(DedupConfig, None, [f"features.uri={planted.output}",
                                                     f"output.uri={tmp_path / 'dedup'}"]))
     groups = pq.read_table(tmp_path / "dedup" / "groups.parquet").to_pandas()
+    assert success["counts"]["largest_group"] == groups["group"].value_counts().max()
+    assert chaining_warning(success["counts"], 0.78) is None  # real photos: small groups, no warning
     assert sorted(groups["uri"]) == sorted(planted.ok_uris)  # every ok row once, the broken file skipped
     assert (groups.groupby("group")["keep"].sum() == 1).all()
     assert (groups.loc[groups["keep"], "similarity"] == 1.0).all()
@@ -196,3 +198,19 @@ def test_inspect_describes_index_search_and_dedup_outputs_and_report_refuses_an_
 
     assert main(["report", planted_index, "--out", str(tmp_path / "page")]) == 2
     assert "is a `featurize index` output" in " ".join(capsys.readouterr().err.split())
+
+
+def test_dedup_warns_when_one_group_swallows_much_of_the_collection(extract_output, tmp_path, capsys):
+    """sklearn's digits as raw 8x8 pixel vectors: different scans of one digit sit close, and a low threshold
+    chains them into groups no near-duplicate search should report without a word."""
+    arguments = ["dedup", "--set", f"features.uri={extract_output}", f"output.uri={tmp_path / 'dedup'}",
+                 "dedup.threshold=0.6"]
+    config = tmp_path / "dedup.yaml"
+    config.write_text("{}")
+    assert main([arguments[0], "--config", str(config), *arguments[1:]]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    groups = pq.read_table(tmp_path / "dedup" / "groups.parquet").to_pandas()
+    largest = groups["group"].value_counts().max()
+    assert largest > 0.05 * len(groups)
+    assert f"warning: one group holds {largest} of {len(groups)} images" in printed, printed
+    assert "raise dedup.threshold" in printed
