@@ -155,6 +155,12 @@ def read_file_metadata(output_uri: str, relative_path: str, storage_options: dic
     return {key.decode(): value.decode() for key, value in metadata.items()}
 
 
+def success_if_finished(output_uri: str, storage_options: dict | None = None) -> dict | None:
+    """The `_SUCCESS` of any featurize output, or None while there is none (unfinished, or no output at all)."""
+    uri = storage.join(output_uri, SUCCESS_FILE)
+    return read_json(uri, storage_options) if storage.exists(uri, storage_options) else None
+
+
 def read_success(output_uri: str, storage_options: dict | None = None, key: str = "features.uri") -> dict:
     """The `_SUCCESS` of a finished extract output; a ConfigError naming `key` says why there is none:
     nothing at that URI, something that is not a featurize output, or a run that has not finished."""

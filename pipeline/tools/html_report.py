@@ -89,11 +89,6 @@ def read_table(output_uri: str, relative_path: str, storage_options: dict | None
         return pq.read_table(handle, columns=columns)
 
 
-def read_success(output_uri: str, storage_options: dict | None) -> dict | None:
-    uri = storage.join(output_uri, layout.SUCCESS_FILE)
-    return ledger.read_json(uri, storage_options) if storage.exists(uri, storage_options) else None
-
-
 def score_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -102,7 +97,7 @@ def score_text(value: float | None) -> str:
 
 
 def extract_context(output_uri: str, assets: Assets, storage_options: dict | None) -> dict:
-    success = read_success(output_uri, storage_options)
+    success = ledger.success_if_finished(output_uri, storage_options)
     commits = [record for _, record in sorted(ledger.read_commits(output_uri, storage_options).items())]
     files = success["files"] if success else [path for record in commits for path in record.files]
     plan = Plan.from_document(ledger.read_json(storage.join(output_uri, layout.PLAN_FILE), storage_options))
@@ -225,7 +220,7 @@ def analysis_table(output_uri: str, kind: str, success: dict | None, storage_opt
 
 
 def dedup_context(output_uri: str, assets: Assets, storage_options: dict | None) -> dict:
-    success = read_success(output_uri, storage_options)
+    success = ledger.success_if_finished(output_uri, storage_options)
     table = analysis_table(output_uri, "dedup", success, storage_options)
     groups = table["group"].to_numpy()
     group_ids, sizes = np.unique(groups, return_counts=True)
@@ -250,7 +245,7 @@ def dedup_context(output_uri: str, assets: Assets, storage_options: dict | None)
 
 
 def search_context(output_uri: str, assets: Assets, storage_options: dict | None) -> dict:
-    success = read_success(output_uri, storage_options)
+    success = ledger.success_if_finished(output_uri, storage_options)
     table = analysis_table(output_uri, "search", success, storage_options)
     queries = pc.unique(table["query_uri"])  # in the order search wrote them
     shown = queries[:SEARCH_QUERIES].to_pylist()

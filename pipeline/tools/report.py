@@ -63,11 +63,9 @@ def output_kind(output_uri: str, storage_options: dict | None = None) -> str:
     """extract | predict | train | index | search | dedup, from the files each stage writes; a ConfigError when it
     is none of them."""
     shown = redaction.redact(output_uri)
-    success_uri = storage.join(output_uri, layout.SUCCESS_FILE)
-    if storage.exists(success_uri, storage_options):
-        stage = ledger.read_json(success_uri, storage_options).get("stage")
-        if stage in ANALYSE_STAGES:
-            return stage
+    stage = (ledger.success_if_finished(output_uri, storage_options) or {}).get("stage")
+    if stage in ANALYSE_STAGES:
+        return stage
     plan_uri = storage.join(output_uri, layout.PLAN_FILE)
     if storage.exists(plan_uri, storage_options):
         return "extract" if "num_images" in ledger.read_json(plan_uri, storage_options) else "predict"
