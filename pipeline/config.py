@@ -134,6 +134,42 @@ class ModelConfig:
     runtime: Literal["auto", "keras", "litert"] = "auto"  # auto: litert on CPU-only actors, keras on GPUs
 
 
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+FolderName = Annotated[Text, rule(lambda value: not value or NAME_PATTERN.match(value), "use letters, digits, '.', "
+                                  "'_' and '-' (it names output folders)")]
+
+
+@section("models")
+class NamedModelConfig(ModelConfig):
+    """One entry of extract's `models:` list: every `model.*` key plus the name of its output folder."""
+
+    name: FolderName = ""  # required: the folder OUTPUT/NAME that holds this model's extract output
+
+    def model_config(self, **changes) -> ModelConfig:
+        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{**values, **changes})
+
+
+def model_list(value: Any) -> Any:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"got {value!r}; expected a list of mappings (model.* keys plus name)")
+    return value
+
+
+def check_model_names(models: tuple, key: str) -> None:
+    """Every entry named (`models`), each name once."""
+    names = [entry.name for entry in models]
+    for index, name in enumerate(names):
+        if not name:
+            raise ConfigError(f"{key}.{index}.name is required: the folder (letters, digits, '.', '_', '-') that "
+                              "will hold this model's output")
+        if name in names[:index]:
+            raise ConfigError(f"{key}.{index}.name: {name!r} is used by more than one entry ({key}."
+                              f"{names.index(name)} too); names must be unique")
+
+
 @section("run")
 class RunConfig:
     address: Text = ""  # Ray address; empty = start a local Ray
@@ -161,6 +197,8 @@ class OutputConfig:
 class ExtractConfig:
     input: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # instead of `model`: several models fed by one decode, each with its own complete output at OUTPUT/NAME/
+    models: Annotated[tuple[NamedModelConfig, ...], BeforeValidator(model_list)] = ()
     run: RunConfig = field(default_factory=RunConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -171,6 +209,9 @@ class ExtractConfig:
         if not self.output.uri:
             raise ConfigError("output.uri is required: the directory (local or fsspec URI) to write Parquet to")
         check_runtime(self.model, self.run)
+        check_model_names(self.models, "models")
+        for index, entry in enumerate(self.models):
+            check_runtime(entry, self.run, f"models.{index}")
         return self
 
 
@@ -189,6 +230,7 @@ FINGERPRINT_EXCLUDED = {  # the ExtractConfig keys that do not change the rows; 
     "output.uri": "where the rows go, not what they are", "output.mode": "what happens to an existing output",
     "output.row_group_size": "Parquet layout, not values",
     "output.storage_options": "how the output is reached (endpoint, credentials)",
+    "models": "each model's output is fingerprinted on its own, its entry's keys as model.*",
 }
 FINGERPRINT_NAMES = {"input.uri": "input_uri"}  # a key's name in `_plan.json` where it is not its last part
 
@@ -259,9 +301,6 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------ compare
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 def default_name(candidate: CandidateConfig) -> str:
     """The file stem or zoo name; `-random` for a random-init baseline, `-none`/`-custom` for zoo weights."""
     stem = candidate.backbone.rstrip("/").rsplit("/", 1)[-1]
@@ -277,30 +316,17 @@ def default_name(candidate: CandidateConfig) -> str:
 
 
 @section("candidate")
-class CandidateConfig(ModelConfig):
+class CandidateConfig(NamedModelConfig):
     """One row of the comparison: every `model.*` key, plus a name and the random-init switch."""
 
     top_k: TopK = 0  # predictions are not needed to compare features
-    name: Annotated[Text, rule(lambda value: not value or NAME_PATTERN.match(value), "use letters, digits, '.', "
-                               "'_' and '-' (it names output folders)")] = ""  # default: from the backbone
+    name: FolderName = ""  # default: from the backbone
     random_init: Flag = False  # the no-transfer baseline: same architecture, weights re-initialised
     seed: Whole = 0  # seed of the random initialisation (random_init only)
 
     def __post_init__(self):
         if not self.name:
             object.__setattr__(self, "name", default_name(self))  # frozen: set once, while being built
-
-    def model_config(self, **changes) -> ModelConfig:
-        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{**values, **changes})
-
-
-def candidate_list(value: Any) -> Any:
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"got {value!r}; expected a list of mappings (model.* keys plus name)")
-    return value
 
 
 @section("sample")
@@ -325,7 +351,7 @@ class ProbeConfig:
 class CompareConfig:
     input: InputConfig = field(default_factory=InputConfig)  # as extract's `input.*`; labels are required
     sample: SampleConfig = field(default_factory=SampleConfig)
-    candidates: Annotated[tuple[CandidateConfig, ...], BeforeValidator(candidate_list)] = ()  # model.* + name
+    candidates: Annotated[tuple[CandidateConfig, ...], BeforeValidator(model_list)] = ()  # model.* + name
     run: RunConfig = field(default_factory=RunConfig)  # as extract's `run.*`, for every candidate
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     output: TrainOutputConfig = field(default_factory=TrainOutputConfig)
@@ -479,9 +505,14 @@ class DedupConfig:
 def load_config(cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()):
     """Read YAML (if given), apply `a.b=c` overrides, and build a validated `cls` instance."""
     data = read_settings(path, overrides)
+    if cls is ExtractConfig and data.get("model") is not None and data.get("models") is not None:
+        raise ConfigError("model and models are both set; use model: for one network or models: (a list of "
+                          "model sections, each with a name) for several, not both")
     config = build(cls, data)
     if cls is ExtractConfig:
         check_explicit_weights(config.model, data.get("model") or {})
+        for index, entry in enumerate(config.models):
+            check_explicit_weights(entry, (data.get("models") or [])[index] or {}, f"models.{index}")
     return config
 
 
@@ -494,11 +525,11 @@ def build(cls: type, data: dict):
     return cls(**data)
 
 
-def check_explicit_weights(model: ModelConfig, given: dict) -> None:
+def check_explicit_weights(model: ModelConfig, given: dict, key: str = "model") -> None:
     """`model.weights` defaults to imagenet, which applies to zoo backbones only; a saved model carries its own
     weights, so an explicit `imagenet` beside one asks for something featurize cannot do."""
     if given.get("weights") == "imagenet" and is_saved_model_path(model.backbone):
-        raise ConfigError(f"model.weights: imagenet applies to zoo backbones, but model.backbone {model.backbone} "
+        raise ConfigError(f"{key}.weights: imagenet applies to zoo backbones, but {key}.backbone {model.backbone} "
                           "is a saved model with its own weights; remove model.weights (or set it to a weights "
                           "file to load into the saved model)")
 

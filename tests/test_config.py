@@ -46,7 +46,7 @@ def test_single_uri_string_becomes_tuple(tmp_path):
     ("run.max_error_rate=2", ["run.max_error_rate", "[0, 1]"]),
     ("model.trust=yes please", ["model.trust", "true, false"]),
     ("model.colour=red", ["model", "unknown key", "colour", "backbone"]),
-    ("nonsense.key=1", ["unknown key", "nonsense", "input, model, run, output"]),
+    ("nonsense.key=1", ["unknown key", "nonsense", "input, model, models, run, output"]),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(tmp_path, override, words):
     path = write(tmp_path, "input: {uri: imgs}\noutput: {uri: out}\n")
@@ -112,7 +112,10 @@ def test_every_extract_key_is_fingerprinted_or_excluded_with_a_reason(tmp_path):
     config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
     fingerprinted = set(fingerprint_inputs(config))
     keys = {f"{section.name}.{item.name}" for section in dataclasses.fields(config)
+            if dataclasses.is_dataclass(getattr(config, section.name))
             for item in dataclasses.fields(getattr(config, section.name))}
+    keys |= {section.name for section in dataclasses.fields(config)
+             if not dataclasses.is_dataclass(getattr(config, section.name))}  # models: a list of model sections
     for key in keys - set(FINGERPRINT_EXCLUDED):
         assert FINGERPRINT_NAMES.get(key, key.split(".")[1]) in fingerprinted, key
     assert set(FINGERPRINT_EXCLUDED) <= keys  # no stale entries
