@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ CRASH_MARKER_VARIABLE = "FEATURIZE_TEST_CRASH_MARKER"
 BUG_MARKER_VARIABLE = "FEATURIZE_TEST_BUG_MARKER"
 SLOW_SECONDS_VARIABLE = "FEATURIZE_TEST_SLOW_SECONDS"
 
+Decoder = Callable[[bytes], DecodedImage]  # an image's bytes -> its pixels at the model's input size, or an error
+
 
 @dataclass(frozen=True)
 class ShardTask:
@@ -52,6 +55,7 @@ class ShardTask:
     labels: list[str | None] | None = None
     attempt: int = 1
     where: ManifestSlice | None = None
+    models: tuple[str, ...] | None = None  # a `models:` run: the models whose outputs lack this shard
 
     def piece(self, start: int, stop: int, attempt: int | None = None) -> ShardTask:
         """Rows [start, stop) of this piece, as a task of its own."""
@@ -59,7 +63,7 @@ class ShardTask:
         return ShardTask(self.shard, start, stop,
                          self.uris[start - self.start:stop - self.start] if named else None,
                          self.labels[start - self.start:stop - self.start] if named else None,
-                         self.attempt if attempt is None else attempt, self.where)
+                         self.attempt if attempt is None else attempt, self.where, self.models)
 
     def entries(self, settings: ShardSettings | None = None) -> list[tuple[str, str | None]]:
         """(uri, label) of every image of the piece, read from the frozen manifest when the task carries none."""
@@ -82,6 +86,7 @@ class ShardSettings:
     row_group_size: int = OutputConfig.row_group_size
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
+    model_run_tags: tuple[tuple[str, str], ...] = ()  # a `models:` run: (name, its output's lease tag)
 
 
 @dataclass
@@ -106,7 +111,13 @@ class Item:
     decode_seconds: float
 
 
-def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], settings: ShardSettings) -> Item:
+def image_decoder(target_size: tuple[int, int], settings: ShardSettings) -> Decoder:
+    """Bytes -> pixels at `target_size` by the settings' resize mode and draft margin."""
+    return functools.partial(decode_image, target_size=target_size, resize=settings.resize,
+                             draft_margin=settings.draft_margin)
+
+
+def fetch_and_decode(uri: str, label: str | None, decode: Decoder, settings: ShardSettings) -> Item:
     started = time.perf_counter()
     crash_marker = os.environ.get(CRASH_MARKER_VARIABLE)
     if crash_marker and crash_marker in uri:
@@ -119,11 +130,10 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
         reason = f"fetch failed: {faults.describe_error(error)}"  # "not found", "access denied", ...; redacted
         return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
     fetched = time.perf_counter()
-    return decode_fetched(uri, label, data, fetched - started, target_size, settings)
+    return decode_fetched(uri, label, data, fetched - started, decode)
 
 
-def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, target_size: tuple[int, int],
-                   settings: ShardSettings) -> Item:
+def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, decode: Decoder) -> Item:
     """Bytes already fetched (a loose file, or an archive member off its stream) -> an Item."""
     started = time.perf_counter()
     crash_marker = os.environ.get(CRASH_MARKER_VARIABLE)
@@ -132,7 +142,7 @@ def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: floa
     bug_marker = os.environ.get(BUG_MARKER_VARIABLE)
     if bug_marker and bug_marker in uri:
         raise AssertionError(f"test hook: a bug in featurize's own code while decoding {uri}")
-    image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
+    image = decode(data)
     return Item(uri, label, image, fetch_seconds, time.perf_counter() - started)
 
 
@@ -149,12 +159,12 @@ def is_fetch_failure(error: Exception) -> bool:
     return isinstance(error, (OSError, ValueError)) or faults.is_storage_failure(error)
 
 
-def decoded_items(task: ShardTask, target_size: tuple[int, int], settings: ShardSettings,
+def decoded_items(task: ShardTask, decode: Decoder, settings: ShardSettings,
                   executor: ThreadPoolExecutor, window: int) -> Iterator[Item]:
     """Items in manifest order (an archive's members in its stream order), decoded at most `window` ahead of
     the consumer (bounded memory)."""
     pending: collections.deque[Future] = collections.deque()
-    for future in item_futures(task, target_size, settings, executor):
+    for future in item_futures(task, decode, settings, executor):
         pending.append(future)
         if len(pending) >= window:
             yield pending.popleft().result()
@@ -162,7 +172,7 @@ def decoded_items(task: ShardTask, target_size: tuple[int, int], settings: Shard
         yield pending.popleft().result()
 
 
-def item_futures(task: ShardTask, target_size: tuple[int, int], settings: ShardSettings,
+def item_futures(task: ShardTask, decode: Decoder, settings: ShardSettings,
                  executor: ThreadPoolExecutor) -> Iterator[Future]:
     """One future an item: loose files fetched and decoded in the threads; each run of members of one archive
     from one stream of it."""
@@ -170,12 +180,12 @@ def item_futures(task: ShardTask, target_size: tuple[int, int], settings: ShardS
     for archive_uri, run in itertools.groupby(entries, key=lambda entry: archives.archive_of(entry[0])):
         if archive_uri is None:
             for uri, label in run:
-                yield executor.submit(fetch_and_decode, uri, label, target_size, settings)
+                yield executor.submit(fetch_and_decode, uri, label, decode, settings)
         else:
-            yield from archive_member_futures(archive_uri, list(run), target_size, settings, executor)
+            yield from archive_member_futures(archive_uri, list(run), decode, settings, executor)
 
 
-def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None]], target_size: tuple[int, int],
+def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None]], decode: Decoder,
                            settings: ShardSettings, executor: ThreadPoolExecutor) -> Iterator[Future]:
     """Stream one archive, decode the members `entries` name as they pass, stop once all are found; what the
     stream never delivered is an error row with the reason (where the archive broke, or why the read failed)."""
@@ -197,8 +207,7 @@ def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None
                 if member.error is not None:
                     yield error_item(uri, label, member.error, fetch_seconds)
                 else:
-                    yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, target_size,
-                                          settings)
+                    yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, decode)
                 if not needed:
                     break  # the rest of the archive belongs to other shards: stop reading it
     except Exception as error:  # noqa: BLE001 - classified just below
@@ -226,22 +235,34 @@ def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
 def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardResult:
     """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
     the extractor's own (it halves it after running out of accelerator memory)."""
-    batch_size = extractor.batch_size
+    decode = image_decoder(extractor.input_size, settings)
     timings = collections.Counter()
     rows = ShardRows()
-    class_names = extractor.class_names
+    for group in decoded_batches(task, decode, extractor.batch_size, settings, timings):
+        started = time.perf_counter()
+        add_rows(rows, group, extractor, extractor.class_names)
+        timings["forward"] += time.perf_counter() - started
+    time.sleep(float(os.environ.get(SLOW_SECONDS_VARIABLE, "0")))
+    return write_shard(task, rows, extractor, settings, timings)
+
+
+def decoded_batches(task: ShardTask, decode: Decoder, batch_size: int, settings: ShardSettings,
+                    timings: collections.Counter) -> Iterator[list[Item]]:
+    """The piece's items in batches, fetched and decoded in threads ahead of the consumer; adds the seconds spent
+    waiting, fetching and decoding to `timings`."""
     with ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as executor:
         waited = time.perf_counter()
-        for group in batches(decoded_items(task, extractor.input_size, settings, executor, 2 * batch_size),
-                             batch_size):
+        for group in batches(decoded_items(task, decode, settings, executor, 2 * batch_size), batch_size):
             timings["wait"] += time.perf_counter() - waited
             timings["fetch"] += sum(item.fetch_seconds for item in group)
             timings["decode"] += sum(item.decode_seconds for item in group)
-            started = time.perf_counter()
-            add_rows(rows, group, extractor, class_names)
-            timings["forward"] += time.perf_counter() - started
+            yield group
             waited = time.perf_counter()
-    time.sleep(float(os.environ.get(SLOW_SECONDS_VARIABLE, "0")))
+
+
+def write_shard(task: ShardTask, rows: ShardRows, extractor, settings: ShardSettings,
+                timings: collections.Counter) -> ShardResult:
+    """The piece's rows as a new data file in `settings.output_uri`, and the result that names it."""
     started = time.perf_counter()
     relative_path = layout.new_data_file_name(task.shard, settings.run_tag)
     schema = row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)
@@ -252,6 +273,19 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardR
     num_errors = sum(reasons.values())
     return ShardResult(task.shard, task.start, task.stop, relative_path, len(rows), len(rows) - num_errors,
                        num_errors, dict(timings), dict(reasons))
+
+
+def commit_record(shard: int, results: list[ShardResult]) -> ledger.CommitRecord:
+    """The commit record of a shard whose pieces are all back: their files in row order, counts and timings summed."""
+    results = sorted(results, key=lambda result: result.start)
+    timings, reasons = collections.Counter(), collections.Counter()
+    for result in results:
+        timings.update(result.timings)
+        reasons.update(result.errors_by_reason)
+    return ledger.CommitRecord(
+        shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
+        ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
+        errors_by_reason=dict(reasons), committed_at=time.time())
 
 
 def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[str] | None) -> None:

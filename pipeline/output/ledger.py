@@ -263,6 +263,14 @@ class Ledger:
     def pending(self, num_shards: int) -> list[int]:
         return [index for index in range(num_shards) if index not in self.commits]
 
+    def first_file_metadata(self) -> dict[str, str]:
+        """The provenance of the first committed data file ({} without one): what a rerun of a finished job
+        records, having built no model."""
+        first = self.commits[min(self.commits)] if self.commits else None
+        if first is None or not first.files:
+            return {}
+        return read_file_metadata(self.output, first.files[0], self.options)
+
     # --- shards --------------------------------------------------------------------------------------
 
     def write_data(self, shard: int, table: pa.Table, row_group_size: int) -> str:
