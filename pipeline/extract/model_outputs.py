@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 
 from pipeline.config import ExtractConfig
@@ -165,7 +166,7 @@ class ModelOutputs:
         for name in results[0].results:
             self.ledgers[name].commit(commit_record(shard, [result.results[name] for result in results]))
         self.shards_run += 1
-        self.first_commit_at = self.first_commit_at or next(iter(self.ledgers.values())).first_commit_at
+        self.first_commit_at = self.first_commit_at or time.time()
 
     def quarantine(self, task: ShardTask, rows: ShardRows, reason: str, description: dict | None,
                    feature_dtype: str, row_group_size: int) -> ModelsResult:
