@@ -69,9 +69,9 @@ def models_section(networks: dict[str, Path]) -> list[dict]:
 
 
 def write_config(path: Path, images: Path, output: Path, models: list[dict] | None = None, model: dict | None = None,
-                 **run) -> Path:
+                 mode: str = "resume", **run) -> Path:
     config = {"input": {"uri": str(images)}, "run": {"batch_size": 8, "shard_size": 8, "actors": 1, **run},
-              "output": {"uri": str(output)}}
+              "output": {"uri": str(output), "mode": mode}}
     config.update({key: value for key, value in (("models", models), ("model", model)) if value is not None})
     path.write_text(json.dumps(config))
     return path
@@ -228,6 +228,15 @@ def test_one_extract_over_three_models_equals_their_one_model_runs(tmp_path, net
     runs = {name: success["shards"]["run"] for name, success in rerun["models"].items()}
     assert runs == {"small": 0, "medium": 1, "large": 0}
     assert len(rows_of(output / "medium")[0]) == 16
+
+    # append: the new images, listed once, become one new generation in every model's output
+    added = write_photos(images / "more", 3, 60, 80)
+    appended = run(write_config(tmp_path / "models.json", images, output, models=models_section(networks),
+                                mode="append"))
+    for name, success in appended["models"].items():
+        rows, _ = rows_of(output / name)
+        assert set(rows) == {str(path) for path in [*paths, *added, images / "broken.jpg"]}
+        assert success["shards"] == {"total": 3, "run": 1, "committed": 3}
 
 
 @pytest.mark.ray
