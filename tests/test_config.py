@@ -106,22 +106,59 @@ def test_keyword_construction_validates_and_names_the_key():
 # --- the fingerprint: every key of the config but an explicit exclusion list ---------------------------------
 
 
+def extract_keys(config: ExtractConfig) -> set[str]:
+    """`section.key` of every key of an extract config; `models` (a list of model sections) by its own name."""
+    keys = set()
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        if dataclasses.is_dataclass(values):
+            keys |= {f"{section.name}.{item.name}" for item in dataclasses.fields(values)}
+        else:
+            keys.add(section.name)
+    return keys
+
+
 def test_every_extract_key_is_fingerprinted_or_excluded_with_a_reason(tmp_path):
     from pipeline.extract.plan import fingerprint_inputs
 
     config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
     fingerprinted = set(fingerprint_inputs(config))
-    keys = {f"{section.name}.{item.name}" for section in dataclasses.fields(config)
-            if dataclasses.is_dataclass(getattr(config, section.name))
-            for item in dataclasses.fields(getattr(config, section.name))}
-    keys |= {section.name for section in dataclasses.fields(config)
-             if not dataclasses.is_dataclass(getattr(config, section.name))}  # models: a list of model sections
+    keys = extract_keys(config)
     for key in keys - set(FINGERPRINT_EXCLUDED):
         assert FINGERPRINT_NAMES.get(key, key.split(".")[1]) in fingerprinted, key
     assert set(FINGERPRINT_EXCLUDED) <= keys  # no stale entries
     assert all(reason.strip() for reason in FINGERPRINT_EXCLUDED.values())
     # a new key must be classified: the fingerprinted set is the one existing outputs recorded
     assert fingerprinted == set(hand_kept_fingerprint_inputs(config))
+
+
+def test_every_extract_key_is_classified_once_in_the_contract():
+    """The contract says, for every key, whether it changes the features, the rows, or only how the job runs;
+    the fingerprint, the provenance checks and the query model of search all derive from that one table."""
+    from pipeline.contract import FEATURE_MODEL_KEYS, FEATURES, KEY_EFFECTS, PROVENANCE_KEYS, ROWS
+
+    config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
+    assert set(KEY_EFFECTS) == extract_keys(config)
+    assert set(FINGERPRINT_EXCLUDED) == {key for key, effect in KEY_EFFECTS.items() if effect not in (FEATURES, ROWS)}
+    # mixed precision changes the values: fingerprinted by extract, compared by train, index and search alike
+    assert "mixed_precision" in FEATURE_MODEL_KEYS and "compute_dtype" in PROVENANCE_KEYS
+    assert {"resize", "draft_margin", "weights_sha256"} <= set(PROVENANCE_KEYS)
+    assert not {"runtime", "xla", "trust", "top_k", "class_names"} & set(FEATURE_MODEL_KEYS)
+
+
+def test_the_query_model_is_derived_from_provenance_key_by_key():
+    from pipeline.config import model_from_provenance
+
+    provenance = {"backbone": "resnet50", "weights": "imagenet", "layer": "default", "pooling": "none",
+                  "input_size": "96x96", "preprocess": "caffe", "resize": "pad", "draft_margin": "0",
+                  "compute_dtype": "mixed_float16", "runtime": "keras", "top_k": "5"}
+    model = model_from_provenance(provenance)
+    assert (model.backbone, model.weights, model.layer, model.pooling, model.input_size) == (
+        "resnet50", "imagenet", None, "avg", 96)
+    assert (model.preprocess, model.resize, model.draft_margin, model.mixed_precision) == ("caffe", "pad", 0, True)
+    assert (model.top_k, model.runtime) == (0, "keras")
+    assert model_from_provenance({"backbone": "x.keras", "weights": "embedded"}).weights == "none"
+    assert model_from_provenance(provenance, {"resize": "stretch"}).resize == "stretch"
 
 
 def hand_kept_fingerprint_inputs(config: ExtractConfig) -> dict:
