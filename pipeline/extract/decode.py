@@ -120,6 +120,7 @@ class DecodedSource:
     rgb: Image.Image | None
     original_size: tuple[int, int] | None  # (width, height) after EXIF orientation
     error: str | None
+    draftable: bool = False  # a format decode_image drafts (JPEG): a one-target decode may be at a reduced scale
 
     def resized(self, target_size: tuple[int, int], resize: str = "stretch",
                 background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
@@ -187,7 +188,7 @@ def open_decoded(
         except Exception as error:  # noqa: BLE001 - the decode phase reads the bytes: its failures are the image's
             source = DecodedSource(None, None, _describe_error(error, image.format, pixel_limit))
         else:
-            source = DecodedSource(rgb, original_size, None)
+            source = DecodedSource(rgb, original_size, None, image.format in _DRAFT_FORMATS)
         yield source
 
 

@@ -233,8 +233,8 @@ class ShardScheduler:
     def start_actor(self) -> ActorSlot:
         num_threads = max(1, int(self.shape.num_cpus))
         handle = self.actor_class.options(scheduling_strategy="SPREAD", runtime_env=forwarded_environment()).remote(
-            self.config.models or self.config.model, self.config.run.batch_size, num_threads, self.config.input.storage_options,
-            self.ledger.options)
+            self.config.models or self.config.model, self.config.run.batch_size, num_threads,
+            self.config.input.storage_options, self.ledger.options)
         return ActorSlot(handle=handle, ready=handle.describe.remote())
 
     def mark_ready(self, ref: ray.ObjectRef) -> None:
@@ -336,8 +336,8 @@ class ShardScheduler:
         log.warning("quarantined %s after %d crashes", redaction.redact(rows.uri[0]), task.attempt)
         reason = reason_category(rows.error[0])
         if self.config.models:
-            self.add_result(task.shard, self.ledger.quarantine(task, rows, reason, self.actor_description,
-                                                               self.settings.feature_dtype, self.settings.row_group_size))
+            self.add_result(task.shard, self.ledger.quarantine(
+                task, rows, reason, self.actor_description, self.settings.feature_dtype, self.settings.row_group_size))
             return
         description = self.actor_description or {"feature_dim": 1, "provenance": {}}
         schema = row_schema(description["feature_dim"], self.settings.feature_dtype, description["provenance"])

@@ -2,7 +2,8 @@
 decode of each image for them all, then each model's resize, forward pass, rows and data file. No Ray.
 
 An image is fetched and decoded once (JPEG draft at the scale that covers the largest input any model needs, see
-decode.open_decoded), then resized for each model by its own `resize` and input size (pipeline/extract/pixels.py).
+decode.open_decoded), then resized for each model by its own `resize` and input size (pipeline/extract/pixels.py);
+a model that needs far fewer pixels than the decode holds resizes from a box-reduced copy (reduction_factor).
 Everything per image after the decode is the one-model worker's own (worker.add_rows, worker.write_shard), so a
 model's rows hold what a one-model run of it writes, error rows included. Each model's data file goes to its own
 output, `OUTPUT/NAME/`, named with the run tag of that output's lease; pipeline/extract/model_outputs.py commits.
@@ -18,11 +19,13 @@ import time
 from dataclasses import dataclass
 
 import psutil
+from PIL import Image
 
 from pipeline.config import NamedModelConfig, is_saved_model_path
 from pipeline.errors import ConfigError
 from pipeline.extract import worker
-from pipeline.extract.decode import DecodedImage, open_decoded
+from pipeline.extract.decode import DecodedImage, DecodedSource, open_decoded
+from pipeline.extract.pixels import scaled_source_size
 from pipeline.extract.rows import ShardRows
 from pipeline.io import storage
 from pipeline.models.zoo import get_backbone
@@ -62,9 +65,30 @@ def decode_for_models(data: bytes, targets: dict[str, Target]) -> DecodedImage:
     with open_decoded(data, list(targets.values())) as source:
         if source.error is not None:
             return DecodedImage(None, None, None, source.error)
-        pixels = {name: source.resized(size, resize).pixels for name, (size, resize, _) in targets.items()}
+        reduced: dict[int, Image.Image] = {}  # reduction factor -> the decoded image reduced by it
+        pixels = {}
+        for name, (size, resize, margin) in targets.items():
+            factor = reduction_factor(source, size, resize, margin)
+            if factor not in reduced:
+                reduced[factor] = source.rgb.reduce(factor) if factor > 1 else source.rgb
+            pixels[name] = dataclasses.replace(source, rgb=reduced[factor]).resized(size, resize).pixels
         width, height = source.original_size
         return DecodedImage(pixels, width, height, None)
+
+
+def reduction_factor(source: DecodedSource, size: tuple[int, int], resize: str, margin: int) -> int:
+    """How far a model's resize may start from a box-reduced copy of the shared decode: the largest of 8, 4, 2 that
+    keeps it >= margin x what the resize needs, as the JPEG draft of a one-model run would (1 for the formats that
+    run decodes in full). The resize reads a quarter or less of the pixels, and the model gets pixels close to
+    those of its one-model run, whose draft reduced the image by a like factor."""
+    if not source.draftable or margin <= 0:
+        return 1
+    needed_width, needed_height = scaled_source_size(source.original_size, size, resize)
+    width, height = source.rgb.size
+    for factor in (8, 4, 2):
+        if width // factor >= margin * needed_width and height // factor >= margin * needed_height:
+            return factor
+    return 1
 
 
 def for_model(item: worker.Item, name: str) -> worker.Item:
