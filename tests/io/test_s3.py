@@ -217,7 +217,7 @@ def test_fetches_run_concurrently_inside_an_actor(s3, bucket, moto_endpoint, tmp
             items = list(decoded_items(task, (32, 32), settings, executor, window=16))
         elapsed = time.perf_counter() - started
     assert [item.uri for item in items] == uris and all(item.image.error is None for item in items)
-    assert elapsed < 16 * 0.5 / 2, f"{elapsed:.2f} s: fetches were serialised"
+    assert proxy.counts["most in flight"] >= 4, f"{elapsed:.2f} s: fetches were serialised"  # 8 threads, a slow store
     assert proxy.counts["requests"] == 16  # a GET each, no size probe first
     print(f"\n[s3 fetch] 16 objects x 0.5 s latency, 8 threads: {elapsed:.2f} s (8 s one after another)")
 
