@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline.analyse import output as analyse_output
 from pipeline.analyse.index import build_faiss, choose_index
-from pipeline.analyse.search import set_search_knobs
+from pipeline.analyse.neighbours import set_search_knobs
 from pipeline.analyse.vectors import as_metric_space, fingerprint_of, num_ok_rows, ok_batches, sources_document
 from pipeline.config import DedupConfig, memory_bytes
 from pipeline.io import storage
