@@ -7,6 +7,8 @@ features" is a real check (cosine >= 0.9999), besides the reference computed wit
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import cli
 from pipeline.config import ExtractConfig, ModelConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.extract import model_outputs
@@ -206,6 +209,12 @@ def test_one_extract_over_three_models_equals_their_one_model_runs(tmp_path, net
         features = np.stack([rows[str(path)]["features"] for path in paths])
         reference = reference_features(paths, networks[name], resize)
         assert cosine_rows(features, reference).min() >= 0.9999, name
+
+    # each model's folder is an extract output as any other: inspect describes it
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(["inspect", str(output / "large")]) == 0
+    assert "16" in printed.getvalue() and "extract" in printed.getvalue().lower()
 
     # a one-model run of the smallest network (whose own decode drafts to half scale) writes the same rows
     entry = {key: value for key, value in models_section(networks)[0].items() if key != "name"}
