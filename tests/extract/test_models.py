@@ -277,3 +277,24 @@ def test_a_driver_killed_mid_run_resumes_to_every_image_once_in_every_model(tmp_
         assert set(rows) == {str(path) for path in paths}  # every image once (rows_of refuses a repeat)
         assert success["shards"]["committed"] == 40
         assert success["shards"]["run"] == 40 - committed[name]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_image_that_kills_the_actor_is_quarantined_in_every_model(tmp_path, networks, ray_local, monkeypatch):
+    """A poison image (its worker dies on it, as on a native crash) in a shard of two: the piece is bisected and
+    the image ends as one error row in each model's output, with every other image's rows beside it."""
+    images = tmp_path / "images"
+    paths = write_photos(images, 4, 30, 40)
+    poison = images / "photo_POISON.jpg"
+    poison.write_bytes(paths[0].read_bytes())
+    monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "_POISON")
+    output = tmp_path / "out"
+    done = run(write_config(tmp_path / "models.json", images, output, models=models_section(networks)[:2],
+                            shard_size=2, max_attempts=1, max_error_rate=0.5))
+    for name in ("small", "medium"):
+        rows, success = rows_of(output / name)
+        assert set(rows) == {str(path) for path in [*paths, poison]}
+        assert rows[str(poison)]["error"] == "quarantined: the worker process crashed on this image 1 times"
+        assert success["rows"] == {"total": 5, "ok": 4, "error": 1} == done["models"][name]["rows"]
+        assert len(rows[str(paths[0])]["features"]) == int(success["provenance"]["feature_dim"])
