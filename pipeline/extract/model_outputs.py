@@ -54,9 +54,34 @@ class AllLeases:
             run_ledger.lease.raise_if_lost()
 
 
+def check_model_set(config: ExtractConfig) -> None:
+    """OUTPUT holds model outputs of this very set of models, or nothing yet."""
+    names = [entry.name for entry in config.models]
+    output, options = config.output.uri, config.output.storage_options
+    shown = redaction.redact(output)
+    if storage.exists(storage.join(output, PLAN_FILE), options):
+        raise ConfigError(f"output.uri: {shown} holds a one-model extract output; models: writes one output per "
+                          "model under output.uri, so give it a directory of its own")
+    recorded_uri = storage.join(output, MODELS_FILE)
+    if config.output.mode == "overwrite" or not storage.exists(recorded_uri, options):
+        return
+    recorded = ledger.read_json(recorded_uri, options)["models"]
+    added = [name for name in names if name not in recorded]
+    dropped = [name for name in recorded if name not in names]
+    if added or dropped:
+        change = "; ".join(text for text in (f"adds {', '.join(added)}" if added else "",
+                                             f"drops {', '.join(dropped)}" if dropped else "") if text)
+        raise ConfigError(f"models: {shown} holds the outputs of the models {', '.join(recorded)}, and this "
+                          f"config {change}. The set of models is fixed when the output starts: extract a new "
+                          "model on its own (model: with an output.uri of its own; its shards are the same "
+                          "images), keep the models list as it was to resume or append, or use "
+                          "output.mode: overwrite to extract every model again")
+
+
 @contextlib.contextmanager
 def held(config: ExtractConfig, started: float) -> Iterator[ModelOutputs]:
     """The ledgers of every model output, each holding its output's lease, for the duration of a `with` block."""
+    check_model_set(config)  # before any lease is taken: a refused run leaves nothing behind
     configs = model_configs(config)
     with contextlib.ExitStack() as stack:
         ledgers = {name: stack.enter_context(ledger.held(own.output.uri, own.output.storage_options, "extract",
@@ -105,7 +130,6 @@ class ModelOutputs:
     def prepare_plan(self, say: Callable[[str], None]) -> Plan:
         """Plan every model output from one listing; returns the plan the scheduler runs (the first model's, its
         manifest parts named relative to OUTPUT, where tasks read them)."""
-        self.check_model_set()
         (first, first_config), *others = self.configs.items()
         lead = prepare_plan(first_config, self.ledgers[first], say)
         self.plans[first] = lead
@@ -113,27 +137,6 @@ class ModelOutputs:
             self.plans[name] = self.follow(name, own, first, lead)
         ledger.write_json(storage.join(self.output, MODELS_FILE), {"models": list(self.configs)}, self.options)
         return plan_under(lead, first)
-
-    def check_model_set(self) -> None:
-        """OUTPUT holds model outputs of this very set of models, or nothing yet."""
-        shown = redaction.redact(self.output)
-        if storage.exists(storage.join(self.output, PLAN_FILE), self.options):
-            raise ConfigError(f"output.uri: {shown} holds a one-model extract output; models: writes one output per "
-                              "model under output.uri, so give it a directory of its own")
-        recorded_uri = storage.join(self.output, MODELS_FILE)
-        if self.config.output.mode == "overwrite" or not storage.exists(recorded_uri, self.options):
-            return
-        recorded = ledger.read_json(recorded_uri, self.options)["models"]
-        added = [name for name in self.configs if name not in recorded]
-        dropped = [name for name in recorded if name not in self.configs]
-        if added or dropped:
-            change = "; ".join(text for text in (f"adds {', '.join(added)}" if added else "",
-                                                 f"drops {', '.join(dropped)}" if dropped else "") if text)
-            raise ConfigError(f"models: {shown} holds the outputs of the models {', '.join(recorded)}, and this "
-                              f"config {change}. The set of models is fixed when the output starts: extract a new "
-                              "model on its own (model: with an output.uri of its own; its shards are the same "
-                              "images), keep the models list as it was to resume or append, or use "
-                              "output.mode: overwrite to extract every model again")
 
     def follow(self, name: str, own: ExtractConfig, first: str, lead: Plan) -> Plan:
         """The plan of a model output that shares the first one's listing: its own fingerprint, the same parts

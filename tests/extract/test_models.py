@@ -167,6 +167,7 @@ def test_a_models_output_keeps_its_set_of_models(tmp_path, networks):
     refusal = r"holds the outputs of the models small, medium, and this config adds large\. The set of models is fixed"
     with pytest.raises(ConfigError, match=refusal), model_outputs.held(grown, time.time()) as outputs:
         outputs.prepare_plan(print)
+    assert not (output / "large").exists()  # refused before anything was written for it
 
 
 # --- with Ray -----------------------------------------------------------------------------------------------------
