@@ -137,7 +137,10 @@ class ModelConfig:
 @section("run")
 class RunConfig:
     address: Text = ""  # Ray address; empty = start a local Ray
-    actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # 0 = one per GPU, or one per node on CPU clusters
+    actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # a fixed pool; 0 = one per GPU, or one per node on CPU clusters
+    min_actors: Positive = 1  # an elastic pool starts work once this many actors are ready
+    max_actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # > 0: an elastic pool that asks the autoscaler for up to this
+    start_timeout: PositiveNumber = 900.0  # seconds to wait for min_actors to be placed before exit 3
     gpus_per_actor: GpuShare = None  # None = 1 on GPU clusters, 0 on CPU
     cpus_per_actor: MaybePositiveNumber = None  # None = the node's cores divided among its actors
     batch_size: Positive = 32
@@ -171,6 +174,7 @@ class ExtractConfig:
         if not self.output.uri:
             raise ConfigError("output.uri is required: the directory (local or fsspec URI) to write Parquet to")
         check_runtime(self.model, self.run)
+        check_pool(self.run)
         return self
 
 
@@ -183,6 +187,7 @@ FINGERPRINT_EXCLUDED = {  # the ExtractConfig keys that do not change the rows; 
     "model.xla": "compiles the same computation",
     "model.runtime": "keras and litert compute the same features (float32, within tolerance)",
     "run.address": SCHEDULING, "run.actors": SCHEDULING, "run.gpus_per_actor": SCHEDULING,
+    "run.min_actors": SCHEDULING, "run.max_actors": SCHEDULING, "run.start_timeout": SCHEDULING,
     "run.cpus_per_actor": SCHEDULING, "run.batch_size": SCHEDULING, "run.shards_in_flight_per_actor": SCHEDULING,
     "run.decode_threads": SCHEDULING, "run.max_attempts": "retries only",
     "run.max_error_rate": "when the job fails, not what it writes",
@@ -191,6 +196,16 @@ FINGERPRINT_EXCLUDED = {  # the ExtractConfig keys that do not change the rows; 
     "output.storage_options": "how the output is reached (endpoint, credentials)",
 }
 FINGERPRINT_NAMES = {"input.uri": "input_uri"}  # a key's name in `_plan.json` where it is not its last part
+
+
+def check_pool(run: RunConfig) -> None:
+    """A pool is either fixed (`run.actors`) or elastic (`run.min_actors`..`run.max_actors`)."""
+    if run.actors and run.max_actors:
+        raise ConfigError(f"run.actors: {run.actors} asks for a fixed pool and run.max_actors: {run.max_actors} for "
+                          "an elastic one; set one of them (run.actors: 0 for an elastic pool, or run.max_actors: 0)")
+    if run.max_actors and run.min_actors > run.max_actors:
+        raise ConfigError(f"run.min_actors: got {run.min_actors}, more than run.max_actors: {run.max_actors}; "
+                          "use a run.min_actors no larger than run.max_actors")
 
 
 def check_runtime(model: ModelConfig, run: RunConfig, key: str = "model") -> None:

@@ -14,6 +14,10 @@ from pipeline.io import redaction, storage
 from pipeline.output.ledger import read_success
 
 
+# Data-file metadata naming the actor that wrote the file (accelerator_ids as a JSON list), beside the provenance.
+WRITER_KEYS = ("actor", "node_id", "accelerator_ids")
+
+
 def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dict | None = None) -> pa.Schema:
     value_type = pa.float16() if feature_dtype == "float16" else pa.float32()
     schema = pa.schema([
