@@ -30,7 +30,7 @@ from pipeline.extract.actor import remote_class
 from pipeline.extract.plan import Plan, prepare_plan
 from pipeline.extract.pool import PlacementWatch, PoolPlan
 from pipeline.extract.progress import ProgressReporter
-from pipeline.extract.rows import WRITER_KEYS, row_schema
+from pipeline.extract.rows import WRITER_KEYS, actors_table, row_schema
 from pipeline.extract.signals import Interrupted, interrupted_message, stop_on_signals
 from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, quarantine_rows, reason_category
 from pipeline.io import redaction
@@ -92,7 +92,7 @@ class Driver:
             description = self.run_shards(plan, todo, run_ledger, verbose) if todo else None
             extras = {"provenance": self.provenance(description, run_ledger),
                       "max_error_rate": self.config.run.max_error_rate,
-                      "actors": pool.actors_table(run_ledger.commits.values())}
+                      "actors": actors_table(run_ledger.commits.values())}
             return run_ledger.finish(plan.num_shards, plan.fingerprint, extras)
 
     def run_shards(self, plan: Plan, todo: list[int], run_ledger: ledger.Ledger,

@@ -184,17 +184,3 @@ def infeasible_message(plan: PoolPlan, nodes: list[dict], autoscaler: bool) -> s
     return (f"{key}: each actor asks for {shape_text(plan)}, which no node of this cluster can hold ({has}); "
             f"lower {key}, or run on a cluster with such nodes")
 
-
-def actors_table(records) -> list[dict]:
-    """`_SUCCESS.actors`: one entry per actor that wrote committed rows (in any run), from the commit records;
-    pieces the driver wrote itself (quarantined images) name no actor."""
-    table: dict[str, dict] = {}
-    for record in records:
-        for piece in record.actors:
-            entry = table.setdefault(piece["actor"], {
-                "actor": piece["actor"], "node_id": piece["node_id"], "accelerator_ids": piece["accelerator_ids"],
-                "shards": 0, "images": 0, "seconds": 0.0})
-            entry["shards"] += 1
-            entry["images"] += piece["images"]
-            entry["seconds"] = round(entry["seconds"] + piece["seconds"], 3)
-    return sorted(table.values(), key=lambda entry: (entry["node_id"], entry["actor"]))
