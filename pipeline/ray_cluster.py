@@ -51,5 +51,8 @@ def reap_with_this_process(session_dir: str) -> None:
     """Start the reaper of a private Ray's session: it kills what is left of it once this process is gone."""
     if not os.path.isdir("/proc"):  # Linux only; elsewhere Ray's own fate sharing is what there is
         return
-    REAPERS.append(subprocess.Popen([sys.executable, "-m", "pipeline.reaper", session_dir], stdin=subprocess.PIPE,
-                                    start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__))))
+    reaper = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", session_dir], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, start_new_session=True,
+                              cwd=os.path.dirname(os.path.dirname(__file__)))
+    reaper.stdout.readline()  # it has noted Ray's processes
+    REAPERS.append(reaper)
