@@ -83,7 +83,7 @@ def write_labelled_images(root: Path, num_classes: int = 3, per_class: int = 10,
 # --- configs and runs -----------------------------------------------------------------------------------
 
 
-def write_extract_config(path: Path, images_uri: Path, model_path: Path, output: Path, **sections) -> Path:
+def write_extract_config(path: Path, images_uri: Path, model_path: Path, output_dir: Path, **sections) -> Path:
     """An extract config (JSON is YAML) at `path`; the dog model (.h5, not lambda.h5) gets its preprocessing and
     class names, other models run as saved. `sections` update the config's sections key by key."""
     is_dog_model = model_path.suffix == ".h5" and model_path.name != "lambda.h5"
@@ -92,7 +92,7 @@ def write_extract_config(path: Path, images_uri: Path, model_path: Path, output:
         "model": {"backbone": str(model_path), "weights": "none", "top_k": 3,
                   **({"preprocess": "tf", "class_names": str(CLASSES)} if is_dog_model else {})},
         "run": {"batch_size": 8, "shard_size": 16, "actors": 1},
-        "output": {"uri": str(output)},
+        "output": {"uri": str(output_dir)},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
