@@ -11,7 +11,6 @@ Output (paths relative to output.uri): `neighbours.parquet` with `query_uri`, `r
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +19,12 @@ import pyarrow.compute as pc
 
 from pipeline.analyse import index as analyse_index
 from pipeline.analyse import output as analyse_output
-from pipeline.analyse.vectors import ANALYSE_PROVENANCE_KEYS, as_metric_space, fingerprint_of, ok_batches
-from pipeline.config import InputConfig, ModelConfig, SearchConfig
+from pipeline.analyse.vectors import as_metric_space, fingerprint_of, ok_batches
+from pipeline.config import InputConfig, ModelConfig, SearchConfig, model_from_provenance
+from pipeline.contract import FEATURE_MODEL_KEYS, provenance_differences
 from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
-from pipeline.sections import replace_keys
-from pipeline.train.features import open_features, provenance_differences
+from pipeline.output.features import open_features
 
 NEIGHBOURS_FILE = "neighbours.parquet"
 NEIGHBOURS_SCHEMA = pa.schema([pa.field("query_uri", pa.string(), nullable=False),
@@ -100,38 +99,13 @@ def neighbours_table(query_uris: list[str] | pa.Array, scores: np.ndarray, ids: 
 # --- the query model ---------------------------------------------------------------------------------
 
 
-def model_from_provenance(provenance: dict, overrides: dict) -> ModelConfig:
-    """The model that extracted the index's features, as a `model.*` section, with the search config's
-    `model.*` keys on top (a key that would change the features is refused: see check_overrides)."""
-    weights = provenance.get("weights", "imagenet")
-    side = str(provenance.get("input_size", "")).split("x")
-    values = {
-        "backbone": provenance.get("backbone", ModelConfig.backbone),
-        "weights": "none" if weights == "embedded" else weights,
-        "weights_sha256": None,
-        "layer": None if provenance.get("layer") in (None, "default") else provenance["layer"],
-        # "none": the cut layer was already pooled, so the key has no effect on the features
-        "pooling": provenance["pooling"] if provenance.get("pooling") in ("avg", "max") else ModelConfig.pooling,
-        "preprocess": provenance.get("preprocess", ModelConfig.preprocess),
-        "resize": provenance.get("resize", ModelConfig.resize),
-        "draft_margin": int(provenance.get("draft_margin", ModelConfig.draft_margin)),
-        "input_size": int(side[0]) if side[0].isdigit() and len(set(side)) == 1 else None,
-        "top_k": 0,
-        "runtime": provenance.get("runtime", "auto"),
-    }
-    config = ModelConfig(**values)
-    return replace_keys(config, overrides) if overrides else config
-
-
 def check_overrides(provenance: dict, overrides: dict, index_uri: str) -> None:
     """A `model.*` key that differs from what the index's features were extracted with is refused before any
     model loads, naming each difference."""
-    derived = model_from_provenance(provenance, {})
+    derived = model_from_provenance(provenance)
     differences = []
     for key, value in overrides.items():
-        if key in ("runtime", "trust", "xla", "mixed_precision", "top_k", "weights_sha256"):
-            continue  # how the model runs, not what it computes
-        if key in dataclasses.asdict(derived) and str(value) != str(getattr(derived, key)):
+        if key in FEATURE_MODEL_KEYS and str(value) != str(getattr(derived, key)):  # the others: how it runs
             differences.append(f"model.{key}: {value!r} (query model) vs {getattr(derived, key)!r} (index)")
     if differences:
         raise_refusal(index_uri, differences)
@@ -151,8 +125,7 @@ def extract_images(uris: list[str], model_config: ModelConfig, index_provenance:
     from pipeline.models.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model_config, batch_size=batch_size)
-    differences = provenance_differences(index_provenance, extractor.provenance, "index", "query model",
-                                         ANALYSE_PROVENANCE_KEYS)
+    differences = provenance_differences(index_provenance, extractor.provenance, "index", "query model")
     if differences:
         raise_refusal(index_uri, differences)
     settings = ShardSettings(output_uri="", output_storage_options={}, input_storage_options={},
