@@ -71,9 +71,8 @@ def workers_of(raylets: set[int]) -> list[int]:
 
 
 def is_raylet(pid: int) -> bool:
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip() == "raylet"
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as handle:
+        return handle.read().strip() == "raylet"
     return False
 
 

@@ -90,8 +90,8 @@ def plan_pool(config: ExtractConfig, num_shards: int, private: bool) -> tuple[Po
     seen = (f"{total_gpus:g} GPUs on {len(nodes)} node(s) now" if total_gpus else f"no GPU on {len(nodes)} node(s) now")
     why = "run.max_actors" if run.max_actors else "run.actors" if run.actors else (
         "one per GPU" if gpus else "one per node")
-    lines = [f"{plan.describe()} ({why}; {seen}; "
-             f"{'an autoscaler runs' if autoscaler else 'no autoscaler' if not private else 'a private local Ray'})"]
+    cluster = "a private local Ray" if private else "an autoscaler runs" if autoscaler else "no autoscaler"
+    lines = [f"{plan.describe()} ({why}; {seen}; {cluster})"]
     if not total_gpus and run.gpus_per_actor is None and not private:
         lines.append("running on CPUs: to use GPU nodes " + ("the autoscaler can add" if autoscaler else "instead")
                      + ", set run.gpus_per_actor: 1 and run.max_actors: N (up to N GPU actors, added as nodes join)")

@@ -33,7 +33,7 @@ def ray_job(address: str, *arguments: str, timeout: float = 300) -> subprocess.C
     environment = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     environment.pop("RAY_ADDRESS", None)
     return subprocess.run([RAY, "job", *arguments[:1], "--address", address, *arguments[1:]], env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+                          check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def job_status(address: str, submission_id: str) -> str:

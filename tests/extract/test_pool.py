@@ -159,7 +159,7 @@ def write_flat_images(folder: Path, value: int, count: int) -> list[Path]:
 def test_non_finite_features_become_error_rows_and_an_all_non_finite_shard_fails(tmp_path, ray_local,
                                                                                  exponential_model, capsys):
     images = tmp_path / "images"
-    dark, dim, bright = (write_flat_images(images / name, value, 3)
+    _, dim, bright = (write_flat_images(images / name, value, 3)
                          for name, value in (("dark", 5), ("dim", 20), ("bright", 200)))
     model = {"layer": "features", "preprocess": "none", "top_k": 1}
     for dtype, expected_errors in (("float32", bright), ("float16", dim + bright)):
