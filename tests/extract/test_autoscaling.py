@@ -66,7 +66,7 @@ def run_featurize(tmp_path: Path, model: Path, address: str, num_images: int, **
     """featurize extract as a user runs it against the cluster; (exit code, stderr, seconds)."""
     config = write_config(tmp_path, model, address, num_images, **run)
     started = time.time()
-    process = featurize_process(config)
+    process = featurize_process(config, RAY_AUTH_MODE="disabled")  # as the cluster runs (see start_ray_head)
     _, stderr = process.communicate(timeout=400)
     return process.returncode, stderr, time.time() - started
 
@@ -110,7 +110,7 @@ def test_elastic_pool_grows_onto_gpu_nodes_and_a_lost_node_loses_nothing(tmp_pat
     config = write_config(tmp_path, tiny_model, address, 1600, shard_size=25, gpus_per_actor=1, min_actors=3,
                           max_actors=3, shards_in_flight_per_actor=1)
     output = tmp_path / "features"
-    process = featurize_process(config)
+    process = featurize_process(config, RAY_AUTH_MODE="disabled")
     try:
         wait_for_commits_beyond(3, output, process, timeout=300)
         killed = kill_a_gpu_node(temp_dir)

@@ -103,7 +103,8 @@ def test_two_actors_on_two_fake_gpus_record_different_accelerator_ids(tmp_path, 
     output = tmp_path / "out"
     config = write_extract_config(tmp_path / "config.json", tmp_path / "images", tiny_model, output,
                                   run={"address": two_gpu_node.address, "actors": 0, "shard_size": 5,
-                                       "cpus_per_actor": 1})
+                                       "cpus_per_actor": 1, "gpus_per_actor": 1, "min_actors": 2,
+                                       "max_actors": 2})  # work starts once both are ready: both get some
     assert main(["extract", "--config", str(config)]) == 0
     rows, success = read_rows(output)
     assert sorted(rows["uri"]) == sorted(map(str, paths))
