@@ -152,12 +152,12 @@ class PlacementWatch:
         waited = now - self.waiting_since
         demand = f"{needed - num_ready} more actor(s) of {shape_text(self.plan)}"
         if waited > self.timeout:
-            raise PoolTimeout(f"the cluster placed {num_ready} of the {needed} actor(s) needed within "
+            raise PoolTimeout(f"{num_ready} of the {needed} actor(s) needed were placed and ready within "
                               f"run.start_timeout ({self.timeout:g} s); pending demand: {demand}{autoscaler}. "
                               "Committed shards are kept: run again to resume")
         if now - self.last_line >= WAIT_LINE_SECONDS:
             self.last_line = now
-            self.say(f"waiting {waited:.0f} s for {demand} to be placed{autoscaler}")
+            self.say(f"waiting {waited:.0f} s for {demand} to be placed and load the model{autoscaler}")
 
 
 def pending_launches(report: dict | None) -> dict:

@@ -98,7 +98,7 @@ def two_gpu_node():
 
 
 @pytest.mark.slow
-def test_two_actors_on_two_fake_gpus_record_different_accelerator_ids(tmp_path, tiny_model, two_gpu_node):
+def test_two_actors_on_two_fake_gpus_record_different_accelerator_ids(tmp_path, tiny_model, two_gpu_node, capsys):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=20)
     output = tmp_path / "out"
     config = write_extract_config(tmp_path / "config.json", tmp_path / "images", tiny_model, output,
@@ -120,6 +120,18 @@ def test_two_actors_on_two_fake_gpus_record_different_accelerator_ids(tmp_path, 
         assert metadata["node_id"] == writer["node_id"]
         assert json.loads(metadata["accelerator_ids"]) == writer["accelerator_ids"]
     assert "node_id" not in success["provenance"]
+
+    # three actors of one GPU each where two fit: feasible but never placed, so run.start_timeout ends it (exit 3)
+    config = write_extract_config(tmp_path / "three.json", tmp_path / "images", tiny_model, tmp_path / "three",
+                                  run={"address": two_gpu_node.address, "actors": 0, "cpus_per_actor": 1,
+                                       "gpus_per_actor": 1, "min_actors": 3, "max_actors": 3, "start_timeout": 40})
+    capsys.readouterr()
+    assert main(["extract", "--config", str(config)]) == 3
+    message = " ".join(capsys.readouterr().err.split())
+    assert "2 of the 3 actor(s) needed were placed and ready within run.start_timeout (40 s)" in message, \
+        message[-2000:]
+    assert "waiting 30 s for 1 more actor(s) of 1 CPUs + 1 GPUs to be placed" in message
+    assert "pending demand: 1 more actor(s) of 1 CPUs + 1 GPUs" in message
 
     console = Console(record=True, width=200)
     from pipeline.tools.report import inspect_output
