@@ -41,33 +41,28 @@ def descendants(root: int) -> dict[int, str]:
     return found
 
 
-def session_processes(session_dir: str) -> list[int]:
-    """Processes with the session directory in their command line; never this one."""
-    marks = (f"{session_dir}/".encode(), f"{session_dir}\0".encode())
+def processes_whose(part: str, marks: list[bytes]) -> list[int]:
+    """Processes whose /proc/PID/`part` (cmdline, environ: NUL-separated) holds one of `marks`; never this one."""
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        if int(name) == os.getpid():
             continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{name}/cmdline", "rb") as handle:
-                command = handle.read() + b"\0"
-            if any(mark in command for mark in marks):
+        with contextlib.suppress(OSError), open(f"/proc/{name}/{part}", "rb") as handle:
+            text = handle.read() + b"\0"
+            if any(mark in text for mark in marks):
                 found.append(int(name))
     return found
+
+
+def session_processes(session_dir: str) -> list[int]:
+    """Processes with the session directory in their command line."""
+    return processes_whose("cmdline", [f"{session_dir}/".encode(), f"{session_dir}\0".encode()])
 
 
 def workers_of(raylets: set[int]) -> list[int]:
     """Processes a raylet of `raylets` started: Ray detaches its workers and agents from the raylet's process tree
     (and renames them), but each carries its raylet's pid in RAY_RAYLET_PID."""
-    marks = [f"RAY_RAYLET_PID={pid}\0".encode() for pid in raylets]
-    found = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                environment = handle.read() + b"\0"
-            if any(mark in environment for mark in marks):
-                found.append(int(name))
-    return found
+    return processes_whose("environ", [f"RAY_RAYLET_PID={pid}\0".encode() for pid in raylets])
 
 
 def is_raylet(pid: int) -> bool:
