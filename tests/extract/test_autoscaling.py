@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +64,26 @@ def autoscaling_cluster():
         stop_ray_processes(temp_dir)
 
 
+def ray_status(address: str) -> str:
+    """`ray status` of the cluster, as its operator reads it (nodes by type, pending demands)."""
+    environment = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    environment.pop("RAY_ADDRESS", None)
+    return subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={address}"],
+                          env=environment, capture_output=True, text=True, timeout=60, check=False).stdout
+
+
+def wait_for_status(address: str, holds, timeout: float = 120) -> str:
+    deadline = time.time() + timeout
+    while not holds(status := ray_status(address)) and time.time() < deadline:
+        time.sleep(1)
+    assert holds(status), status
+    return status
+
+
+def gpu_nodes_active(status: str) -> bool:
+    return "gpu_node" in status.split("Pending:")[0]
+
+
 def run_featurize(tmp_path: Path, model: Path, address: str, num_images: int, **run) -> tuple[int, str, float]:
     """featurize extract as a user runs it against the cluster; (exit code, stderr, seconds)."""
     config = write_config(tmp_path, model, address, num_images, **run)
@@ -81,6 +103,7 @@ def write_config(tmp_path: Path, model: Path, address: str, num_images: int, **r
 
 def test_defaults_run_on_the_head_and_say_how_to_use_the_gpu_nodes(tmp_path, tiny_model, autoscaling_cluster):
     address, _ = autoscaling_cluster
+    wait_for_status(address, lambda status: not gpu_nodes_active(status))  # GPU nodes another test used are gone
     code, stderr, _ = run_featurize(tmp_path, tiny_model, address, 40, shard_size=20)
     assert code == 0, stderr[-3000:]
     text = " ".join(stderr.split())
@@ -132,6 +155,8 @@ def test_elastic_pool_grows_onto_gpu_nodes_and_a_lost_node_loses_nothing(tmp_pat
     assert len(gpu_nodes) >= 3 and HEAD_NODE_ID not in gpu_nodes and killed in gpu_nodes
     assert all(actor["accelerator_ids"] == ["0"] for actor in actors)  # one fake GPU a node
     assert "actor lost" in text  # the killed node's piece was retried
+    # the request is cleared: the autoscaler is free to scale the GPU group down
+    wait_for_status(address, lambda status: "From request_resources:\n (none)" in status, timeout=30)
 
 
 def kill_a_gpu_node(temp_dir: Path) -> str:
