@@ -5,7 +5,8 @@ In one invocation, for one backbone and batch size, on photo-like JPEGs generate
   (b) full pipeline: listing to committed Parquet on a local Ray with one actor, steady state measured
       between the first and the last shard commit; startup (command to first commit) reported apart;
   (c) the Keras-docs loop: load_img, img_to_array, preprocess_input, predict, one image at a time.
-Plus JPEG draft decoding on camera-size files (decode time with and without). Ratios b/a and b/c are
+Plus JPEG draft decoding on camera-size files (decode time with and without), and what the content hashes
+(sha256, phash) cost: (b) run again with `output.content_hashes` off and on, alternately, as a ratio. Ratios b/a and b/c are
 the figures to read: they hold on a noisy machine where absolute images/s do not. On Linux, (b) also
 reports how many cores were busy in its steady state and how much time the hypervisor stole, and, on a
 CPU, the b/a ceiling set by decode sharing the model's cores.
@@ -44,6 +45,7 @@ class BenchSettings:
     gpus_per_actor: float | None = None  # None: 1 on a GPU machine, 0 on CPU
     manifest_entries: int = 1_000_000  # driver memory to plan a manifest this long; 0 skips it
     runtime: str = "auto"  # model.runtime of (a) and (b)
+    hash_pairs: int = 2  # (b) without then with content hashes (order alternating), this many times; 0 skips
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
@@ -181,7 +183,8 @@ def cpu_ceiling(bare: float, decode_rate: float, cores: int) -> float:
     return 1.0 / (1.0 + bare / (cores * decode_rate))
 
 
-def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output: Path) -> dict:
+def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output: Path,
+                  content_hashes: bool = True) -> dict:
     """(b) listing -> committed Parquet on a local Ray with one actor; steady state between commits."""
     from pipeline.extract.driver import run_extract
     from pipeline.output import ledger
@@ -190,7 +193,8 @@ def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output
     config = ExtractConfig(input=InputConfig(uri=(str(image_dir),)), model=model_config(settings, weights),
                            run=RunConfig(actors=1, batch_size=settings.batch_size, shard_size=shard_size(image_dir),
                                          gpus_per_actor=gpus_per_actor),
-                           output=OutputConfig(uri=str(output), mode="overwrite")).validate()
+                           output=OutputConfig(uri=str(output), mode="overwrite",
+                                               content_hashes=content_hashes)).validate()
     with CpuMonitor() as monitor:
         success = run_extract(config)
     commits = sorted(ledger.read_commits(str(output)).values(), key=lambda record: record.committed_at)
@@ -201,6 +205,20 @@ def full_pipeline(settings: BenchSettings, weights: str, image_dir: Path, output
             "startup_seconds": success["seconds"]["startup"], "total_seconds": success["seconds"]["total"],
             "rows": success["rows"], "timings": success["timings"],
             "cpu": monitor.between(commits[0].committed_at, commits[-1].committed_at)}
+
+
+def hash_cost(settings: BenchSettings, weights: str, image_dir: Path, output: Path) -> dict:
+    """Steady-state (b) with content hashes over (b) without, pair by pair, alternating which runs first so that
+    a drift of the shared machine's load does not favour either side."""
+    ratios, rates = [], {"with": [], "without": []}
+    for pair in range(settings.hash_pairs):
+        order = (False, True) if pair % 2 == 0 else (True, False)
+        measured = {hashes: full_pipeline(settings, weights, image_dir, output, hashes)["images_per_second"]
+                    for hashes in order}
+        rates["with"].append(measured[True])
+        rates["without"].append(measured[False])
+        ratios.append(measured[True] / measured[False])
+    return {"ratios": ratios, "median_ratio": float(np.median(ratios)), "images_per_second": rates}
 
 
 def keras_docs_loop(settings: BenchSettings, paths: list[Path]) -> float:
@@ -266,6 +284,7 @@ def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
         pipeline = full_pipeline(settings, weights, scratch / "images", scratch / "out")
         bare = bare_model.measure()
         decode_rate = decode_per_core(settings, paths[:64])
+        hashes = hash_cost(settings, weights, scratch / "images", scratch / "out") if settings.hash_pairs else None
         result = {
             "settings": asdict(settings),
             "runtime": bare_model.runtime,
@@ -277,6 +296,8 @@ def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
             "cores_to_feed_bare_model": bare / decode_rate,
             "cpu_count": os.cpu_count(),
         }
+        if hashes:
+            result["content_hashes"] = hashes
         if not pipeline_on_gpu(settings):
             result["cpu_ceiling_over_bare"] = cpu_ceiling(bare, decode_rate, os.cpu_count())
         if settings.loop_images:
@@ -346,6 +367,11 @@ def print_bench(result: dict, console) -> None:
         lines.append(("b / c", f"{result['pipeline_over_keras_loop']:.1f}"))
     lines.append(("startup (command to first commit)", f"{pipeline['startup_seconds']:.1f} s"))
     lines += stage_split(pipeline["timings"])
+    if "content_hashes" in result:
+        ratios = result["content_hashes"]["ratios"]
+        each = ", ".join(f"{ratio:.3f}" for ratio in ratios)
+        lines.append(("(b) with / without content hashes",
+                      f"{result['content_hashes']['median_ratio']:.3f} (median of {len(ratios)} pairs: {each})"))
     lines.append(("decode per core", f"{result['decode_images_per_second_per_core']:.0f} images/s; "
                                      f"{result['cores_to_feed_bare_model']:.1f} cores feed the bare model"))
     if "camera_jpeg_draft" in result:
