@@ -355,11 +355,13 @@ def command_dedup(arguments) -> int:
     from pipeline.config import DedupConfig
 
     config = load_config(DedupConfig, arguments.config, arguments.set)
-    counts = dedup(config)["counts"]
-    console.print(f"{counts['rows']} images in {counts['groups']} groups: {counts['duplicates']} near-duplicates "
-                  f"in {counts['groups_with_duplicates']} groups (keep the rest); groups.parquet in "
-                  f"{config.output.uri}")
-    warning = chaining_warning(counts, config.dedup.threshold)
+    success = dedup(config, say=lambda line: console.print(line, style="yellow", highlight=False))
+    counts = success["counts"]
+    exact = f", {counts['exact_pairs']} of them exact copies" if "exact_pairs" in counts else ""
+    console.print(f"{counts['rows']} images in {counts['groups']} groups: {counts['duplicates']} duplicates{exact} "
+                  f"in {counts['groups_with_duplicates']} groups (keep the rest; verify: {success.get('verify')}); "
+                  f"groups.parquet in {config.output.uri}")
+    warning = chaining_warning(counts, success["threshold"])
     if warning:
         console.print(warning, style="yellow", highlight=False)
     return 0
