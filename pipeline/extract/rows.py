@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.extract.archives import member_key
@@ -110,3 +111,20 @@ def read_features(output_uri: str, storage_options: dict | None = None, columns:
         return row_schema(1).empty_table()
     # files written before the `key`, `sha256` and `phash` columns: nulls
     return pa.concat_tables(tables, promote_options="default")
+
+
+def shared_bytes(output_uri: str, files: list[str], storage_options: dict | None = None) -> dict | None:
+    """How many ok rows share their bytes (sha256) with another row, and in how many distinct contents; None when
+    the files predate the sha256 column (or were written with output.content_hashes: false)."""
+    digests = []
+    for path in files:
+        parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(storage.join(output_uri, path), storage_options)))
+        if "sha256" not in parquet.schema_arrow.names:
+            return None
+        table = parquet.read(columns=["status", "sha256"])
+        digests.append(table.filter(pc.equal(table.column("status"), "ok")).column("sha256"))
+    values = pa.chunked_array(digests, pa.string())
+    if values.null_count:
+        return None
+    counts = values.value_counts().field("counts").to_numpy() if len(values) else np.zeros(0, np.int64)
+    return {"images": int(counts[counts > 1].sum()), "contents": int((counts > 1).sum())}
