@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--camera-images", type=int, default=16, help="4000x3000 JPEGs for the draft-mode figures")
     bench.add_argument("--runtime", default="auto", choices=("auto", "keras", "litert"),
                        help="model.runtime for (a) and (b); (c) is always the Keras loop users write")
-    bench.add_argument("--hash-pairs", type=int, default=2,
-                       help="(b) without and with the content hashes (sha256, phash) this many times; 0 skips")
+    bench.add_argument("--hash-pairs", type=int, default=8,
+                       help="shards without and with the content hashes (sha256, phash), this many pairs; 0 skips")
     bench.add_argument("--manifest-entries", type=int, default=1_000_000,
                        help="driver memory to plan a manifest this long; 0 skips it")
     bench.add_argument("--output", default="results/bench", help="where bench.json and bench.png go")
