@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import shutil
 import tarfile
+from pathlib import Path
 
 import imagehash
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image, ImageOps
+from rich.console import Console
 
+from pipeline.cli import main
 from pipeline.extract.archives import member_uri
 from pipeline.extract.decode import decode_image
 from pipeline.extract.worker import ShardSettings, ShardTask, process_shard
+from pipeline.tools.report import inspect_output
 from tests.extract.test_worker import StandInExtractor
+from tests.helpers import read_rows, write_extract_config, write_labelled_images
 from tests.images import EXIF_ORIENTATION_TAG, encode, photo_bytes, photo_like_image
 
 
@@ -115,3 +123,41 @@ def test_phash_agrees_with_imagehash_over_hundreds_of_photos_sizes_and_formats()
     assert drafted and max(drafted) <= 4, drafted  # draft-decoded JPEGs: the pixels differ a little
     print(f"phash vs imagehash: mean {np.mean(differences):.3f}, max {max(differences)} bits over {len(differences)}; "
           f"{len(drafted)} drafted JPEGs: {drafted}")
+
+
+@pytest.mark.ray
+def test_a_run_writes_the_hashes_inspect_counts_shared_bytes_and_an_older_output_is_not_mixed(
+        tmp_path, ray_local, tiny_model, capsys):
+    images = tmp_path / "images"
+    paths = write_labelled_images(images, num_classes=2, per_class=6)
+    shutil.copy(paths[0], images / "class_0" / "copy-a.png")
+    shutil.copy(paths[0], images / "class_1" / "copy-b.png")
+    shutil.copy(paths[1], images / "class_1" / "copy-c.png")
+    output = tmp_path / "out"
+    config = write_extract_config(tmp_path / "extract.json", images, tiny_model, output, model={"runtime": "keras"},
+                                  run={"shard_size": 5})
+    assert main(["extract", "--config", str(config)]) == 0
+    rows, _ = read_rows(output)
+    for uri, sha256 in zip(rows["uri"], rows["sha256"]):
+        assert sha256 == hashlib.sha256(Path(uri).read_bytes()).hexdigest()
+    assert rows["phash"].str.fullmatch("[0-9a-f]{16}").all()
+
+    capsys.readouterr()
+    summary = inspect_output(str(output), Console(width=300))
+    assert summary["shared_bytes"] == {"images": 5, "contents": 2}  # paths[0] three times, paths[1] twice
+    assert "5 images share their bytes with another (2 contents)" in capsys.readouterr().out
+
+    # The same output as a featurize older than the columns left it: its plan has no `content_hashes` input.
+    plan_file = output / "_plan.json"
+    plan = json.loads(plan_file.read_text())
+    del plan["fingerprint_inputs"]["content_hashes"]
+    plan_file.write_text(json.dumps(plan))
+    assert main(["extract", "--config", str(config)]) == 0  # finished: a resume writes nothing, nothing to mix
+    (output / "_commits" / "shard-00001.json").unlink()  # a shard left to run
+    capsys.readouterr()
+    assert main(["extract", "--config", str(config)]) == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert "older than the sha256 and phash columns" in message and "output.mode: overwrite" in message
+    assert main(["extract", "--config", str(config), "--set", "output.mode=overwrite"]) == 0
+    rows, _ = read_rows(output)
+    assert rows["sha256"].notna().all() and len(rows) == 15
