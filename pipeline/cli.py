@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         analyse.set_defaults(handler=handler)
 
     demo = commands.add_parser("demo", parents=[common],
-                               help="offline end-to-end run: sample data, extract, train, summary")
+                               help="offline end-to-end run: sample data, extract, HTML report, train, summary")
     demo.add_argument("--workdir", default="results/demo", help="where sample data and results go")
     demo.set_defaults(handler=command_demo)
     return parser
