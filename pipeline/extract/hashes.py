@@ -5,6 +5,7 @@ and `phash`, imagehash's 64-bit DCT perceptual hash of the decoded upright pixel
 median), so a user can recompute it with the library from the file. It is taken before the resize to the model's
 input, from the image as decode_image holds it: upright (EXIF applied), alpha composited on the background, and
 for large JPEGs draft-decoded at reduced scale, which can move a bit or two (docs/analyse.md has the figures).
+Its cost is mostly Pillow's Lanczos pass over the whole greyscale image: about half a decode (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from __future__ import annotations
 import hashlib
 
 from PIL import Image
-
-PHASH_BITS = 64
-
 
 def bytes_sha256(data: bytes) -> str:
     """Hex digest of the bytes (hashlib releases the GIL on large buffers: the decode threads run in parallel)."""
