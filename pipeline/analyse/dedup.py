@@ -89,9 +89,9 @@ def chaining_warning(counts: dict, threshold: float) -> str | None:
             "it with `featurize report OUTPUT` and raise dedup.threshold (docs/analyse.md)")
 
 
-def fallback_warning(num_missing: int, num_rows: int) -> str:
+def fallback_warning(num_missing: int, num_rows: int, threshold: float) -> str:
     return (f"warning: {num_missing} of {num_rows} images have no sha256/phash (an output written before them, or "
-            f"with output.content_hashes: false), so dedup compares cosine alone at {COSINE_ONLY_THRESHOLD}: "
+            f"with output.content_hashes: false), so dedup compares cosine alone at {threshold}: "
             "crops of one photo may join its group. Extract again (output.mode: overwrite) to verify with the "
             "hashes, or set dedup.verify: none to say so")
 
@@ -138,9 +138,9 @@ def dedup(config: DedupConfig, say=print) -> dict:
 
     hashes, num_missing = read_hashes(feature_set, read_options, options.batch_rows)
     verify = options.verify if hashes is not None else "none"
-    if options.verify == "phash" and hashes is None:
-        say(fallback_warning(num_missing, num_rows))
     threshold = effective_threshold(options, verify)
+    if options.verify == "phash" and hashes is None:
+        say(fallback_warning(num_missing, num_rows, threshold))
     index = build_faiss(plan, config.index, batches)
     set_search_knobs(index, plan.kind, IVF_NPROBE, HNSW_EF_SEARCH)
     rows, columns, pair_counts = duplicate_pairs(index, batches(), options, hashes, verify, threshold)
