@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.analyse import output as analyse_output
-from pipeline.analyse.index import build_faiss, check_same_provenance, choose_index
-from pipeline.analyse.search import set_search_knobs
+from pipeline.analyse.index import build_faiss, choose_index
+from pipeline.analyse.neighbours import set_search_knobs
 from pipeline.analyse.verify import RowHashes, exact_pairs, hamming, read_hashes, verified
 from pipeline.analyse.vectors import as_metric_space, fingerprint_of, num_ok_rows, ok_batches, sources_document
 from pipeline.config import COSINE_ONLY_THRESHOLD, VERIFIED_THRESHOLD, DedupConfig, DedupOptions, memory_bytes
 from pipeline.io import storage
-from pipeline.train.features import open_features
+from pipeline.output.features import open_features
 
 GROUPS_FILE = "groups.parquet"
 GROUPS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False),
@@ -122,7 +122,6 @@ def dedup(config: DedupConfig, say=print) -> dict:
     """Write (or find already written) the duplicate groups; returns the `_SUCCESS` document. `say` gets the
     fallback warning."""
     options, out, read_options = config.dedup, config.output, config.features.storage_options
-    check_same_provenance(config.features.uri, read_options)
     feature_set = open_features(config.features.uri, read_options)
     num_rows = num_ok_rows(feature_set, read_options)
     plan = choose_index(num_rows, feature_set.feature_dim, memory_bytes(config.index.memory_budget),

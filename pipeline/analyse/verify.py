@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.train.features import FeatureSet, parquet_file
+from pipeline.output.features import FeatureSet, parquet_file
 
 HASH_COLUMNS = ("sha256", "phash")
 

@@ -11,9 +11,9 @@ from rich.console import Console
 from pipeline.charts import key_value_table
 from pipeline.errors import ConfigError
 from pipeline.extract.plan import Plan
-from pipeline.extract.rows import shared_bytes
 from pipeline.io import redaction, storage
 from pipeline.output import layout, lease, ledger
+from pipeline.output.features import shared_bytes
 
 
 def print_extract_summary(success: dict, console: Console) -> None:
