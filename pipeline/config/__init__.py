@@ -8,6 +8,8 @@ Every name is re-exported here: `from pipeline.config import X` is the way in.
 """
 
 from pipeline.config.analyse import (
+    COSINE_ONLY_THRESHOLD,
+    VERIFIED_THRESHOLD,
     MEMORY_UNITS,
     OUTPUT_URI_REQUIRED,
     AnalyseOutputConfig,
