@@ -54,29 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", action="store_true",
                         help="show library and Ray worker logs (TensorFlow, Ray) on the terminal too")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(commands, common)
+    return parser
 
-    extract = commands.add_parser("extract", parents=[common], help="extract features and top-k predictions to Parquet")
-    add_config_arguments(extract)
-    extract.set_defaults(handler=command_extract)
 
-    train = commands.add_parser("train", parents=[common], help="train and evaluate a classifier on extracted features")
-    add_config_arguments(train)
-    train.set_defaults(handler=command_train)
+def config_command(name: str, handler, help_text: str):
+    """The parser of a command that runs on a config: `featurize NAME --config FILE [--set ...]`."""
+    def add_command(commands, common: argparse.ArgumentParser) -> None:
+        command = commands.add_parser(name, parents=[common], help=help_text)
+        add_config_arguments(command)
+        command.set_defaults(handler=handler)
+    return add_command
 
-    compare = commands.add_parser("compare", parents=[common],
-                                  help="compare backbones (and random-init baselines) with one probe")
-    add_config_arguments(compare)
-    compare.set_defaults(handler=command_compare)
 
+def add_predict_command(commands, common: argparse.ArgumentParser) -> None:
     predict = commands.add_parser("predict", parents=[common], help="apply a trained classifier to extracted features")
     predict.add_argument("--model", required=True, help="output directory of `featurize train`")
     predict.add_argument("--features", required=True, help="output directory of `featurize extract`")
     predict.add_argument("--output", required=True, help="where to write the predictions (any fsspec URI)")
     predict.set_defaults(handler=command_predict)
 
+
+def add_models_command(commands, common: argparse.ArgumentParser) -> None:
     models = commands.add_parser("models", parents=[common], help="list the backbone zoo")
     models.set_defaults(handler=command_models)
 
+
+def add_inspect_command(commands, common: argparse.ArgumentParser) -> None:
     inspect = commands.add_parser("inspect", parents=[common],
                                   help="summarise an output of extract, predict, train, index, search or dedup: "
                                        "rows, errors, schema, shards, metrics")
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(inspect, required=False, config_help=STORE_CONFIG_HELP)
     inspect.set_defaults(handler=command_inspect)
 
+
+def add_report_command(commands, common: argparse.ArgumentParser) -> None:
     report = commands.add_parser("report", parents=[common],
                                  help="an HTML report with pictures of an extract, search or dedup output",
                                  description="Write an HTML page to open in a browser: for extract, throughput "
@@ -102,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "the output's)")
     report.set_defaults(handler=command_report)
 
+
+def add_lease_command(commands, common: argparse.ArgumentParser) -> None:
     lease = commands.add_parser("lease", help="the lease that keeps two runs off one output")
     lease_commands = lease.add_subparsers(required=True, metavar="ACTION")
     break_ = lease_commands.add_parser("break", parents=[common],
@@ -113,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(break_, required=False, config_help=STORE_CONFIG_HELP)
     break_.set_defaults(handler=command_lease_break)
 
+
+def add_weights_command(commands, common: argparse.ArgumentParser) -> None:
     weights = commands.add_parser("weights", help="manage weights files")
     weights_commands = weights.add_subparsers(required=True, metavar="ACTION")
     pull = weights_commands.add_parser("pull", parents=[common],
@@ -121,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--to", required=True, dest="destination", help="file URI, e.g. s3://bucket/resnet50.weights.h5")
     pull.set_defaults(handler=command_weights_pull)
 
+
+def add_bench_command(commands, common: argparse.ArgumentParser) -> None:
     bench = commands.add_parser("bench", parents=[common],
                                 help="throughput: bare model vs pipeline vs the Keras-docs loop",
                                 description="Measure (a) the bare model, (b) the whole pipeline and (c) the "
@@ -151,20 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--index-queries", type=int, default=500, help="queries for --index")
     bench.set_defaults(handler=command_bench)
 
-    # --- analyse: index, search, dedup (pipeline/analyse/) ---
-    for name, handler, help_text in (
-            ("index", command_index, "build a similarity index (faiss) over extracted features"),
-            ("search", command_search, "nearest neighbours of images or indexed uris in an index"),
-            ("dedup", command_dedup, "near-duplicate groups and a keep-list from extracted features")):
-        analyse = commands.add_parser(name, parents=[common], help=help_text)
-        add_config_arguments(analyse)
-        analyse.set_defaults(handler=handler)
 
+def add_demo_command(commands, common: argparse.ArgumentParser) -> None:
     demo = commands.add_parser("demo", parents=[common],
                                help="offline end-to-end run: sample data, extract, HTML report, train, summary")
     demo.add_argument("--workdir", default="results/demo", help="where sample data and results go")
     demo.set_defaults(handler=command_demo)
-    return parser
+
+
 
 
 STORE_CONFIG_HELP = ("a config whose output.storage_options reach the output (endpoint, profile); without it the "
@@ -371,6 +378,19 @@ def command_demo(arguments) -> int:
     from pipeline.tools.demo import run_demo
 
     return run_demo(arguments.workdir, console, arguments.verbose)
+
+
+COMMANDS = (  # in the order of `featurize --help`
+    config_command("extract", command_extract, "extract features and top-k predictions to Parquet"),
+    config_command("train", command_train, "train and evaluate a classifier on extracted features"),
+    config_command("compare", command_compare, "compare backbones (and random-init baselines) with one probe"),
+    add_predict_command, add_models_command, add_inspect_command, add_report_command, add_lease_command,
+    add_weights_command, add_bench_command,
+    config_command("index", command_index, "build a similarity index (faiss) over extracted features"),
+    config_command("search", command_search, "nearest neighbours of images or indexed uris in an index"),
+    config_command("dedup", command_dedup, "near-duplicate groups and a keep-list from extracted features"),
+    add_demo_command,
+)
 
 
 if __name__ == "__main__":
