@@ -99,6 +99,8 @@ KEY_EFFECTS = {
     "input.uri": ROWS, "input.labels": ROWS, "input.extensions": ROWS,
     "input.uri_column": "where a manifest keeps its URIs; input.uri is fingerprinted and the listing frozen",
     "input.storage_options": "how the input is reached (endpoint, credentials), not what it holds",
+    "input.reader": "how image bytes are fetched (a reader of your own), not what they are",
+    "input.reader_options": "the reader's own options",
     "model.backbone": FEATURES, "model.weights": FEATURES, "model.layer": FEATURES, "model.pooling": FEATURES,
     "model.input_size": FEATURES, "model.preprocess": FEATURES, "model.resize": FEATURES,
     "model.draft_margin": FEATURES,
