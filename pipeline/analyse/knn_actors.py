@@ -18,13 +18,13 @@ class KnnActor:
     def __init__(self, index_uri: str, storage_options: dict, nprobe: int, ef_search: int, refine_factor: int):
         import faiss
 
-        from pipeline.analyse.search import load_index
+        from pipeline.analyse.neighbours import load_index
 
         faiss.omp_set_num_threads(1)  # one core per actor: the actors are the parallelism
         self.loaded = load_index(index_uri, storage_options, nprobe, ef_search, refine_factor)
 
     def search_file(self, file_uri: str, feature_dim: int, k: int, batch_rows: int) -> pa.Table:
-        from pipeline.analyse.search import NEIGHBOURS_SCHEMA, nearest, neighbours_table
+        from pipeline.analyse.neighbours import NEIGHBOURS_SCHEMA, nearest, neighbours_table
         from pipeline.analyse.vectors import ok_batches
         from pipeline.output.features import FeatureSet
 

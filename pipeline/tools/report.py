@@ -15,6 +15,7 @@ from pipeline.extract.plan import Plan
 from pipeline.extract.rows import WRITER_KEYS, actors_table
 from pipeline.io import redaction, storage
 from pipeline.output import layout, lease, ledger
+from pipeline.output.features import shared_bytes
 
 
 def print_extract_summary(success: dict, console: Console) -> None:
@@ -162,6 +163,9 @@ def inspect_extract_output(output_uri: str, console: Console, storage_options: d
         summary["provenance"] = {key: value for key, value in metadata.items() if key not in WRITER_KEYS}
         lines.append(("schema", summary["schema"]))
         lines += [(f"provenance.{key}", value) for key, value in sorted(summary["provenance"].items())]
+    summary["shared_bytes"] = shared_bytes(output_uri, [file for record in commits.values() for file in record.files],
+                                           storage_options)
+    lines.append(("same bytes", shared_bytes_text(summary["shared_bytes"])))
     console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)}", lines))
     summary["actors"] = actors_table(commits.values())
     if summary["actors"]:
@@ -178,6 +182,13 @@ def actors_rich_table(actors: list[dict]) -> Table:
         table.add_row(actor["actor"][:12], actor["node_id"][:12], ",".join(actor["accelerator_ids"]) or "-",
                       str(actor["shards"]), str(actor["images"]), f"{actor['seconds']:.1f}")
     return table
+
+
+def shared_bytes_text(shared: dict | None) -> str:
+    if shared is None:
+        return "unknown: no sha256 column (written before content hashes, or with output.content_hashes: false)"
+    return (f"{shared['images']} images share their bytes with another ({shared['contents']} contents); "
+            "`featurize dedup` groups them")
 
 
 def generation_rows(plan: Plan, commits: dict) -> list[dict]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    ROOT,
     committed_shards,
     free_port,
     read_rows,
@@ -22,6 +23,7 @@ from tests.helpers import (
     write_extract_config,
     write_labelled_images,
 )
+from tests.readers import reading
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -64,12 +66,13 @@ def test_ray_job_stop_keeps_commits_and_the_resubmitted_job_does_the_rest(tmp_pa
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=12)
     output = tmp_path / "features"
     config = write_extract_config(tmp_path / "config.json", tmp_path / "images", tiny_model, output,
-                                  run={"shard_size": 3, "actors": 0})
-    entrypoint = ["--", sys.executable, "-m", "pipeline.cli", "extract", "--config", str(config)]
-    slow = json.dumps({"env_vars": {"FEATURIZE_TEST_SLOW_SECONDS": "1"}})  # keeps the first job going
+                                  input=reading("Slow", seconds=0.5), run={"shard_size": 3, "actors": 0})
+    # the job's code: featurize is installed; the test's reader comes from this checkout
+    runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}})
+    entrypoint = ["--runtime-env-json", runtime_env, "--", sys.executable, "-m", "pipeline.cli", "extract",
+                  "--config", str(config)]
 
-    submitted = ray_job(address, "submit", "--no-wait", "--submission-id", "extract-1", "--runtime-env-json", slow,
-                        *entrypoint)
+    submitted = ray_job(address, "submit", "--no-wait", "--submission-id", "extract-1", *entrypoint)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     deadline = time.time() + 240
     while committed_shards(output) < 1 and time.time() < deadline:

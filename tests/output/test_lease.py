@@ -29,6 +29,7 @@ from tests.helpers import (
     wait_for_commits_beyond,
     write_labelled_images,
 )
+from tests.readers import reading
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -48,6 +49,52 @@ def plant(output_uri: str, options: dict, **fields) -> LeaseRecord:
                             "expires_after": 30.0, **fields})
     storage.write_bytes(lease.lease_uri(output_uri), record.to_bytes(), options)
     return record
+
+
+class ManualClock:
+    """A lease clock the test moves by hand: heartbeats and expiries without sleeping through them."""
+
+    def __init__(self):
+        self.now = time.time()
+        self.moved = threading.Condition()
+        self.waiting = 0  # threads inside wait(): the heartbeat, once it is waiting for its next beat
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """Until `seconds` of this clock have passed (or the event is set)."""
+        with self.moved:
+            deadline = self.now + seconds
+            self.waiting += 1
+            while not event.is_set() and self.now < deadline:
+                self.moved.wait(0.05)
+            self.waiting -= 1
+        return event.is_set()
+
+    def advance(self, seconds: float) -> None:
+        with self.moved:
+            self.now += seconds
+            self.moved.notify_all()
+
+    def beat(self, seconds: float) -> None:
+        """Move the time on once the heartbeat waits (so that it sees the whole step)."""
+        until(lambda: self.waiting)
+        self.advance(seconds)
+
+    def clock(self) -> lease.Clock:
+        return lease.Clock(now=self.time, monotonic=self.monotonic, wait=self.wait)
+
+
+def until(condition, timeout: float = 30.0) -> None:
+    """Wait for the heartbeat thread to act on a moved clock (a generous bound: it is never the thing measured)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the heartbeat did not act"
+        time.sleep(0.01)
 
 
 def holder(output_uri: str, options: dict) -> LeaseRecord | None:
@@ -95,11 +142,12 @@ def test_dead_holders_are_taken_over_live_ones_are_not(output, caplog):
         assert holder(uri, options).run_id == taken.record.run_id
     assert "more than its expiry of 30 s" in caplog.text
 
-    plant(uri, options, heartbeat_at=time.time(), expires_after=1.0)  # another host, alive a second ago
+    clock = ManualClock()
+    plant(uri, options, heartbeat_at=clock.time(), expires_after=1.0)  # another host, alive a moment ago
     with pytest.raises(LeaseHeld, match="on host elsewhere, pid 4242"):
-        lease.Lease(uri, options).acquire()
-    time.sleep(1.2)  # ... and silent since: expired
-    with lease.held(uri, options):
+        lease.Lease(uri, options, clock=clock.clock()).acquire()
+    clock.advance(1.2)  # ... and silent since: expired
+    with lease.held(uri, options, clock=clock.clock()):
         pass
 
 
@@ -123,16 +171,19 @@ def test_fencing_a_run_whose_lease_was_broken_or_taken_stops(output):
     assert holder(uri, options).run_id == taker.run_id
 
 
-def test_the_heartbeat_keeps_a_lease_alive_and_notices_its_loss(tmp_path, monkeypatch):
-    uri = str(tmp_path / "out")
-    monkeypatch.setenv(lease.SECONDS_VARIABLE, "0.6")  # a heartbeat every 0.2 s
-    alive = lease.Lease(uri).acquire()
-    time.sleep(1.0)  # longer than the expiry: only the heartbeat keeps it
+def test_the_heartbeat_keeps_a_lease_alive_and_notices_its_loss(tmp_path):
+    uri, clock = str(tmp_path / "out"), ManualClock()
+    alive = lease.Lease(uri, seconds=0.6, clock=clock.clock()).acquire()  # a heartbeat every 0.2 s
+    started = alive.record.heartbeat_at
+    for _ in range(5):  # 1.0 s: longer than the expiry, so only the heartbeat keeps it
+        clock.beat(0.2)
+        until(lambda: holder(uri, {}).heartbeat_at == clock.time())
     with pytest.raises(LeaseHeld):
-        lease.Lease(uri).acquire()
-    assert holder(uri, {}).heartbeat_at > time.time() - 0.6
+        lease.Lease(uri, clock=clock.clock()).acquire()
+    assert holder(uri, {}).heartbeat_at == pytest.approx(started + 1.0)
     lease.break_lease(uri)
-    time.sleep(0.6)
+    clock.beat(0.2)
+    until(lambda: alive.lost is not None)
     with pytest.raises(LeaseLost):  # found out by the heartbeat, without asking the store
         alive.raise_if_lost()
     alive.release()
@@ -236,8 +287,10 @@ def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output,
 # --------------------------------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, model: Path, output_uri: str, **output_keys) -> Path:
-    config = {"input": {"uri": str(tmp_path / "images"), "labels": "from_dirs"},
+def write_config(tmp_path: Path, model: Path, output_uri: str, slow: float = 0.0, **output_keys) -> Path:
+    """An extract config; `slow`: seconds more each image takes (a reader injected by the config, shards of 2)."""
+    config = {"input": {"uri": str(tmp_path / "images"), "labels": "from_dirs",
+                        **(reading("Slow", seconds=slow) if slow else {})},
               "model": {"backbone": str(model), "weights": "none", "top_k": 1},
               "run": {"batch_size": 4, "shard_size": 2, "actors": 1, "cpus_per_actor": 1, "decode_threads": 1},
               "output": {"uri": output_uri, **output_keys}}
@@ -275,9 +328,9 @@ def read_output(read, files: list[str]):
 def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny_model):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=5, size=(20, 16))
     output = tmp_path / "features"
-    config = write_config(tmp_path, tiny_model, str(output))
+    config = write_config(tmp_path, tiny_model, str(output), slow=0.25)
     started = time.perf_counter()
-    runs = [featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.5") for _ in range(2)]
+    runs = [featurize_process(config) for _ in range(2)]
     loser = first_to_exit(runs)
     refused_after = time.perf_counter() - started
     winner = next(run for run in runs if run is not loser)
@@ -301,9 +354,9 @@ def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny
     assert main(["extract", "--config", str(config)]) == 0  # finished: a rerun does nothing (and starts no Ray)
     assert json.loads((output / "_SUCCESS").read_text())["shards"]["run"] == 0
 
-    plant(str(output), {}, heartbeat_at=time.time(), expires_after=1.0)  # a run on another host, alive just now
+    plant(str(output), {}, heartbeat_at=time.time(), expires_after=30.0)  # a run on another host, alive just now
     assert main(["extract", "--config", str(config)]) == 2
-    time.sleep(1.2)  # ... and silent for longer than its expiry since
+    plant(str(output), {}, heartbeat_at=time.time() - 31, expires_after=30.0)  # one silent for longer than that
     assert main(["extract", "--config", str(config)]) == 0
     assert json.loads((output / "_SUCCESS").read_text())["shards"]["run"] == 0
     print(f"\n[lease] the second of two runs started together exited 2 after {refused_after:.1f} s")
@@ -315,9 +368,9 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
         tmp_path, tiny_model, ray_local, caplog, capsys, monkeypatch):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=6, size=(20, 16))
     output = tmp_path / "features"
-    config = write_config(tmp_path, tiny_model, str(output))
+    config = write_config(tmp_path, tiny_model, str(output), slow=0.3)
 
-    killed = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.6")
+    killed = featurize_process(config)
     wait_for_commits_beyond(0, output, killed)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
@@ -329,7 +382,6 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
     # The rerun (here, in this process) takes the dead driver's lease over at once, without waiting for its
     # expiry; then its lease is broken mid-run, and it stops without writing anything more.
     caplog.set_level(logging.WARNING, logger="featurize")
-    monkeypatch.setenv("FEATURIZE_TEST_SLOW_SECONDS", "0.6")  # reaches the actors: FEATURIZE_* is forwarded
     before = committed_shards(output)
     codes = []
     rerun = threading.Thread(target=lambda: codes.append(main(["extract", "--config", str(config)])))
@@ -347,8 +399,8 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
     assert "no longer holds the output's lease: its lease was broken" in message and "Traceback" not in message
     assert committed_shards(output) == committed < 6 and not (output / "_SUCCESS").exists()  # nothing more written
 
-    monkeypatch.delenv("FEATURIZE_TEST_SLOW_SECONDS")
-    assert main(["extract", "--config", str(config)]) == 0  # resumes: nothing lost, nothing twice
+    fast = write_config(tmp_path, tiny_model, str(output))  # the reader is not part of the fingerprint
+    assert main(["extract", "--config", str(fast)]) == 0  # resumes: nothing lost, nothing twice
     success = json.loads((output / "_SUCCESS").read_text())
     assert success["shards"] == {"total": 6, "run": 6 - committed, "committed": 6}
     # Every listed file exists. Files the dead driver's actor (Ray's workers outlive a SIGKILLed driver for a
@@ -367,9 +419,9 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
 def test_two_extracts_started_together_on_s3(tmp_path, tiny_model, s3, bucket, moto_endpoint):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=4, size=(20, 16))
     options = {"client_kwargs": {"endpoint_url": moto_endpoint}}
-    config = write_config(tmp_path, tiny_model, f"s3://{bucket}/features", storage_options=options)
+    config = write_config(tmp_path, tiny_model, f"s3://{bucket}/features", slow=0.25, storage_options=options)
     started = time.perf_counter()
-    runs = [featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.5") for _ in range(2)]
+    runs = [featurize_process(config) for _ in range(2)]
     loser = first_to_exit(runs)
     assert time.perf_counter() - started < 20
     winner = next(run for run in runs if run is not loser)
