@@ -147,6 +147,8 @@ def add_bench_command(commands, common: argparse.ArgumentParser) -> None:
     bench.add_argument("--camera-images", type=int, default=16, help="4000x3000 JPEGs for the draft-mode figures")
     bench.add_argument("--runtime", default="auto", choices=("auto", "keras", "litert"),
                        help="model.runtime for (a) and (b); (c) is always the Keras loop users write")
+    bench.add_argument("--hash-pairs", type=int, default=8,
+                       help="shards without and with the content hashes (sha256, phash), this many pairs; 0 skips")
     bench.add_argument("--manifest-entries", type=int, default=1_000_000,
                        help="driver memory to plan a manifest this long; 0 skips it")
     bench.add_argument("--output", default="results/bench", help="where bench.json and bench.png go")
@@ -326,7 +328,8 @@ def command_bench(arguments) -> int:
     settings = BenchSettings(backbone=arguments.backbone, input_size=arguments.input_size,
                              batch_size=arguments.batch_size, num_images=arguments.images,
                              loop_images=arguments.loop_images, camera_images=arguments.camera_images,
-                             runtime=arguments.runtime, manifest_entries=arguments.manifest_entries)
+                             runtime=arguments.runtime, manifest_entries=arguments.manifest_entries,
+                             hash_pairs=arguments.hash_pairs)
     run_bench(settings, Path(arguments.output), console)
     return 0
 
@@ -364,11 +367,13 @@ def command_dedup(arguments) -> int:
     from pipeline.config import DedupConfig
 
     config = load_config(DedupConfig, arguments.config, arguments.set)
-    counts = dedup(config)["counts"]
-    console.print(f"{counts['rows']} images in {counts['groups']} groups: {counts['duplicates']} near-duplicates "
-                  f"in {counts['groups_with_duplicates']} groups (keep the rest); groups.parquet in "
-                  f"{config.output.uri}")
-    warning = chaining_warning(counts, config.dedup.threshold)
+    success = dedup(config, say=lambda line: console.print(line, style="yellow", highlight=False))
+    counts = success["counts"]
+    exact = f", {counts['exact_pairs']} of them exact copies" if "exact_pairs" in counts else ""
+    console.print(f"{counts['rows']} images in {counts['groups']} groups: {counts['duplicates']} duplicates{exact} "
+                  f"in {counts['groups_with_duplicates']} groups (keep the rest; verify: {success.get('verify')}); "
+                  f"groups.parquet in {config.output.uri}")
+    warning = chaining_warning(counts, success["threshold"])
     if warning:
         console.print(warning, style="yellow", highlight=False)
     return 0

@@ -116,6 +116,7 @@ KEY_EFFECTS = {
     "run.decode_threads": SCHEDULING, "run.max_attempts": "retries only",
     "run.max_error_rate": "when the job fails, not what it writes",
     "output.feature_dtype": ROWS,
+    "output.content_hashes": ROWS,  # sha256 and phash, or nulls; an output planned before the key is not resumed
     "output.uri": "where the rows go, not what they are", "output.mode": "what happens to an existing output",
     "output.row_group_size": "Parquet layout, not values",
     "output.storage_options": "how the output is reached (endpoint, credentials)",

@@ -175,6 +175,9 @@ class OutputConfig:
     feature_dtype: Literal["float32", "float16"] = "float32"
     mode: Literal["resume", "overwrite", "error", "append"] = "resume"  # append: only images not yet in the output
     row_group_size: Positive = 1024
+    # sha256 and phash columns of every ok row (exact and verified near-duplicates in `featurize dedup`); false
+    # leaves them null: the phash costs about half a decode an image (docs/performance.md, Content hashes)
+    content_hashes: Flag = True
     storage_options: dict = field(default_factory=dict)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.config import ModelConfig, OutputConfig, reader_builder
 from pipeline.extract import archives
 from pipeline.extract.decode import DecodedImage, decode_image
+from pipeline.extract.hashes import bytes_sha256
 from pipeline.extract.parts import ManifestSlice, read_slice
 from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import faults, storage
@@ -72,7 +73,8 @@ class DecodeSettings:
     input_storage_options: dict
     resize: str = ModelConfig.resize
     draft_margin: int = ModelConfig.draft_margin
-    reader: str | None = None  # input.reader: a builder of read(uri) -> bytes; None: fsspec
+    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok image
+    reader: str | None = None  # input.reader: a builder of a Reader; None: fsspec
     reader_options: dict = field(default_factory=dict)
 
     @property
@@ -115,6 +117,7 @@ class ShardSettings:
     draft_margin: int = ModelConfig.draft_margin
     feature_dtype: str = OutputConfig.feature_dtype
     row_group_size: int = OutputConfig.row_group_size
+    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
     reader: str | None = None  # input.reader
@@ -122,8 +125,8 @@ class ShardSettings:
 
     @property
     def decode(self) -> DecodeSettings:
-        return DecodeSettings(self.input_storage_options, self.resize, self.draft_margin, self.reader,
-                              self.reader_options)
+        return DecodeSettings(self.input_storage_options, self.resize, self.draft_margin, self.content_hashes,
+                              self.reader, self.reader_options)
 
 
 @dataclass
@@ -146,6 +149,7 @@ class Item:
     image: DecodedImage
     fetch_seconds: float
     decode_seconds: float
+    sha256: str | None = None
 
 
 def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], settings: DecodeSettings) -> Item:
@@ -165,8 +169,10 @@ def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: floa
                    settings: DecodeSettings) -> Item:
     """Bytes already fetched (a loose file, or an archive member off its stream) -> an Item."""
     started = time.perf_counter()
-    image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
-    return Item(uri, label, image, fetch_seconds, time.perf_counter() - started)
+    image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin,
+                         perceptual_hash=settings.content_hashes)
+    sha256 = bytes_sha256(data) if settings.content_hashes and image.error is None else None
+    return Item(uri, label, image, fetch_seconds, time.perf_counter() - started, sha256)
 
 
 def error_item(uri: str, label: str | None, reason: str, fetch_seconds: float = 0.0) -> Future:
@@ -299,7 +305,7 @@ def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[st
         indices = output.top_k_indices[position]
         labels = [class_names[index] if class_names else str(index) for index in indices]
         rows.add_ok(item.uri, item.label, image.width, image.height, output.features[position], labels,
-                    output.top_k_scores[position].tolist())
+                    output.top_k_scores[position].tolist(), item.sha256, image.phash)
         position += 1
 
 
