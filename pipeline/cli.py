@@ -1,10 +1,7 @@
 """`featurize` subcommands. Thin: parse, load config, call the stage, print a summary, set the exit code.
-
-Exit codes (the README's table): 0 done; 1 error rate above `run.max_error_rate` (good rows committed);
-2 a problem the user can fix (config, paths, credentials, a refused model), reported without a traceback;
-130/143 interrupted by SIGINT/SIGTERM (commits kept, the same command resumes); 3 anything else: a bug in
-featurize or a run the cluster could not finish, with its traceback.
-"""
+Exit codes (the README's table): 0 done; 1 error rate above `run.max_error_rate` (good rows committed); 2 a problem
+the user can fix (config, paths, credentials, a refused model), without a traceback; 130/143 interrupted (commits
+kept, the same command resumes); 3 anything else (a bug, a run the cluster could not finish), with its traceback."""
 
 from __future__ import annotations
 
@@ -373,8 +370,7 @@ def command_dedup(arguments) -> int:
     console.print(f"{counts['rows']} images in {counts['groups']} groups: {counts['duplicates']} duplicates{exact} "
                   f"in {counts['groups_with_duplicates']} groups (keep the rest; verify: {success.get('verify')}); "
                   f"groups.parquet in {config.output.uri}")
-    warning = chaining_warning(counts, success["threshold"])
-    if warning:
+    if warning := chaining_warning(counts, success["threshold"]):
         console.print(warning, style="yellow", highlight=False)
     return 0
 
