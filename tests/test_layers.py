@@ -71,7 +71,8 @@ def imported_names(path: Path, name: str) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     """module -> the pipeline modules it imports."""
     known = modules()
-    return {name: {target for target in imported_names(path, name) if target in known and target not in (name, "pipeline")}
+    return {name: {target for target in imported_names(path, name)
+                   if target in known and target not in (name, "pipeline")}
             for name, path in known.items()}
 
 
