@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(compare)
     compare.set_defaults(handler=command_compare)
 
+    finetune = commands.add_parser("finetune", parents=[common],
+                                   help="fine-tune a network with a new head on labelled images -> model.keras")
+    add_config_arguments(finetune)
+    finetune.set_defaults(handler=command_finetune)
+
     predict = commands.add_parser("predict", parents=[common], help="apply a trained classifier to extracted features")
     predict.add_argument("--model", required=True, help="output directory of `featurize train`")
     predict.add_argument("--features", required=True, help="output directory of `featurize extract`")
@@ -211,6 +216,16 @@ def command_compare(arguments) -> int:
     config = load_config(CompareConfig, arguments.config, arguments.set)
     compare(config, console)
     console.print(f"comparison written to {config.output.uri} (compare.json, compare.png)")
+    return 0
+
+
+def command_finetune(arguments) -> int:
+    from pipeline.finetune.config import load_finetune_config
+    from pipeline.finetune.report import print_finetune_summary
+    from pipeline.finetune.stage import finetune
+
+    config = load_finetune_config(arguments.config, arguments.set)
+    print_finetune_summary(finetune(config, arguments.verbose), config.output.uri, console)
     return 0
 
 

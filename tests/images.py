@@ -313,3 +313,48 @@ def write_samples(directory: str | Path, samples: dict[str, bytes] | None = None
         paths[name] = directory / name
         paths[name].write_bytes(data)
     return paths
+
+
+# --- a task no pretrained network saw: digits scattered over photo clutter -----------------
+
+CLUTTER_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def write_cluttered_digits(directory: Path, images_per_class: int, side: int = 160, seed: int = 0) -> list[Path]:
+    """JPEGs in one folder per digit (digit_0 ... digit_9): a scikit-learn 8x8 digit scan, scaled, rotated and
+    coloured, pasted at a random place on a random crop of a scikit-image photo, with a second, smaller digit
+    of another class as a distractor. Neither the dog-breed network nor ImageNet saw this task."""
+    import skimage.data
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    photos = [getattr(skimage.data, name)()[..., :3] for name in CLUTTER_PHOTOS]
+    rng = np.random.default_rng(seed)
+    paths = []
+    for label in range(10):
+        folder = directory / f"digit_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        scans = np.flatnonzero(digits.target == label)
+        for index in range(images_per_class):
+            canvas = photo_crop(photos[rng.integers(len(photos))], side, rng)
+            other = rng.choice(np.flatnonzero(digits.target != label))
+            paste_digit(canvas, digits.images[other], int(rng.integers(side // 8, side // 5)), rng)
+            paste_digit(canvas, digits.images[scans[index % len(scans)]], int(rng.integers(side // 3, side // 2)), rng)
+            path = folder / f"{index:04d}.jpg"
+            canvas.save(path, quality=90)
+            paths.append(path)
+    return paths
+
+
+def photo_crop(photo: np.ndarray, side: int, rng: np.random.Generator) -> Image.Image:
+    crop = int(rng.integers(side // 2, min(photo.shape[:2])))
+    top, left = rng.integers(0, photo.shape[0] - crop + 1), rng.integers(0, photo.shape[1] - crop + 1)
+    return Image.fromarray(photo[top:top + crop, left:left + crop]).resize((side, side), Image.BILINEAR)
+
+
+def paste_digit(canvas: Image.Image, scan: np.ndarray, size: int, rng: np.random.Generator) -> None:
+    mask = Image.fromarray((scan * (255.0 / 16.0)).astype(np.uint8), "L").resize((size, size), Image.BICUBIC)
+    mask = mask.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR)
+    colour = tuple(int(value) for value in rng.integers(0, 256, 3))
+    where = (int(rng.integers(0, canvas.width - size)), int(rng.integers(0, canvas.height - size)))
+    canvas.paste(Image.new("RGB", (size, size), colour), where, mask=mask)
