@@ -56,6 +56,13 @@ class Checkpoints:
                               "overwrite to start again")
         return state
 
+    def peek_state(self) -> State | None:
+        """The state as it is now, for progress (None before the first is written, or while it is replaced)."""
+        try:
+            return State(**ledger.read_json(self.uri(STATE_FILE), self.options))
+        except (OSError, ValueError):
+            return None
+
     def write_state(self, state: State) -> None:
         ledger.write_json(self.uri(STATE_FILE), asdict(state), self.options)
 

@@ -52,6 +52,7 @@ def build_classifier(base: Base, num_classes: int, model_config: ModelConfig, op
     height, width = base.core.input_size
     pixels = keras.Input((height, width, 3), name="pixels")
     features = base.core.model(surgery.preprocess_in_graph(pixels, base.preprocess))
+    features = features[0] if isinstance(features, (list, tuple)) else features  # a zoo cut is a list of one
     _, features = surgery.pooled_features(features, model_config.pooling, None)
     # A layer of the classifier's own graph (not of the nested base) where extract's walk back stops.
     features = keras.layers.Identity(name=FEATURES_NAME)(features)

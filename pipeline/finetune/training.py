@@ -118,9 +118,7 @@ def train_epochs(training_model, stream: Stream, splits: Splits, config: Finetun
                   "accuracy": float(fitted.history["accuracy"][-1]), "val_loss": float(validation["loss"]),
                   "val_accuracy": float(validation["accuracy"]), "seconds": round(time.perf_counter() - started, 2)}
         state.history.append(record)
-        log.info("epoch %d (%s): loss %.4f accuracy %.4f, validation loss %.4f accuracy %.4f, %.1f s", state.epoch,
-                 phase, record["loss"], record["accuracy"], record["val_loss"], record["val_accuracy"],
-                 record["seconds"])
+        log.info(describe_epoch(record))
         if state.best_val_loss is None or record["val_loss"] < state.best_val_loss:
             state.best_val_loss, state.best_epoch, state.epochs_since_best = record["val_loss"], state.epoch, 0
             checkpoints.save_model(classifier, BEST_FILE)
@@ -131,6 +129,11 @@ def train_epochs(training_model, stream: Stream, splits: Splits, config: Finetun
                 state.phase_done.append(phase)
         checkpoints.save_model(training_model, LAST_FILE)
         checkpoints.write_state(state)  # last: the state names only what is written
+
+
+def describe_epoch(record: dict) -> str:
+    return (f"epoch {record['epoch']} ({record['phase']}): loss {record['loss']:.4f} accuracy {record['accuracy']:.4f}, "
+            f"validation loss {record['val_loss']:.4f} accuracy {record['val_accuracy']:.4f}, {record['seconds']:.1f} s")
 
 
 def predict(classifier, stream: Stream, part: Part, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

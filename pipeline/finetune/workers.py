@@ -16,7 +16,7 @@ import ray
 from pipeline.errors import USER_ERRORS, ConfigError
 from pipeline.extract.driver import Interrupted, connect, forwarded_environment, stop_on_signals
 from pipeline.finetune.checkpoints import Checkpoints
-from pipeline.finetune.training import Job, Outcome, run_training
+from pipeline.finetune.training import Job, Outcome, describe_epoch, run_training
 from pipeline.io import redaction
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,18 @@ def worker_resources(run, cluster: dict) -> tuple[int, float]:
     return cpus, gpus
 
 
+def wait_reporting_epochs(result: ray.ObjectRef, job: Job, interval: float = 5.0) -> Outcome:
+    """The worker's outcome; meanwhile each finished epoch is logged from the state it checkpoints."""
+    checkpoints = Checkpoints(job.config.output.uri, job.config.output.storage_options)
+    reported = None
+    while not ray.wait([result], timeout=interval)[0]:
+        state = checkpoints.peek_state()
+        if state is not None and state.history and state.epoch != reported:
+            reported = state.epoch
+            log.info(describe_epoch(state.history[-1]))
+    return ray.get(result)
+
+
 def train_on_ray(job: Job, verbose: bool = False) -> Outcome:
     """Run the training worker to the end, starting another after a lost one (up to `run.max_attempts` starts)."""
     run = job.config.run
@@ -71,7 +83,7 @@ def train_on_ray(job: Job, verbose: bool = False) -> Outcome:
         try:
             with stop_on_signals() as received:
                 try:
-                    return ray.get(worker.train.remote(job, run.decode_threads))
+                    return wait_reporting_epochs(worker.train.remote(job, run.decode_threads), job)
                 except KeyboardInterrupt:
                     raise Interrupted(received.number, "interrupted: the checkpoint of the last finished epoch is "
                                                        "kept; run the same command to resume") from None
