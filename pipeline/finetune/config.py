@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Annotated, Literal
 
-from pipeline.config import InputConfig, ModelConfig, SplitConfig, build, check_explicit_weights
+from pipeline.config import GpuShare, InputConfig, ModelConfig, SplitConfig, build, check_explicit_weights
 from pipeline.errors import ConfigError
 from pipeline.sections import (
     AUTO_OR_COUNT,
@@ -48,7 +48,7 @@ class FinetuneOptions:
     epochs: Count = 5  # phase 2: the top of the network trains with the head (0 = head only)
     learning_rate: PositiveNumber = 1e-4  # phase 2: small, so the pretrained weights move a little
     unfreeze_from: MaybeText = None  # phase 2 trains this layer and every later one ...
-    unfreeze_blocks: Positive = 2  # ... or, when unfreeze_from is unset, the last N blocks (`block_16_*`, `conv5_block3_*`)
+    unfreeze_blocks: Positive = 2  # ... or, without unfreeze_from, the last N blocks (`block_16_*`, `conv5_block3_*`)
     batch_size: Positive = 32  # images per step, over all workers
     dropout: Fraction = 0.2  # before the new head
     validation_fraction: Annotated[Number, FRACTION_OPEN] = 0.1  # of the train split, for early stopping
@@ -61,8 +61,7 @@ class FinetuneOptions:
 class FinetuneRunConfig:
     address: Text = ""  # Ray address; empty = the Ray job's cluster, else a private local Ray
     workers: Positive = 1  # training processes; more than one trains data-parallel
-    gpus_per_worker: Annotated[Number | None, rule(lambda value: value >= 0, "use 0 (CPU only), a count of GPUs, "
-                                                   "or leave it unset (auto)")] = None  # None: 1 on GPU clusters, 0 on CPU
+    gpus_per_worker: GpuShare = None  # None: 1 on GPU clusters, 0 (CPU threads) on CPU clusters
     cpus_per_worker: Annotated[Whole, AUTO_OR_COUNT] = 0  # 0 = the node's cores divided among its workers
     decode_threads: Positive = 4  # fetch+decode threads per worker, ahead of the model
     max_attempts: Positive = 3  # starts of a worker (a lost worker resumes from the last finished epoch)
@@ -95,6 +94,9 @@ class FinetuneConfig:
         if self.split.column:
             raise ConfigError(f"split.column: got {self.split.column!r}; finetune holds out a stratified random "
                               "split: remove split.column and set split.test_fraction")
+        if self.run.workers != 1:
+            raise ConfigError(f"run.workers: got {self.run.workers}; this version trains on one worker (its GPUs or "
+                              "CPUs); data-parallel training over several workers is not built yet: set run.workers: 1")
         if self.model.mixed_precision or self.model.xla:
             raise ConfigError("model.mixed_precision / model.xla: extract options; finetune trains in float32: "
                               "remove them")

@@ -42,9 +42,9 @@ def finetune(config: FinetuneConfig, verbose: bool = False) -> dict:
         checkpoints = Checkpoints(config.output.uri, config.output.storage_options)
         if config.output.mode == "overwrite":
             checkpoints.clear()
-            storage.remove(storage.join(config.output.uri, METRICS_FILE), config.output.storage_options) \
-                if storage.exists(storage.join(config.output.uri, METRICS_FILE), config.output.storage_options) \
-                else None
+            metrics_uri = storage.join(config.output.uri, METRICS_FILE)
+            if storage.exists(metrics_uri, config.output.storage_options):
+                storage.remove(metrics_uri, config.output.storage_options)
         done = finished_metrics(config, fingerprint)
         if done is not None:
             return {**done, "already_done": True}

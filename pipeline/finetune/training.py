@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,8 +110,10 @@ def train_epochs(training_model, stream: Stream, splits: Splits, config: Finetun
             network.compile_for(training_model, learning_rate)
             state.compiled_phase, state.epochs_since_best = phase, 0
         started = time.perf_counter()
-        fitted = training_model.fit(stream.batches(splits.train, options.batch_size, options.seed + state.epoch),
-                                    epochs=1, verbose=0)
+        with warnings.catch_warnings():  # an epoch is one pass over a generator: Keras warns when it ends
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            fitted = training_model.fit(stream.batches(splits.train, options.batch_size, options.seed + state.epoch),
+                                        epochs=1, shuffle=False, verbose=0)
         validation = training_model.evaluate(stream.batches(splits.validation, options.batch_size), verbose=0,
                                              return_dict=True)
         state.epoch += 1
@@ -132,8 +135,9 @@ def train_epochs(training_model, stream: Stream, splits: Splits, config: Finetun
 
 
 def describe_epoch(record: dict) -> str:
-    return (f"epoch {record['epoch']} ({record['phase']}): loss {record['loss']:.4f} accuracy {record['accuracy']:.4f}, "
-            f"validation loss {record['val_loss']:.4f} accuracy {record['val_accuracy']:.4f}, {record['seconds']:.1f} s")
+    return (f"epoch {record['epoch']} ({record['phase']}): loss {record['loss']:.4f} accuracy "
+            f"{record['accuracy']:.4f}, validation loss {record['val_loss']:.4f} accuracy "
+            f"{record['val_accuracy']:.4f}, {record['seconds']:.1f} s")
 
 
 def predict(classifier, stream: Stream, part: Part, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -71,9 +71,6 @@ def wait_reporting_epochs(result: ray.ObjectRef, job: Job, interval: float = 5.0
 def train_on_ray(job: Job, verbose: bool = False) -> Outcome:
     """Run the training worker to the end, starting another after a lost one (up to `run.max_attempts` starts)."""
     run = job.config.run
-    if run.workers != 1:
-        raise ConfigError(f"run.workers: got {run.workers}; this version trains on one worker (its GPUs or "
-                          "CPUs); data-parallel training over several workers is not built yet: set run.workers: 1")
     log.info(connect(run.address, verbose))
     cpus, gpus = worker_resources(run, ray.cluster_resources())
     worker_class = ray.remote(TrainingWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,

