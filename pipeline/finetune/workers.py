@@ -84,7 +84,7 @@ def train_on_ray(job: Job, verbose: bool = False) -> Outcome:
                 except KeyboardInterrupt:
                     raise Interrupted(received.number, "interrupted: the checkpoint of the last finished epoch is "
                                                        "kept; run the same command to resume") from None
-        except ray.exceptions.ActorDiedError as error:
+        except ray.exceptions.RayActorError as error:  # the worker died: its node, the OOM killer, a crash
             if attempt == run.max_attempts:
                 raise RuntimeError(f"the training worker was lost {attempt} times; the last finished epoch is "
                                    "kept: run the same command to resume") from error

