@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scale", action="store_true",
                        help="instead: driver memory and time to first commit for 1M and 10M-entry manifests, and "
                             "tar shards vs loose files on local disk and loopback S3 (bench-scale.json)")
+    bench.add_argument("--s3", metavar="PREFIX", help="with --scale: also measure on this S3 prefix "
+                                                      "(s3://bucket/path; it writes there)")
+    add_config_arguments(bench, required=False, config_help="with --s3: a config whose input.storage_options "
+                                                            "reach the prefix (endpoint_url, profile)")
     bench.add_argument("--index", action="store_true",
                        help="instead: the similarity index kinds (flat, HNSW, IVF-PQ) on clustered vectors: recall@10, "
                             "speed vs exact search, bytes per vector, and what 10M vectors need (bench-index.json)")
@@ -162,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         analyse.set_defaults(handler=handler)
 
     demo = commands.add_parser("demo", parents=[common],
-                               help="offline end-to-end run: sample data, extract, train, summary")
+                               help="offline end-to-end run: sample data, extract, HTML report, train, summary")
     demo.add_argument("--workdir", default="results/demo", help="where sample data and results go")
     demo.set_defaults(handler=command_demo)
     return parser
@@ -315,9 +319,10 @@ def command_bench(arguments) -> int:
     from pathlib import Path
 
     if arguments.scale:
-        from pipeline.tools.bench_scale import ScaleSettings, run_scale_bench
+        from pipeline.tools.bench_scale import S3Target, ScaleSettings, run_scale_bench
 
-        run_scale_bench(ScaleSettings(), Path(arguments.output), console)
+        s3 = S3Target(arguments.s3, store_options(arguments, "input") or {}) if arguments.s3 else None
+        run_scale_bench(ScaleSettings(), Path(arguments.output), console, s3)
         return 0
     if arguments.index:
         from pipeline.analyse.bench import run

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from pipeline.io.faults import StorageError
-
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range; the message says how to fix it."""
+
+
+class StorageError(ValueError):
+    """A storage problem the user has to fix (missing bucket, bad or no credentials): the job stops at once.
+
+    A ValueError, so the CLI reports it as a configuration error (exit 2). Its message is redacted."""
 
 
 USER_ERRORS = (ConfigError, StorageError)  # exit 2: config, paths, credentials, a refused model

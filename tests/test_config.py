@@ -121,6 +121,37 @@ def test_every_extract_key_is_fingerprinted_or_excluded_with_a_reason(tmp_path):
     assert fingerprinted == set(hand_kept_fingerprint_inputs(config))
 
 
+def test_every_extract_key_is_classified_once_in_the_contract():
+    """The contract says, for every key, whether it changes the features, the rows, or only how the job runs;
+    the fingerprint, the provenance checks and the query model of search all derive from that one table."""
+    from pipeline.contract import FEATURE_MODEL_KEYS, FEATURES, KEY_EFFECTS, PROVENANCE_KEYS, ROWS
+
+    config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
+    keys = {f"{section.name}.{item.name}" for section in dataclasses.fields(config)
+            for item in dataclasses.fields(getattr(config, section.name))}
+    assert set(KEY_EFFECTS) == keys
+    assert set(FINGERPRINT_EXCLUDED) == {key for key, effect in KEY_EFFECTS.items() if effect not in (FEATURES, ROWS)}
+    # mixed precision changes the values: fingerprinted by extract, compared by train, index and search alike
+    assert "mixed_precision" in FEATURE_MODEL_KEYS and "compute_dtype" in PROVENANCE_KEYS
+    assert {"resize", "draft_margin", "weights_sha256"} <= set(PROVENANCE_KEYS)
+    assert not {"runtime", "xla", "trust", "top_k", "class_names"} & set(FEATURE_MODEL_KEYS)
+
+
+def test_the_query_model_is_derived_from_provenance_key_by_key():
+    from pipeline.config import model_from_provenance
+
+    provenance = {"backbone": "resnet50", "weights": "imagenet", "layer": "default", "pooling": "none",
+                  "input_size": "96x96", "preprocess": "caffe", "resize": "pad", "draft_margin": "0",
+                  "compute_dtype": "mixed_float16", "runtime": "keras", "top_k": "5"}
+    model = model_from_provenance(provenance)
+    assert (model.backbone, model.weights, model.layer, model.pooling, model.input_size) == (
+        "resnet50", "imagenet", None, "avg", 96)
+    assert (model.preprocess, model.resize, model.draft_margin, model.mixed_precision) == ("caffe", "pad", 0, True)
+    assert (model.top_k, model.runtime) == (0, "keras")
+    assert model_from_provenance({"backbone": "x.keras", "weights": "embedded"}).weights == "none"
+    assert model_from_provenance(provenance, {"resize": "stretch"}).resize == "stretch"
+
+
 def hand_kept_fingerprint_inputs(config: ExtractConfig) -> dict:
     """The fingerprint as it was kept by hand, key by key: what every existing _plan.json recorded."""
     from pipeline.extract.plan import model_files

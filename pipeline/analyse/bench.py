@@ -27,7 +27,7 @@ from pipeline.analyse.index import (
     number_of_lists,
     serialize,
 )
-from pipeline.analyse.search import set_search_knobs
+from pipeline.analyse.neighbours import set_search_knobs
 from pipeline.analyse.vectors import as_metric_space
 from pipeline.config import IndexOptions
 

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.analyse import output as analyse_output
-from pipeline.analyse.index import build_faiss, check_same_provenance, choose_index
-from pipeline.analyse.search import set_search_knobs
+from pipeline.analyse.index import build_faiss, choose_index
+from pipeline.analyse.neighbours import set_search_knobs
 from pipeline.analyse.vectors import as_metric_space, fingerprint_of, num_ok_rows, ok_batches, sources_document
 from pipeline.config import DedupConfig, memory_bytes
 from pipeline.io import storage
-from pipeline.train.features import open_features
+from pipeline.output.features import open_features
 
 GROUPS_FILE = "groups.parquet"
 GROUPS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False),
@@ -82,7 +82,6 @@ def chaining_warning(counts: dict, threshold: float) -> str | None:
 def dedup(config: DedupConfig) -> dict:
     """Write (or find already written) the near-duplicate groups; returns the `_SUCCESS` document."""
     options, out, read_options = config.dedup, config.output, config.features.storage_options
-    check_same_provenance(config.features.uri, read_options)
     feature_set = open_features(config.features.uri, read_options)
     num_rows = num_ok_rows(feature_set, read_options)
     plan = choose_index(num_rows, feature_set.feature_dim, memory_bytes(config.index.memory_budget),

@@ -21,7 +21,6 @@ import pyarrow as pa
 
 from pipeline.analyse import output as analyse_output
 from pipeline.analyse.vectors import (
-    ANALYSE_PROVENANCE_KEYS,
     as_metric_space,
     fingerprint_of,
     num_ok_rows,
@@ -189,7 +188,6 @@ def build_index(config: IndexConfig) -> dict:
     """Build (or find already built) the index output; returns its `_SUCCESS` document."""
     options, out = config.index, config.output
     read_options = config.features.storage_options
-    check_same_provenance(config.features.uri, read_options)
     feature_set = open_features(config.features.uri, read_options)
     num_vectors = num_ok_rows(feature_set, read_options)
     plan = choose_index(num_vectors, feature_set.feature_dim, memory_bytes(options.memory_budget), options.kind,
@@ -217,17 +215,3 @@ def build_index(config: IndexConfig) -> dict:
                   "index_bytes": len(data), "feature_dim": feature_set.feature_dim,
                   "provenance": feature_set.provenance, "sources": sources}
         return analyse_output.write_success(out, "index", fingerprint, [INDEX_FILE, IDS_FILE], started, extras)
-
-
-def check_same_provenance(uris: tuple[str, ...], storage_options: dict | None) -> None:
-    """Outputs combined into one index must agree on every key that changes features (resize included)."""
-    from pipeline.output import ledger
-    from pipeline.train.features import provenance_differences
-
-    provenances = [(uri, ledger.read_provenance(uri, storage_options)) for uri in uris]
-    for uri, provenance in provenances[1:]:
-        differences = provenance_differences(provenances[0][1], provenance, provenances[0][0], uri,
-                                             ANALYSE_PROVENANCE_KEYS)
-        if differences:
-            raise ConfigError("features.uri lists outputs with different provenance, so their features are not "
-                              f"comparable: {'; '.join(differences)}. Index outputs of one extraction setup.")

@@ -17,15 +17,15 @@ class KnnActor:
     def __init__(self, index_uri: str, storage_options: dict, nprobe: int, ef_search: int, refine_factor: int):
         import faiss
 
-        from pipeline.analyse.search import load_index
+        from pipeline.analyse.neighbours import load_index
 
         faiss.omp_set_num_threads(1)  # one core per actor: the actors are the parallelism
         self.loaded = load_index(index_uri, storage_options, nprobe, ef_search, refine_factor)
 
     def search_file(self, file_uri: str, feature_dim: int, k: int, batch_rows: int) -> pa.Table:
-        from pipeline.analyse.search import NEIGHBOURS_SCHEMA, nearest, neighbours_table
+        from pipeline.analyse.neighbours import NEIGHBOURS_SCHEMA, nearest, neighbours_table
         from pipeline.analyse.vectors import ok_batches
-        from pipeline.train.features import FeatureSet
+        from pipeline.output.features import FeatureSet
 
         one_file = FeatureSet((), (file_uri,), 0, feature_dim, (), {})
         tables = [neighbours_table(uris, *nearest(self.loaded, matrix, k), self.loaded.uris)
@@ -36,7 +36,7 @@ class KnnActor:
 def neighbours_of_every_item(config: SearchConfig, index_document: dict) -> Iterator[pa.Table]:
     """Tables of neighbours, one per features file, as the actors finish them (at most two queued per actor)."""
     from pipeline.extract.driver import connect
-    from pipeline.train.features import open_features
+    from pipeline.output.features import open_features
 
     connect(config.run.address)
     feature_set = open_features(tuple(source["uri"] for source in index_document["sources"]))

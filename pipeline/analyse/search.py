@@ -11,127 +11,33 @@ Output (paths relative to output.uri): `neighbours.parquet` with `query_uri`, `r
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.analyse import index as analyse_index
 from pipeline.analyse import output as analyse_output
-from pipeline.analyse.vectors import ANALYSE_PROVENANCE_KEYS, as_metric_space, fingerprint_of, ok_batches
-from pipeline.config import InputConfig, ModelConfig, SearchConfig
+from pipeline.analyse.neighbours import NEIGHBOURS_SCHEMA, LoadedIndex, load_index, nearest, neighbours_table
+from pipeline.analyse.vectors import fingerprint_of, ok_batches
+from pipeline.config import InputConfig, ModelConfig, SearchConfig, model_from_provenance
+from pipeline.contract import FEATURE_MODEL_KEYS, provenance_differences
 from pipeline.errors import ConfigError
 from pipeline.io import redaction, storage
-from pipeline.sections import replace_keys
-from pipeline.train.features import open_features, provenance_differences
+from pipeline.output.features import open_features
 
 NEIGHBOURS_FILE = "neighbours.parquet"
-NEIGHBOURS_SCHEMA = pa.schema([pa.field("query_uri", pa.string(), nullable=False),
-                               pa.field("rank", pa.int32(), nullable=False),
-                               pa.field("uri", pa.string(), nullable=False),
-                               pa.field("score", pa.float32(), nullable=False)])
 ALL_QUERIES = "all"
-
-
-@dataclass
-class LoadedIndex:
-    document: dict  # the index output's `_SUCCESS`
-    index: object  # the faiss index
-    uris: pa.Array  # row id -> uri
-
-    @property
-    def metric(self) -> str:
-        return self.document["metric"]
-
-    @property
-    def provenance(self) -> dict:
-        return dict(self.document.get("provenance", {}))
-
-
-def load_index(uri: str, storage_options: dict | None, nprobe: int, ef_search: int, refine_factor: int = 32
-               ) -> LoadedIndex:
-    """The index, its uris and its `_SUCCESS`, with the search-time knobs set."""
-    import pyarrow.parquet as pq
-
-    document = analyse_output.read_finished(uri, storage_options, "index", "index.uri")
-    index = analyse_index.deserialize(storage.read_bytes(storage.join(uri, analyse_index.INDEX_FILE),
-                                                         storage_options))
-    set_search_knobs(index, document["kind"], nprobe, ef_search, refine_factor)
-    fs, path = storage.filesystem(storage.join(uri, analyse_index.IDS_FILE), storage_options)
-    with fs.open(path, "rb") as handle:
-        ids = pq.read_table(handle, columns=["row_id", "uri"])
-    uris = ids.sort_by("row_id")["uri"].combine_chunks()
-    return LoadedIndex(document, index, uris)
-
-
-def set_search_knobs(index, kind: str, nprobe: int, ef_search: int, refine_factor: int = 32) -> None:
-    import faiss
-
-    if kind == "ivf_pq":
-        faiss.extract_index_ivf(index).nprobe = nprobe
-        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
-            faiss.downcast_index(index).k_factor = refine_factor  # re-rank refine_factor x k PQ candidates
-    elif kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = ef_search
-
-
-def nearest(loaded: LoadedIndex, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, row ids) of the k nearest, best first; row id -1 where the index has fewer than k."""
-    scores, ids = loaded.index.search(as_metric_space(matrix, loaded.metric), min(k, loaded.index.ntotal))
-    return scores, ids
-
-
-def neighbours_table(query_uris: list[str] | pa.Array, scores: np.ndarray, ids: np.ndarray,
-                     index_uris: pa.Array) -> pa.Table:
-    """One row per (query, neighbour), rank 1 first."""
-    found = ids >= 0
-    query_rows, ranks = np.nonzero(found)
-    query_uris = pa.array(query_uris, type=pa.string()) if not isinstance(query_uris, pa.Array) else query_uris
-    return pa.Table.from_arrays([
-        query_uris.take(pa.array(query_rows)).cast(pa.string()),
-        pa.array((ranks + 1).astype(np.int32)),
-        index_uris.take(pa.array(ids[found])).cast(pa.string()),
-        pa.array(scores[found].astype(np.float32)),
-    ], schema=NEIGHBOURS_SCHEMA)
 
 
 # --- the query model ---------------------------------------------------------------------------------
 
 
-def model_from_provenance(provenance: dict, overrides: dict) -> ModelConfig:
-    """The model that extracted the index's features, as a `model.*` section, with the search config's
-    `model.*` keys on top (a key that would change the features is refused: see check_overrides)."""
-    weights = provenance.get("weights", "imagenet")
-    side = str(provenance.get("input_size", "")).split("x")
-    values = {
-        "backbone": provenance.get("backbone", ModelConfig.backbone),
-        "weights": "none" if weights == "embedded" else weights,
-        "weights_sha256": None,
-        "layer": None if provenance.get("layer") in (None, "default") else provenance["layer"],
-        # "none": the cut layer was already pooled, so the key has no effect on the features
-        "pooling": provenance["pooling"] if provenance.get("pooling") in ("avg", "max") else ModelConfig.pooling,
-        "preprocess": provenance.get("preprocess", ModelConfig.preprocess),
-        "resize": provenance.get("resize", ModelConfig.resize),
-        "draft_margin": int(provenance.get("draft_margin", ModelConfig.draft_margin)),
-        "input_size": int(side[0]) if side[0].isdigit() and len(set(side)) == 1 else None,
-        "top_k": 0,
-        "runtime": provenance.get("runtime", "auto"),
-    }
-    config = ModelConfig(**values)
-    return replace_keys(config, overrides) if overrides else config
-
-
 def check_overrides(provenance: dict, overrides: dict, index_uri: str) -> None:
     """A `model.*` key that differs from what the index's features were extracted with is refused before any
     model loads, naming each difference."""
-    derived = model_from_provenance(provenance, {})
+    derived = model_from_provenance(provenance)
     differences = []
     for key, value in overrides.items():
-        if key in ("runtime", "trust", "xla", "mixed_precision", "top_k", "weights_sha256"):
-            continue  # how the model runs, not what it computes
-        if key in dataclasses.asdict(derived) and str(value) != str(getattr(derived, key)):
+        if key in FEATURE_MODEL_KEYS and str(value) != str(getattr(derived, key)):  # the others: how it runs
             differences.append(f"model.{key}: {value!r} (query model) vs {getattr(derived, key)!r} (index)")
     if differences:
         raise_refusal(index_uri, differences)
@@ -151,8 +57,7 @@ def extract_images(uris: list[str], model_config: ModelConfig, index_provenance:
     from pipeline.models.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model_config, batch_size=batch_size)
-    differences = provenance_differences(index_provenance, extractor.provenance, "index", "query model",
-                                         ANALYSE_PROVENANCE_KEYS)
+    differences = provenance_differences(index_provenance, extractor.provenance, "index", "query model")
     if differences:
         raise_refusal(index_uri, differences)
     settings = ShardSettings(output_uri="", output_storage_options={}, input_storage_options={},

@@ -11,12 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.train.features import FeatureSet, features_matrix, open_features, parquet_file
-
-# What must agree between an index and its queries (or among the outputs one index combines): the train stage's
-# keys plus how images met the input size.
-ANALYSE_PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "input_size", "preprocess",
-                           "resize")
+from pipeline.output.features import FeatureSet, features_matrix, open_features, parquet_file
 
 
 def ok_batches(feature_set: FeatureSet, storage_options: dict | None, batch_rows: int,
@@ -68,5 +63,5 @@ def fingerprint_of(document: dict) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
 
-__all__ = ["ANALYSE_PROVENANCE_KEYS", "FeatureSet", "as_metric_space", "fingerprint_of", "num_ok_rows",
+__all__ = ["FeatureSet", "as_metric_space", "fingerprint_of", "num_ok_rows",
            "ok_batches", "open_features", "sources_document"]

@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pipeline.config import JSON_LABELS, MEMBER_LABELS
+from pipeline.contract import JSON_LABELS, MEMBER_LABELS
 from pipeline.io import storage
 
 TAR, ZIP = "tar", "zip"

@@ -54,14 +54,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.extract.pixels import RESIZE_MODES, RESIZERS, scaled_source_size, to_rgb
+from pipeline.contract import DEFAULT_DRAFT_MARGIN, RESIZE_MODES
+from pipeline.extract.pixels import RESIZERS, scaled_source_size, to_rgb
 
 # Order Image.open tries them in: most common first. MPO (multi-picture camera JPEGs)
 # has no opener of its own; Pillow's JPEG opener returns it.
 _FORMATS_IN_OPEN_ORDER = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF", "PPM")
 ALLOWED_FORMATS = frozenset(_FORMATS_IN_OPEN_ORDER)
 
-DEFAULT_DRAFT_MARGIN = 4  # JPEG draft decoding keeps >= 4x the target size; 0 turns it off
 # Pillow's default Image.MAX_IMAGE_PIXELS, as a literal so that a process that disabled
 # Pillow's limit before importing us still gets one.
 DEFAULT_MAX_PIXELS = 89_478_485

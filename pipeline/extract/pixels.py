@@ -30,8 +30,6 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-RESIZE_MODES = ("stretch", "center_crop", "pad")
-
 # --- colour ----------------------------------------------------------------------------
 
 

@@ -27,13 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import (
-    FINGERPRINT_EXCLUDED,
-    FINGERPRINT_NAMES,
-    ExtractConfig,
-    is_saved_model_path,
-    is_weights_file,
-)
+from pipeline.config import ExtractConfig, is_saved_model_path, is_weights_file
+from pipeline.contract import FINGERPRINT_EXCLUDED, FINGERPRINT_NAMES
 from pipeline.errors import USER_ERRORS, ConfigError
 from pipeline.extract import parts
 from pipeline.extract.listing import LISTING_SCHEMA, iterate_listing, list_images

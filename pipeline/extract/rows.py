@@ -1,17 +1,15 @@
-"""The rows of an extract output: the Arrow row schema, column buffers for one shard, and reading them back."""
+"""The rows of an extract output: the Arrow row schema and column buffers for one shard (read back with
+`output.features`)."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.extract.archives import member_key
-from pipeline.io import redaction, storage
-from pipeline.output.ledger import read_success
+from pipeline.io import redaction
 
 
 def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dict | None = None) -> pa.Schema:
@@ -89,14 +87,3 @@ def features_array(rows: list, feature_type: pa.FixedSizeListType) -> pa.FixedSi
     flat = pa.array(values.reshape(-1), type=feature_type.value_type)
     mask = pa.array(~valid)
     return pa.FixedSizeListArray.from_arrays(flat, type=feature_type, mask=mask)
-
-
-def read_features(output_uri: str, storage_options: dict | None = None, columns: list[str] | None = None,
-                  ) -> pa.Table:
-    """All committed rows of a finished extract output, with the files taken from `_SUCCESS`."""
-    success = read_success(output_uri, storage_options)
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output_uri, path), storage_options)),
-                            columns=columns) for path in success["files"]]
-    if not tables:
-        return row_schema(1).empty_table()
-    return pa.concat_tables(tables, promote_options="default")  # files written before the `key` column: nulls

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from pipeline.errors import StorageError
 from pipeline.io.redaction import redact
 
 T = TypeVar("T")
@@ -49,11 +50,6 @@ PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412",
 
 RETRIES: collections.Counter = collections.Counter()  # retries done in this process, by reason (tests, logs)
 
-
-class StorageError(ValueError):
-    """A storage problem the user has to fix (missing bucket, bad or no credentials): the job stops at once.
-
-    A ValueError, so the CLI reports it as a configuration error (exit 2). Its message is redacted."""
 
 
 def error_chain(error: BaseException) -> Iterator[BaseException]:

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ModelConfig
+from pipeline.contract import PREPROCESS_MODES
 from pipeline.errors import ConfigError
 from pipeline.models.input_scaling import warn_if_raw_pixels
-from pipeline.models.zoo import PREPROCESS_MODES, Backbone
+from pipeline.models.zoo import Backbone
 
 
 @dataclass(frozen=True)

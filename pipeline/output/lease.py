@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 from pipeline.errors import ConfigError
@@ -56,6 +56,18 @@ class LeaseHeld(ConfigError):
 
 class LeaseLost(ConfigError):
     """This run no longer holds the lease: it stops without writing anything more (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where a lease reads the time and waits between heartbeats: the system's, or one a test moves by hand."""
+
+    now: Callable[[], float] = time.time  # wall clock: heartbeats are judged by other hosts
+    monotonic: Callable[[], float] = time.monotonic  # intervals within this process
+    wait: Callable[[threading.Event, float], bool] = threading.Event.wait  # until the event is set, or seconds pass
+
+
+SYSTEM_CLOCK = Clock()
 
 
 def lease_seconds() -> float:
@@ -159,7 +171,8 @@ class Lease:
     """The lease of one output, held by this run from `acquire` to `release`."""
 
     def __init__(self, output_uri: str, storage_options: dict | None = None, stage: str = "extract",
-                 seconds: float | None = None, key: str = "output.uri"):
+                 seconds: float | None = None, key: str = "output.uri", clock: Clock = SYSTEM_CLOCK):
+        self.clock = clock
         self.output = output_uri
         self.options = storage_options
         self.uri = lease_uri(output_uri)
@@ -172,7 +185,7 @@ class Lease:
         self.held = False
         self.lost: LeaseLost | None = None
         self.started_on_store: float | None = None  # the lease's own modification time: the run's start there
-        self.last_refresh = 0.0  # time.monotonic() of the last successful write
+        self.last_refresh = 0.0  # clock.monotonic() of the last successful write
         self.lock = threading.RLock()  # heartbeat, checks and release take turns
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
@@ -203,7 +216,7 @@ class Lease:
         if conditional.conditional_writes(self.output) is None:
             warn_best_effort(self.output)
         for _ in range(MAX_TAKE_TRIES):
-            now = time.time()
+            now = self.clock.now()
             mine = replace(self.record, started_at=now, heartbeat_at=now)
             token = conditional.create_if_absent(self.uri, mine.to_bytes(), self.options)
             if token is not None:
@@ -217,7 +230,7 @@ class Lease:
             if holder is not None and holder.run_id == mine.run_id:  # our create went through, its answer was lost
                 self.hold(holder, token)
                 return
-            reason = takeover_reason(holder, time.time())
+            reason = takeover_reason(holder, self.clock.now())
             if reason is None:
                 raise LeaseHeld(self.held_message(holder))
             token = conditional.replace_if_match(self.uri, mine.to_bytes(), token, self.options)
@@ -233,7 +246,7 @@ class Lease:
 
     def hold(self, record: LeaseRecord, token) -> None:
         self.record, self.token, self.held = record, token, True
-        self.last_refresh = time.monotonic()
+        self.last_refresh = self.clock.monotonic()
 
     def modified_on_store(self) -> float | None:
         with contextlib.suppress(Exception):  # a store without times: orphans are then judged by name alone
@@ -251,7 +264,7 @@ class Lease:
 
     def beat(self) -> None:
         interval = self.seconds / 3
-        while not self.stopping.wait(interval):
+        while not self.clock.wait(self.stopping, interval):
             try:
                 self.refresh()
             except LeaseLost:  # the run says so itself, at its next check
@@ -267,7 +280,7 @@ class Lease:
                 raise self.lost
             if not self.held:
                 return
-            record = replace(self.record, heartbeat_at=time.time())
+            record = replace(self.record, heartbeat_at=self.clock.now())
             data = record.to_bytes()
             token = conditional.replace_if_match(self.uri, data, self.token, self.options)
             if token is None:
@@ -276,7 +289,7 @@ class Lease:
                     self.lose(found)
                 token = found[1]  # our write went through; its answer was lost
             self.record, self.token = record, token
-            self.last_refresh = time.monotonic()
+            self.last_refresh = self.clock.monotonic()
 
     def check(self) -> None:
         """Fencing, before every write that publishes: raise LeaseLost unless this run still holds the lease.
@@ -287,7 +300,7 @@ class Lease:
         with self.lock:
             if self.lost:
                 raise self.lost
-            if time.monotonic() - self.last_refresh > self.seconds / 2:  # heartbeats failing: refresh (and see)
+            if self.clock.monotonic() - self.last_refresh > self.seconds / 2:  # heartbeats failing: refresh (and see)
                 self.refresh()
                 return
             found = conditional.read_with_token(self.uri, self.options)
@@ -343,9 +356,9 @@ def warn_best_effort(output_uri: str) -> None:
 
 @contextlib.contextmanager
 def held(output_uri: str, storage_options: dict | None = None, stage: str = "extract",
-         key: str = "output.uri") -> Iterator[Lease]:
+         key: str = "output.uri", clock: Clock = SYSTEM_CLOCK) -> Iterator[Lease]:
     """The output's lease for the duration of a `with` block (released on error and interrupt too)."""
-    lease = Lease(output_uri, storage_options, stage, key=key).acquire()
+    lease = Lease(output_uri, storage_options, stage, key=key, clock=clock).acquire()
     try:
         yield lease
     finally:

@@ -3,8 +3,9 @@
   (d) manifests: for Parquet manifests of 1M and 10M entries (synthetic: the first shard names real images, the
       rest objects that need not exist), the driver's peak RSS and the seconds from start to the first commit,
       each in a fresh process (pipeline/tools/plan_memory.py);
-  (e) archives: images/s of the same JPEGs as WebDataset-style tar shards and as loose files, on local disk and on a
-      loopback S3 server (moto), with the object GETs each run made (listing included).
+  (e) archives: images/s of the same JPEGs as WebDataset-style tar shards and as loose files, on local disk and, with
+      `--s3 s3://bucket/prefix`, on that S3 store, with the object GETs each run made (listing included) where the
+      store counts them (the tests' loopback server does).
 
 A small Keras model keeps the forward pass cheap, so that (e) shows what fetching costs. Figures, never assertions.
 """
@@ -13,15 +14,14 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import tarfile
 import tempfile
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import charts
 from pipeline.config import ExtractConfig, InputConfig, ModelConfig, OutputConfig, RunConfig
+from pipeline.io import storage
 from pipeline.tools.bench import write_images
 from pipeline.tools.plan_memory import first_commit, write_manifest
 
@@ -70,35 +70,14 @@ def write_tars(paths: list[Path], directory: Path, per_tar: int) -> None:
                 archive.add(path, arcname=path.name)
 
 
-class CountingS3Server:
-    """moto's S3 server on loopback, counting the requests it answers by method (GET on an object vs a listing)."""
+@dataclass
+class S3Target:
+    """Where (e) measures on S3: a prefix the run may write under, its storage options, and the store's count of the
+    requests it answered by method, where the store keeps one (the tests' loopback server does)."""
 
-    def __init__(self):
-        from moto.server import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line a request otherwise
-        self.counts: collections.Counter = collections.Counter()
-        application = DomainDispatcherApplication(create_backend_app)
-
-        def counting(environ, start_response):
-            on_bucket = environ.get("PATH_INFO", "/").strip("/").count("/") == 0  # /bucket?list-type=2: a listing
-            self.counts[environ["REQUEST_METHOD"] + (" bucket" if on_bucket else "")] += 1
-            return application(environ, start_response)
-
-        self.server = make_server("127.0.0.1", 0, counting, threaded=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> CountingS3Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.server.shutdown()
+    prefix: str  # s3://bucket/some/prefix
+    options: dict
+    counts: collections.Counter | None = None
 
 
 def timed_run(input_uri: str, options: dict, model: str, output: Path, shard_size: int) -> dict:
@@ -118,31 +97,30 @@ def timed_run(input_uri: str, options: dict, model: str, output: Path, shard_siz
             "rows": success["rows"], "total_seconds": success["seconds"]["total"]}
 
 
-def archive_figures(settings: ScaleSettings, scratch: Path, model: str) -> dict:
-    """(e): tar shards vs loose files, local and on the loopback S3 server."""
-    import fsspec
-
+def archive_figures(settings: ScaleSettings, scratch: Path, model: str, s3: S3Target | None = None) -> dict:
+    """(e): tar shards vs loose files, on local disk and, given a target, on S3."""
     paths = write_images(scratch / "loose", settings.archive_images, settings.image_size)
     write_tars(paths, scratch / "tars", settings.images_per_tar)
     figures = {}
     for name, uri in (("loose", str(scratch / "loose")), ("tar", str(scratch / "tars" / "shard-*.tar"))):
         figures[f"local {name}"] = timed_run(uri, {}, model, scratch / f"out-local-{name}", settings.images_per_tar)
-    with CountingS3Server() as server:
-        options = {"endpoint_url": server.endpoint, "key": "bench", "secret": "bench"}
-        fs = fsspec.filesystem("s3", **options)
-        fs.mkdir("bench")
-        fs.put(str(scratch / "loose") + "/", "bench/loose/", recursive=True)
-        fs.put(str(scratch / "tars") + "/", "bench/tars/", recursive=True)
-        for name, uri in (("loose", "s3://bench/loose/"), ("tar", "s3://bench/tars/shard-*.tar")):
-            server.counts.clear()
-            figure = timed_run(uri, options, model, scratch / f"out-s3-{name}", settings.images_per_tar)
-            figures[f"S3 {name}"] = {**figure, "requests": dict(server.counts),
-                                     "object_gets": server.counts["GET"]}
+    if s3 is not None:
+        for folder in ("loose", "tars"):
+            for path in sorted((scratch / folder).iterdir()):
+                storage.upload_file(str(path), storage.join(s3.prefix, folder, path.name), s3.options)
+        for name, uri in (("loose", storage.join(s3.prefix, "loose") + "/"),
+                          ("tar", storage.join(s3.prefix, "tars", "shard-*.tar"))):
+            if s3.counts is not None:
+                s3.counts.clear()
+            figure = timed_run(uri, s3.options, model, scratch / f"out-s3-{name}", settings.images_per_tar)
+            if s3.counts is not None:
+                figure.update(requests=dict(s3.counts), object_gets=s3.counts["GET"])
+            figures[f"S3 {name}"] = figure
     figures["num_images"], figures["num_tars"] = len(paths), -(-len(paths) // settings.images_per_tar)
     return figures
 
 
-def run_scale_bench(settings: ScaleSettings, output_dir: Path, console) -> dict:
+def run_scale_bench(settings: ScaleSettings, output_dir: Path, console, s3: S3Target | None = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="featurize-bench-scale-") as scratch:
         scratch = Path(scratch)
@@ -150,7 +128,7 @@ def run_scale_bench(settings: ScaleSettings, output_dir: Path, console) -> dict:
         console.print(f"bench --scale: manifests of {', '.join(f'{n:,}' for n in settings.manifest_entries)} "
                       f"entries; {settings.archive_images} JPEGs as tars of {settings.images_per_tar} and loose")
         result = {"settings": asdict(settings), "manifests": manifest_figures(settings, scratch, model)}
-        result["archives"] = archive_figures(settings, scratch, model)
+        result["archives"] = archive_figures(settings, scratch, model, s3)
     (output_dir / "bench-scale.json").write_text(json.dumps(result, indent=2))
     print_scale(result, console)
     return result
@@ -168,7 +146,9 @@ def print_scale(result: dict, console) -> None:
                                         f"{last['entries'] / first['entries']:.0f}x the entries"))
     archives = result["archives"]
     for name in ("local loose", "local tar", "S3 loose", "S3 tar"):
-        figure = archives[name]
+        figure = archives.get(name)
+        if figure is None:
+            continue
         gets = f", {figure['object_gets']} object GETs" if "object_gets" in figure else ""
         lines.append((f"(e) {name}", f"{figure['images_per_second']:.0f} images/s{gets}"))
     lines.append(("(e) data", f"{archives['num_images']} JPEGs, {archives['num_tars']} tars"))

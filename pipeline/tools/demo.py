@@ -1,4 +1,4 @@
-"""`featurize demo`: the offline end-to-end run — sample data, extract, train, summary.
+"""`featurize demo`: the offline end-to-end run — sample data, extract, HTML report, train, summary.
 
 Sample data is made here, offline, from scikit-learn's handwritten digits (1,797 labelled 8x8 scans):
 "digits in the wild", each scan scaled, rotated and placed anywhere on a cluttered 64x64 background, in
@@ -75,6 +75,7 @@ def write_digit_images(directory: Path, images_per_class: int = IMAGES_PER_CLASS
 
 def run_demo(workdir: str, console: Console, verbose: bool = False) -> int:
     from pipeline.extract.driver import run_extract
+    from pipeline.tools.html_report import write_report
     from pipeline.tools.report import print_extract_summary
     from pipeline.train.fit import train
     from pipeline.train.metrics import print_summary
@@ -93,6 +94,7 @@ def run_demo(workdir: str, console: Console, verbose: bool = False) -> int:
         "model.class_names": str(CONFIGS / "labdog_classes.txt")})
     success = run_extract(extract_config, verbose=verbose)
     print_extract_summary(success, console)
+    report = write_report(str(root / "features"), str(root / "report"))
 
     train_config = replace_keys(load_config(TrainConfig, CONFIGS / "train.yaml"), {
         "features.uri": (str(root / "features"),), "output.uri": str(root / "classifier")})
@@ -100,4 +102,6 @@ def run_demo(workdir: str, console: Console, verbose: bool = False) -> int:
     print_summary(metrics, console)
     console.print(f"\nresults: features (Parquet) in {root / 'features'}, classifier, metrics.json and plots in "
                   f"{root / 'classifier'}")
+    console.print(f"report: open {report} in a browser (sample images with their predictions, errors, "
+                  f"throughput, a map of the features)", highlight=False, soft_wrap=True)
     return 0

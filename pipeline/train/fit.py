@@ -4,7 +4,7 @@ Inputs are one or more finished extract outputs (`features.uri`, see features.py
 come from the rows or a labels file (labels.py). Two ways to train, chosen in `train()` before any data is read:
 
 - in memory (row count <= `classifier.max_in_memory_rows`; rows counted from `_SUCCESS` `rows.total`, error
-  rows included): all rows are read with `extract.rows.read_features`; stratified holdout with `train_test_split`;
+  rows included): all rows are read with `output.features.read_features`; stratified holdout with `train_test_split`;
   "logistic" = StandardScaler + LogisticRegression (lbfgs, softmax); "mlp" = a small Keras head fitted on arrays,
   early-stopped on a stratified validation slice of the train split (`classifier.validation_fraction`).
 - streaming (more rows than that): row group by row group, see streaming.py.
@@ -24,11 +24,10 @@ import numpy as np
 
 from pipeline.config import ClassifierConfig, SplitConfig, TrainConfig, to_dict
 from pipeline.errors import ConfigError
-from pipeline.extract.rows import read_features
 from pipeline.io import storage
 from pipeline.output import lease, ledger
+from pipeline.output.features import FeatureSet, open_features, read_features
 from pipeline.train.classifiers import CLASSIFIER_FILE, LinearModel, MlpModel, build_mlp, fit_mlp, standard_scaler
-from pipeline.train.features import FeatureSet, open_features
 from pipeline.train.labels import (
     LabelSource,
     Rows,

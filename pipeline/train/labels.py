@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.config import FeaturesConfig, SplitConfig
 from pipeline.errors import ConfigError
 from pipeline.io import storage
-from pipeline.train.features import features_matrix
+from pipeline.output.features import features_matrix
 
 
 class LabelSource:

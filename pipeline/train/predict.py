@@ -10,12 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.contract import provenance_differences
 from pipeline.errors import ConfigError
 from pipeline.io import storage
 from pipeline.output import ledger
+from pipeline.output.features import features_matrix, parquet_file
 from pipeline.output.ledger import CommitRecord
 from pipeline.train.classifiers import LinearModel, MlpModel, load_classifier
-from pipeline.train.features import features_matrix, parquet_file, provenance_differences
 
 PREDICTION_ROW_GROUP_SIZE = 4096
 

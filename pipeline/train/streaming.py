@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import ClassifierConfig, SplitConfig, TrainConfig
+from pipeline.output.features import FeatureSet, parquet_file
 from pipeline.train import labels
 from pipeline.train.classifiers import LinearModel, MlpModel, build_mlp, fit_mlp, standard_scaler
-from pipeline.train.features import FeatureSet, parquet_file
 from pipeline.train.metrics import Outcome
 
 log = logging.getLogger(__name__)

@@ -100,7 +100,7 @@ def test_search_refuses_an_index_of_other_features_naming_the_difference(planted
     config.write_text(json.dumps({"features": {"uri": [first, second]}, "output": {"uri": str(tmp_path / "ix")}}))
     assert main(["index", "--config", str(config)]) == 2
     error = capsys.readouterr().err
-    assert "layer: 'global_pool'" in error and "Index outputs of one extraction setup" in error
+    assert "layer: 'global_pool'" in error and "Use outputs of one extraction setup" in error
 
 
 def test_search_on_image_files_equals_search_on_their_indexed_uris(planted, planted_index, tmp_path):

@@ -47,7 +47,7 @@ def test_workers_dying_repeatedly_do_not_stall_the_job_and_the_error_rate_fails_
     assert success["rows"] == {"total": 12, "ok": 10, "error": 2}
     assert success["shards"] == {"total": 12, "run": 12, "committed": 12}
     assert success["errors_by_reason"] == {"quarantined": 2}
-    assert seconds < 240
+    assert seconds < 600  # generous: a bound on retries gone wrong, not a speed (about 60 s alone here)
 
 
 # --- models and configuration ----------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_lambda_model_is_refused_without_trust(tmp_path, ray_local, lambda_model
     message = " ".join(capsys.readouterr().err.split())
     assert "Lambda" in message and "scale_by_lambda" in message and "model.trust" in message, message
     assert not (output / "_SUCCESS").exists() and not list((output / "_commits").glob("*.json"))
-    assert seconds < 90  # refused once, not retried as if the actor had crashed
+    assert seconds < 300  # refused once, not retried as if the actor had crashed (generous: a busy machine)
 
 
 def test_lambda_model_runs_with_trust(tmp_path, ray_local, lambda_models, few_images):

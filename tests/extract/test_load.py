@@ -71,4 +71,4 @@ def test_8000_small_images_with_two_actors_bounded_memory_no_spilling_no_growth(
     assert len(growth) == 2, "both actors sampled from 25% to the end of the run"
     for at_quarter, at_end in growth.values():  # no memory growth per actor over the last 75% of the run
         assert at_end - at_quarter < max(64 * MIB, 0.1 * at_quarter), (at_quarter / MIB, at_end / MIB)
-    assert seconds < 240
+    assert seconds < 600  # generous: a run that stalls, not a speed

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.contract import RESIZE_MODES
 from pipeline.extract.decode import decode_image
-from pipeline.extract.pixels import RESIZE_MODES, _crop_box, _fitted_size
+from pipeline.extract.pixels import _crop_box, _fitted_size
 from tests import images
 
 TARGET_SIZES = [(160, 160), (224, 224), (299, 299), (224, 160)]  # (height, width), as decode_image takes them

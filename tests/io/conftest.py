@@ -35,9 +35,6 @@ from tests.io.faulty_proxy import S3_REPLIES, XML, FaultyProxy, Replies, respond
 REPOSITORY = Path(__file__).resolve().parents[2]
 AZURITE = REPOSITORY / ".azurite" / "node_modules" / "azurite" / "dist" / "src" / "blob" / "main.js"
 
-# gcsfs probes every bucket's layout (hierarchical namespace) over gRPC at import when this is on; an emulator
-# has no gRPC endpoint and every call then waits 60 s. Read when gcsfs is imported: set before anything is.
-os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 AWS_ACCESS_KEY_ID = "AKIAFEATURIZECLOUDS"
 AWS_SECRET = "featurizePlantedAwsSecret+c41d7e09a2"

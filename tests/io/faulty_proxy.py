@@ -56,7 +56,7 @@ class FaultyProxy:
     deny: GET/HEAD of a path containing one of these strings gets the store's 403, every time.
     refuse_all: every request gets the store's reply to credentials it does not know.
     authorized: a check of each request's headers; requests failing it are refused too.
-    latency: seconds added to every object GET (concurrency of fetches).
+    latency: seconds added to every object GET (concurrency of fetches: counts["most in flight"]).
     at: {("METHOD /path?query", n): fault}: the n-th such request gets that fault (e.g. the second ranged GET
       of one object cut short), whatever fail_every says.
     """
@@ -146,7 +146,12 @@ class FaultyProxy:
             handler.close_connection = True
             return
         if self.latency and handler.command == "GET" and not self.is_listing(handler.path):
+            with self.lock:
+                self.counts["in flight"] += 1
+                self.counts["most in flight"] = max(self.counts["most in flight"], self.counts["in flight"])
             time.sleep(self.latency)
+            with self.lock:
+                self.counts["in flight"] -= 1
         upstream = http.client.HTTPConnection(*self.upstream, timeout=60)
         try:
             headers = {key: value for key, value in handler.headers.items() if key.lower() not in HOP_BY_HOP}

@@ -210,7 +210,7 @@ def test_a_missing_bucket_or_bad_credentials_stop_at_once(store, tiny_model, tmp
 
     with store.proxy(refuse_all=True) as proxy:
         code, seconds, message = extract(store.options(proxy.url), f"{bucket}/out-2")
-    # gcsfs retries GCS's 401 "Invalid Credentials" itself: storage.bound_gcs_retries keeps it to 3 attempts
+    # gcsfs retries GCS's 401 "Invalid Credentials" itself: clients.bound_gcs_retries keeps it to 3 attempts
     assert code == 2 and seconds < 20, message
     assert "output.uri: cannot write to" in message and "access denied" in message, message
     print(f"\n[{store.name} refused] {seconds:.1f} s, {proxy.counts['requests']} requests: {message[:300]}")

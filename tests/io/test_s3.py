@@ -29,7 +29,7 @@ from pipeline.cli import main
 from pipeline.config import InputConfig
 from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
-from pipeline.io import faults, storage
+from pipeline.io import clients, faults, storage
 from pipeline.output import layout
 from tests.helpers import ACCESS_KEY_ID, PLANTED_SECRET, write_labelled_images
 from tests.io.conftest import lose_commits_and_plant_an_orphan
@@ -188,7 +188,7 @@ def test_a_store_that_keeps_failing_costs_a_bounded_number_of_requests(s3, bucke
             storage.read_bytes(f"s3://{bucket}/images/busy.png", proxy.options())
         seconds = time.perf_counter() - started
     assert faults.describe_error(failed.value).startswith("still failing after retries")
-    attempts = 5 * storage.S3_CLIENT_ATTEMPTS  # with_retries' default attempts x botocore's
+    attempts = 5 * clients.S3_CLIENT_ATTEMPTS  # with_retries' default attempts x botocore's
     assert proxy.requests == {f"GET /{bucket}/images/busy.png": attempts}
     print(f"\n[dead store] {attempts} requests, {seconds:.1f} s before the error row")
 
@@ -199,7 +199,7 @@ def test_a_users_own_botocore_retries_are_kept(moto_endpoint):
     assert fs.config_kwargs["retries"] == {"max_attempts": 7} and fs.retries == 1
     fs, _ = storage.filesystem("s3a://bucket/key", {"config_kwargs": {"connect_timeout": 5},
                                                     "client_kwargs": {"endpoint_url": moto_endpoint}})
-    assert fs.config_kwargs == {"connect_timeout": 5, "retries": {"total_max_attempts": storage.S3_CLIENT_ATTEMPTS,
+    assert fs.config_kwargs == {"connect_timeout": 5, "retries": {"total_max_attempts": clients.S3_CLIENT_ATTEMPTS,
                                                                   "mode": "standard"}}
 
 
@@ -217,7 +217,7 @@ def test_fetches_run_concurrently_inside_an_actor(s3, bucket, moto_endpoint, tmp
             items = list(decoded_items(task, (32, 32), settings, executor, window=16))
         elapsed = time.perf_counter() - started
     assert [item.uri for item in items] == uris and all(item.image.error is None for item in items)
-    assert elapsed < 16 * 0.5 / 2, f"{elapsed:.2f} s: fetches were serialised"
+    assert proxy.counts["most in flight"] >= 4, f"{elapsed:.2f} s: fetches were serialised"  # 8 threads, a slow store
     assert proxy.counts["requests"] == 16  # a GET each, no size probe first
     print(f"\n[s3 fetch] 16 objects x 0.5 s latency, 8 threads: {elapsed:.2f} s (8 s one after another)")
 

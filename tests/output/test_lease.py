@@ -50,6 +50,52 @@ def plant(output_uri: str, options: dict, **fields) -> LeaseRecord:
     return record
 
 
+class ManualClock:
+    """A lease clock the test moves by hand: heartbeats and expiries without sleeping through them."""
+
+    def __init__(self):
+        self.now = time.time()
+        self.moved = threading.Condition()
+        self.waiting = 0  # threads inside wait(): the heartbeat, once it is waiting for its next beat
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """Until `seconds` of this clock have passed (or the event is set)."""
+        with self.moved:
+            deadline = self.now + seconds
+            self.waiting += 1
+            while not event.is_set() and self.now < deadline:
+                self.moved.wait(0.05)
+            self.waiting -= 1
+        return event.is_set()
+
+    def advance(self, seconds: float) -> None:
+        with self.moved:
+            self.now += seconds
+            self.moved.notify_all()
+
+    def beat(self, seconds: float) -> None:
+        """Move the time on once the heartbeat waits (so that it sees the whole step)."""
+        until(lambda: self.waiting)
+        self.advance(seconds)
+
+    def clock(self) -> lease.Clock:
+        return lease.Clock(now=self.time, monotonic=self.monotonic, wait=self.wait)
+
+
+def until(condition, timeout: float = 30.0) -> None:
+    """Wait for the heartbeat thread to act on a moved clock (a generous bound: it is never the thing measured)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the heartbeat did not act"
+        time.sleep(0.01)
+
+
 def holder(output_uri: str, options: dict) -> LeaseRecord | None:
     return lease.current(output_uri, options)
 
@@ -95,11 +141,12 @@ def test_dead_holders_are_taken_over_live_ones_are_not(output, caplog):
         assert holder(uri, options).run_id == taken.record.run_id
     assert "more than its expiry of 30 s" in caplog.text
 
-    plant(uri, options, heartbeat_at=time.time(), expires_after=1.0)  # another host, alive a second ago
+    clock = ManualClock()
+    plant(uri, options, heartbeat_at=clock.time(), expires_after=1.0)  # another host, alive a moment ago
     with pytest.raises(LeaseHeld, match="on host elsewhere, pid 4242"):
-        lease.Lease(uri, options).acquire()
-    time.sleep(1.2)  # ... and silent since: expired
-    with lease.held(uri, options):
+        lease.Lease(uri, options, clock=clock.clock()).acquire()
+    clock.advance(1.2)  # ... and silent since: expired
+    with lease.held(uri, options, clock=clock.clock()):
         pass
 
 
@@ -123,16 +170,19 @@ def test_fencing_a_run_whose_lease_was_broken_or_taken_stops(output):
     assert holder(uri, options).run_id == taker.run_id
 
 
-def test_the_heartbeat_keeps_a_lease_alive_and_notices_its_loss(tmp_path, monkeypatch):
-    uri = str(tmp_path / "out")
-    monkeypatch.setenv(lease.SECONDS_VARIABLE, "0.6")  # a heartbeat every 0.2 s
-    alive = lease.Lease(uri).acquire()
-    time.sleep(1.0)  # longer than the expiry: only the heartbeat keeps it
+def test_the_heartbeat_keeps_a_lease_alive_and_notices_its_loss(tmp_path):
+    uri, clock = str(tmp_path / "out"), ManualClock()
+    alive = lease.Lease(uri, seconds=0.6, clock=clock.clock()).acquire()  # a heartbeat every 0.2 s
+    started = alive.record.heartbeat_at
+    for _ in range(5):  # 1.0 s: longer than the expiry, so only the heartbeat keeps it
+        clock.beat(0.2)
+        until(lambda: holder(uri, {}).heartbeat_at == clock.time())
     with pytest.raises(LeaseHeld):
-        lease.Lease(uri).acquire()
-    assert holder(uri, {}).heartbeat_at > time.time() - 0.6
+        lease.Lease(uri, clock=clock.clock()).acquire()
+    assert holder(uri, {}).heartbeat_at == pytest.approx(started + 1.0)
     lease.break_lease(uri)
-    time.sleep(0.6)
+    clock.beat(0.2)
+    until(lambda: alive.lost is not None)
     with pytest.raises(LeaseLost):  # found out by the heartbeat, without asking the store
         alive.raise_if_lost()
     alive.release()
@@ -301,9 +351,9 @@ def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny
     assert main(["extract", "--config", str(config)]) == 0  # finished: a rerun does nothing (and starts no Ray)
     assert json.loads((output / "_SUCCESS").read_text())["shards"]["run"] == 0
 
-    plant(str(output), {}, heartbeat_at=time.time(), expires_after=1.0)  # a run on another host, alive just now
+    plant(str(output), {}, heartbeat_at=time.time(), expires_after=30.0)  # a run on another host, alive just now
     assert main(["extract", "--config", str(config)]) == 2
-    time.sleep(1.2)  # ... and silent for longer than its expiry since
+    plant(str(output), {}, heartbeat_at=time.time() - 31, expires_after=30.0)  # one silent for longer than that
     assert main(["extract", "--config", str(config)]) == 0
     assert json.loads((output / "_SUCCESS").read_text())["shards"]["run"] == 0
     print(f"\n[lease] the second of two runs started together exited 2 after {refused_after:.1f} s")

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.extract.rows import read_features, row_schema
+from pipeline.extract.rows import row_schema
 from pipeline.output import layout, ledger
+from pipeline.output.features import read_features
 from tests.helpers import make_rows, write_labelled_images
 
 

@@ -68,3 +68,61 @@ def test_cpu_monitor_sees_a_busy_core():
     assert 0.5 <= cpu["busy_cores"] and cpu["seconds"] == pytest.approx(1.0, abs=0.2)
     assert 0 <= cpu["steal_share"] < 1
     assert CpuMonitor().between(0, 1) is None  # never started: nothing to say
+
+
+class CountingS3Server:
+    """moto's S3 server on loopback, counting the requests it answers by method (GET on an object vs a listing)."""
+
+    def __init__(self):
+        import collections
+        import logging
+        import threading
+
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line a request otherwise
+        self.counts = collections.Counter()
+        application = DomainDispatcherApplication(create_backend_app)
+
+        def counting(environ, start_response):
+            on_bucket = environ.get("PATH_INFO", "/").strip("/").count("/") == 0  # /bucket?list-type=2: a listing
+            self.counts[environ["REQUEST_METHOD"] + (" bucket" if on_bucket else "")] += 1
+            return application(environ, start_response)
+
+        self.server = make_server("127.0.0.1", 0, counting, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.s3
+def test_scale_bench_archives_read_tars_in_a_few_gets_where_loose_files_take_one_each(tmp_path, ray_local):
+    """(e) of `featurize bench --scale` on a tiny setting, the S3 store injected: every image a row on every
+    store, and the tars' object GETs a handful where loose files cost one each."""
+    import boto3
+
+    from pipeline.tools.bench_scale import S3Target, ScaleSettings, archive_figures, small_model
+
+    settings = ScaleSettings(archive_images=24, images_per_tar=8, image_size=(64, 48))
+    with CountingS3Server() as server:
+        options = {"endpoint_url": server.endpoint, "key": "bench", "secret": "bench"}
+        boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
+                     region_name="us-east-1").create_bucket(Bucket="bench")
+        figures = archive_figures(settings, tmp_path, small_model(tmp_path / "small.keras"),
+                                  S3Target("s3://bench/scale", options, server.counts))
+    for name in ("local loose", "local tar", "S3 loose", "S3 tar"):
+        assert figures[name]["rows"] == {"total": 24, "ok": 24, "error": 0}, name
+    assert figures["S3 loose"]["object_gets"] >= 24
+    assert figures["S3 tar"]["object_gets"] <= 2 * figures["num_tars"]

@@ -32,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from pipeline import cli
 from pipeline.config import CandidateConfig, CompareConfig, ExtractConfig, TrainConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.extract.rows import read_features
+from pipeline.output.features import read_features
 from pipeline.tools.compare import compare, recommend, transfer_gains
 from pipeline.tools.demo import CONFIGS, write_digit_images
 from pipeline.train.fit import train

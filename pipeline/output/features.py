@@ -1,8 +1,8 @@
-"""Features to train on or predict from: finished extract outputs, read through their `_SUCCESS`.
+"""The one reader of finished extract outputs, for every stage that reads features (train, predict, index, search,
+dedup, compare): through their `_SUCCESS`.
 
 Only committed data files are read: the file list comes from each output's `_SUCCESS`. Several outputs are
-combined only when their provenance agrees on every key of `PROVENANCE_KEYS`, and a classifier is applied only to
-features extracted the same way as those it was trained on.
+combined only when their provenance agrees on every key of the features contract (`contract.PROVENANCE_KEYS`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.contract import provenance_differences
 from pipeline.errors import ConfigError
 from pipeline.io import faults, storage
 from pipeline.output import ledger
-
-# The provenance keys that must agree between features and a classifier (and among concatenated outputs).
-PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "layer", "pooling", "input_size", "preprocess")
 
 
 @dataclass(frozen=True)
@@ -58,27 +56,14 @@ def open_features(uris: tuple[str, ...], storage_options: dict | None = None) ->
         differences = provenance_differences(provenances[0][1], provenance, provenances[0][0], uri)
         if differences:
             raise ConfigError("features.uri lists outputs with different provenance, so their features are not "
-                             f"comparable: {'; '.join(differences)}. Train on outputs of one extraction setup.")
+                             f"comparable: {'; '.join(differences)}. Use outputs of one extraction setup.")
     if len(set(dims.values())) > 1:
         raise ConfigError(f"features.uri lists outputs with different feature dims: {dims}. "
-                         "Train on outputs of one extraction setup.")
+                         "Use outputs of one extraction setup.")
     if not dims:
-        raise ConfigError(f"features.uri {list(uris)} holds no committed data files; nothing to train on")
+        raise ConfigError(f"features.uri {list(uris)} holds no committed data files; nothing to read")
     return FeatureSet(tuple(uris), tuple(files), num_rows, next(iter(dims.values())), column_names,
                       provenances[0][1])
-
-
-def normalise_provenance_value(value):
-    """Provenance may come as JSON values or as Parquet metadata strings; compare both as text."""
-    return None if value in (None, "None", "null") else str(value)
-
-
-def provenance_differences(expected: dict, actual: dict, expected_name: str, actual_name: str,
-                           keys: tuple[str, ...] = PROVENANCE_KEYS) -> list[str]:
-    """One line per key of `keys` on which the two disagree, with both values."""
-    return [f"{key}: {expected.get(key)!r} ({expected_name}) vs {actual.get(key)!r} ({actual_name})"
-            for key in keys
-            if normalise_provenance_value(expected.get(key)) != normalise_provenance_value(actual.get(key))]
 
 
 @contextlib.contextmanager
@@ -100,3 +85,16 @@ def features_matrix(column: pa.Array | pa.ChunkedArray, feature_dim: int) -> np.
         column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
     values = column.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(-1, feature_dim).astype(np.float32, copy=False)
+
+
+def read_features(output_uri: str, storage_options: dict | None = None, columns: list[str] | None = None,
+                  ) -> pa.Table:
+    """All committed rows of one finished extract output, with the files taken from `_SUCCESS`."""
+    paths = ledger.read_success(output_uri, storage_options)["files"]
+    if not paths:
+        raise ConfigError(f"features.uri {output_uri} holds no committed data files; nothing to read")
+    tables = []
+    for path in paths:
+        with parquet_file(storage.join(output_uri, path), storage_options) as parquet:
+            tables.append(parquet.read(columns=columns))
+    return pa.concat_tables(tables, promote_options="default")  # files written before the `key` column: nulls
