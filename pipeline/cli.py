@@ -224,7 +224,7 @@ def command_compare(arguments) -> int:
 
 
 def command_finetune(arguments) -> int:
-    from pipeline.finetune.config import load_finetune_config
+    from pipeline.config import load_finetune_config
     from pipeline.finetune.report import print_finetune_summary
     from pipeline.finetune.stage import finetune
 

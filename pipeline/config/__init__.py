@@ -52,6 +52,14 @@ from pipeline.config.extract import (
     model_from_provenance,
     weights_file_as_backbone,
 )
+from pipeline.config.finetune import (
+    AugmentConfig,
+    FinetuneConfig,
+    FinetuneOptions,
+    FinetuneOutputConfig,
+    FinetuneRunConfig,
+    load_finetune_config,
+)
 from pipeline.config.loading import build, check_explicit_weights, load_config, to_dict
 from pipeline.config.train import (
     ClassifierConfig,
@@ -78,7 +86,8 @@ from pipeline.errors import ConfigError  # importable from here as before
 __all__ = [
     "ConfigError", "AnalyseOutputConfig", "Backbone", "CandidateConfig", "ClassifierConfig", "CompareConfig", "DEFAULT_DRAFT_MARGIN",
     "DedupConfig", "DedupOptions", "DraftMargin", "ErrorRate", "ExtractConfig", "FINGERPRINT_EXCLUDED",
-    "FINGERPRINT_NAMES", "FeaturesConfig", "GpuShare", "INPUT_URI_REQUIRED", "IndexConfig", "IndexOptions",
+    "FINGERPRINT_NAMES", "AugmentConfig", "FinetuneConfig", "FinetuneOptions", "FinetuneOutputConfig",
+    "FinetuneRunConfig", "load_finetune_config", "FeaturesConfig", "GpuShare", "INPUT_URI_REQUIRED", "IndexConfig", "IndexOptions",
     "InputConfig", "JSON_LABELS", "Labels", "MEMBER_LABELS", "MEMORY_UNITS", "MemorySize", "ModelConfig",
     "NAME_PATTERN", "OUTPUT_URI_REQUIRED", "OutputConfig", "PREPROCESS_MODES", "ProbeConfig", "RESIZE_MODES",
     "RunConfig", "SAVED_MODEL_SUFFIXES", "SCHEDULING", "SampleConfig", "SearchConfig", "SearchIndexOptions",

@@ -14,9 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ModelConfig
+from pipeline.config import AugmentConfig, FinetuneOptions, ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.finetune.config import AugmentConfig, FinetuneOptions
 from pipeline.models import surgery
 from pipeline.models.extractor import backbone_of, build_core
 from pipeline.models.provenance import Checksums

@@ -11,9 +11,8 @@
 from __future__ import annotations
 
 from pipeline import charts
-from pipeline.config import to_dict
 from pipeline.finetune.checkpoints import BEST_FILE, Checkpoints
-from pipeline.finetune.config import FinetuneConfig
+from pipeline.config import FinetuneConfig, to_dict
 from pipeline.finetune.data import Splits
 from pipeline.finetune.training import Outcome
 from pipeline.io import storage

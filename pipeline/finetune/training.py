@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import ClassifierConfig
 from pipeline.finetune import network
 from pipeline.finetune.checkpoints import BEST_FILE, LAST_FILE, Checkpoints, State
-from pipeline.finetune.config import FinetuneConfig
+from pipeline.config import ClassifierConfig, FinetuneConfig
 from pipeline.finetune.data import Part, Splits, Stream
 
 log = logging.getLogger(__name__)

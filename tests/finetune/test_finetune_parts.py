@@ -13,7 +13,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import InputConfig, ModelConfig, SplitConfig
 from pipeline.errors import ConfigError
-from pipeline.finetune.config import FinetuneOptions
+from pipeline.config import FinetuneOptions
 from pipeline.finetune.data import Stream, split_images
 from tests.helpers import write_labelled_images
 from tests.images import photo_bytes

@@ -1,8 +1,7 @@
 """The keys of `featurize finetune`: `input` and `model` as extract's, `finetune` (what trains, for how long,
 how fast, with which augmentation), `split` as train's, `run` (workers on Ray), `output`.
 
-The sections are declared with pipeline.sections like every other command's, and kept here, beside the stage
-that reads them.
+The stage that reads them is pipeline/finetune/ (docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -10,7 +9,9 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Annotated, Literal
 
-from pipeline.config import GpuShare, InputConfig, ModelConfig, SplitConfig, build, check_explicit_weights
+from pipeline.config.extract import GpuShare, InputConfig, ModelConfig
+from pipeline.config.loading import build, check_explicit_weights
+from pipeline.config.train import SplitConfig
 from pipeline.errors import ConfigError
 from pipeline.sections import (
     AUTO_OR_COUNT,
