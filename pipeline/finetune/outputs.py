@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 from pipeline import charts
-from pipeline.finetune.checkpoints import BEST_FILE, Checkpoints
 from pipeline.config import FinetuneConfig, to_dict
+from pipeline.finetune.checkpoints import BEST_FILE, Checkpoints
 from pipeline.finetune.data import Splits
 from pipeline.finetune.training import Outcome
 from pipeline.io import storage

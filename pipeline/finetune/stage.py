@@ -12,9 +12,9 @@ import hashlib
 import json
 import logging
 
+from pipeline.config import FinetuneConfig, to_dict
 from pipeline.errors import ConfigError
 from pipeline.finetune.checkpoints import Checkpoints
-from pipeline.config import FinetuneConfig, to_dict
 from pipeline.finetune.data import Splits, split_images
 from pipeline.finetune.outputs import METRICS_FILE, finished_metrics, write_outputs
 from pipeline.finetune.training import Job

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.config import ClassifierConfig, FinetuneConfig
 from pipeline.finetune import network
 from pipeline.finetune.checkpoints import BEST_FILE, LAST_FILE, Checkpoints, State
-from pipeline.config import ClassifierConfig, FinetuneConfig
 from pipeline.finetune.data import Part, Splits, Stream
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def run_training(job: Job, checkpoints: Checkpoints, decode_threads: int) -> Out
         training_model = checkpoints.load_model(LAST_FILE, compile=True)
         log.info("resuming after epoch %d (%s)", state.epoch, checkpoints.uri(LAST_FILE))
     else:
-        state.epoch, state.compiled_phase = 0, ""
+        state = State(job.fingerprint, starts=[0], probe=state.probe)  # no epoch finished yet: start afresh
         classifier = network.build_classifier(base, len(splits.classes), config.model, config.finetune)
         training_model = network.build_training_model(classifier, config.finetune)
     if state.probe is None:
@@ -89,7 +89,7 @@ def run_training(job: Job, checkpoints: Checkpoints, decode_threads: int) -> Out
     train_epochs(training_model, stream, splits, config, checkpoints, state)
     best = checkpoints.load_model(BEST_FILE, compile=False)
     true_test, predicted_test = predict(best, stream, splits.test, config.finetune.batch_size)
-    return Outcome(state, true_test, predicted_test, dict(stream.left_out), vars(base.checksums),
+    return Outcome(state, true_test, predicted_test, dict(stream.left_out), asdict(base.checksums),
                    base.core.input_size, base.preprocess, time.perf_counter() - started)
 
 
