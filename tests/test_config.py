@@ -76,7 +76,8 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_every_shipped_config_loads():
     configs = Path(__file__).parent.parent / "configs"
     for path in sorted(configs.glob("*.yaml")):
-        kind = {"compare": CompareConfig, "train": TrainConfig, "finetune": FinetuneConfig}.get(path.stem, ExtractConfig)
+        kinds = {"compare": CompareConfig, "train": TrainConfig, "finetune": FinetuneConfig}
+        kind = kinds.get(path.stem, ExtractConfig)
         load_config(kind, path)
 
 

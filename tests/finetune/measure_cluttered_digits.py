@@ -54,7 +54,8 @@ def main(root: Path) -> dict:
         writer = csv.writer(handle)
         writer.writerow(["uri", "label"])
         writer.writerows((uri, splits.classes[target]) for uri, target in zip(splits.test.uris, splits.test.targets))
-    extract_code = featurize("extract", "--config", os.devnull, "--set", f"input.uri={root / 'test.csv'}", "input.labels=label",
+    extract_code = featurize("extract", "--config", os.devnull, "--set", f"input.uri={root / 'test.csv'}",
+                             "input.labels=label",
                              f"model.backbone={output / 'model.keras'}",
                              f"model.class_names={output / 'class_names.txt'}", "model.top_k=3",
                              f"output.uri={root / 'extract'}", "output.mode=overwrite")

