@@ -104,3 +104,16 @@ def test_unfreezing_the_last_blocks_or_from_a_named_layer():
     assert "block_16_project" in trained and "block_15_project" not in trained
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers if layer.trainable)
     keras.backend.clear_session()
+
+
+def test_worker_resources_follow_the_cluster_and_refuse_what_it_can_never_give():
+    from pipeline.config import FinetuneRunConfig
+    from pipeline.finetune.workers import worker_resources
+
+    assert worker_resources(FinetuneRunConfig(), {"CPU": 16.0, "GPU": 2.0}) == (16, 1.0)  # a GPU when there is one
+    assert worker_resources(FinetuneRunConfig(), {"CPU": 2.0}) == (2, 0.0)  # else the CPUs, as extract
+    assert worker_resources(FinetuneRunConfig(gpus_per_worker=0, cpus_per_worker=4), {"CPU": 8.0, "GPU": 1.0}) == (4, 0)
+    with pytest.raises(ConfigError, match="run.gpus_per_worker"):
+        worker_resources(FinetuneRunConfig(gpus_per_worker=2), {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match="run.cpus_per_worker"):
+        worker_resources(FinetuneRunConfig(cpus_per_worker=32), {"CPU": 8.0})
