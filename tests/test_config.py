@@ -169,6 +169,7 @@ def hand_kept_fingerprint_inputs(config: ExtractConfig) -> dict:
         "top_k": model.top_k, "class_names": redaction.redact(model.class_names),
         "class_names_sha256": checksums.get("model.class_names"), "mixed_precision": model.mixed_precision,
         "feature_dtype": config.output.feature_dtype,
+        "content_hashes": config.output.content_hashes,  # since the sha256 and phash columns (plan.py: older plans)
         "input_uri": [redaction.redact(uri) for uri in config.input.uri], "labels": config.input.labels,
         "extensions": list(config.input.extensions), "shard_size": config.run.shard_size,
     }

@@ -118,3 +118,14 @@ def test_no_module_is_over_400_lines():
     long = {name: length for name, path in modules().items()
             if (length := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_tensorflow_and_keras_are_imported_inside_functions_only():
+    """So that `featurize --help` and config errors stay fast (docs/architecture.md)."""
+    offenders = []
+    for name, path in modules().items():
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [name for imported in names if imported.split(".")[0] in ("tensorflow", "keras")]
+    assert not offenders, f"TensorFlow or Keras imported at module level in {offenders}"

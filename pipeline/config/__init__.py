@@ -8,6 +8,8 @@ Every name is re-exported here: `from pipeline.config import X` is the way in.
 """
 
 from pipeline.config.analyse import (
+    COSINE_ONLY_THRESHOLD,
+    VERIFIED_THRESHOLD,
     MEMORY_UNITS,
     OUTPUT_URI_REQUIRED,
     AnalyseOutputConfig,
@@ -50,6 +52,7 @@ from pipeline.config.extract import (
     is_saved_model_path,
     is_weights_file,
     model_from_provenance,
+    reader_builder,
     weights_file_as_backbone,
 )
 from pipeline.config.finetune import (
@@ -93,6 +96,6 @@ __all__ = [
     "RunConfig", "SAVED_MODEL_SUFFIXES", "SCHEDULING", "SampleConfig", "SearchConfig", "SearchIndexOptions",
     "SearchOptions", "SplitConfig", "TopK", "TrainConfig", "TrainOutputConfig", "WEIGHTS_KEYWORDS", "WEIGHTS_SUFFIX",
     "build", "candidate_list", "check_backbone", "check_explicit_weights", "check_labels", "check_runtime",
-    "default_name", "is_saved_model_path", "is_weights_file", "load_config", "memory_bytes", "model_from_provenance",
+    "default_name", "is_saved_model_path", "is_weights_file", "load_config", "memory_bytes", "model_from_provenance", "reader_builder",
     "require_features_and_output", "to_dict", "weights_file_as_backbone",
 ]

@@ -6,6 +6,7 @@ which keys change the features are the contract's (`pipeline.contract`); the sec
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import field
 from typing import Annotated, Literal
 
@@ -97,6 +98,26 @@ def check_labels(labels: str) -> str:
 
 
 Labels = Annotated[Text, AfterValidator(check_labels)]
+
+
+def reader_builder(path: str):
+    """The builder a dotted path "package.module:name" names; a ValueError saying what is wrong otherwise."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"got {path!r}; expected 'package.module:builder'")
+    try:
+        builder = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"got {path!r}, which cannot be loaded ({error}); name an importable builder") from None
+    if not callable(builder):
+        raise ValueError(f"got {path!r}, which is not callable; name a builder function")
+    return builder
+
+
+def check_reader(path: str | None) -> str | None:
+    if path is not None:
+        reader_builder(path)  # fails now, before any cluster starts
+    return path
 INPUT_URI_REQUIRED = "input.uri is required: a directory, glob or manifest file (or a list of them)"
 
 
@@ -109,6 +130,10 @@ class InputConfig:
     labels: Labels = "none"  # none | from_dirs | name of a manifest column | member:EXT | json:FIELD (archives)
     extensions: Texts = ("jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp")  # listings and archive members
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, anon, profile...)
+    # "package.module:builder": builder(storage_options, **reader_options) returns read(uri) -> bytes, called in
+    # the workers instead of fsspec (a store of your own; the tests' failing readers); None: fsspec
+    reader: Annotated[MaybeText, AfterValidator(check_reader)] = None
+    reader_options: dict = field(default_factory=dict)
 
 
 @section("model")
@@ -150,6 +175,9 @@ class OutputConfig:
     feature_dtype: Literal["float32", "float16"] = "float32"
     mode: Literal["resume", "overwrite", "error", "append"] = "resume"  # append: only images not yet in the output
     row_group_size: Positive = 1024
+    # sha256 and phash columns of every ok row (exact and verified near-duplicates in `featurize dedup`); false
+    # leaves them null: the phash costs about half a decode an image (docs/performance.md, Content hashes)
+    content_hashes: Flag = True
     storage_options: dict = field(default_factory=dict)
 
 

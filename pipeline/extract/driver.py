@@ -127,7 +127,8 @@ class Driver:
             input_storage_options=redaction.public_options(config.input.storage_options), resize=config.model.resize,
             draft_margin=config.model.draft_margin,
             feature_dtype=config.output.feature_dtype, row_group_size=config.output.row_group_size,
-            decode_threads=config.run.decode_threads)
+            decode_threads=config.run.decode_threads, content_hashes=config.output.content_hashes,
+            reader=config.input.reader, reader_options=config.input.reader_options)
 
     def run(self, verbose: bool = False) -> dict:
         """Every check that needs no cluster (config, model files, output mode, fingerprint, listing) runs in

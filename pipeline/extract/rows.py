@@ -25,6 +25,8 @@ def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dic
         pa.field("top_k_labels", pa.list_(pa.string())),
         pa.field("top_k_scores", pa.list_(pa.float32())),
         pa.field("key", pa.string()),  # the WebDataset sample key of an archive member; null for a loose file
+        pa.field("sha256", pa.string()),  # hex of the bytes as fetched (an archive member's own); null for errors
+        pa.field("phash", pa.string()),  # imagehash's 64-bit phash of the upright pixels, 16 hex digits
     ])
     metadata = {key: redaction.redact(str(value)) for key, value in (provenance or {}).items()}  # URIs: no secrets
     return schema.with_metadata(metadata)
@@ -44,12 +46,19 @@ class ShardRows:
     top_k_labels: list = field(default_factory=list)
     top_k_scores: list = field(default_factory=list)
     key: list = field(default_factory=list)
+    sha256: list = field(default_factory=list)
+    phash: list = field(default_factory=list)
 
-    def add_ok(self, uri, label, width, height, features: np.ndarray, labels: list[str], scores: list[float]):
+    def add_ok(self, uri, label, width, height, features: np.ndarray, labels: list[str], scores: list[float],
+               sha256: str | None = None, phash: str | None = None):
         self._add(uri, label, "ok", None, width, height, features, labels, scores)
+        self.sha256.append(sha256)
+        self.phash.append(phash)
 
     def add_error(self, uri, label, reason: str, width=None, height=None):
         self._add(uri, label, "error", reason, width, height, None, [], [])
+        self.sha256.append(None)
+        self.phash.append(None)
 
     def _add(self, uri, label, status, error, width, height, features, labels, scores):
         self.uri.append(redaction.redact_uri(uri))  # a signed URL's signature or user info stays out of rows

@@ -14,29 +14,25 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
-import os
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import IO
 
 import numpy as np
 
-from pipeline.config import ModelConfig, OutputConfig
+from pipeline.config import ModelConfig, OutputConfig, reader_builder
 from pipeline.extract import archives
 from pipeline.extract.decode import DecodedImage, decode_image
+from pipeline.extract.hashes import bytes_sha256
 from pipeline.extract.parts import ManifestSlice, read_slice
 from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import faults, storage
 from pipeline.output import layout, ledger
-
-# Test hooks: a worker that meets a uri containing the crash marker dies on the spot, as a native crash would;
-# one containing the bug marker raises, as a bug in featurize's own code would; a delay per shard keeps a run
-# going long enough to be interrupted.
-CRASH_MARKER_VARIABLE = "FEATURIZE_TEST_CRASH_MARKER"
-BUG_MARKER_VARIABLE = "FEATURIZE_TEST_BUG_MARKER"
-SLOW_SECONDS_VARIABLE = "FEATURIZE_TEST_SLOW_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -70,6 +66,47 @@ class ShardTask:
 
 
 @dataclass(frozen=True)
+class DecodeSettings:
+    """How an image is fetched and decoded: all a worker needs of the job's config for one image (search's image
+    queries use it too)."""
+
+    input_storage_options: dict
+    resize: str = ModelConfig.resize
+    draft_margin: int = ModelConfig.draft_margin
+    reader: str | None = None  # input.reader: a builder of read(uri) -> bytes; None: fsspec
+    reader_options: dict = field(default_factory=dict)
+    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
+
+    @property
+    def reader_part(self) -> Reader:
+        if self.reader is None:
+            return Reader(self.input_storage_options)
+        return built_reader(self.reader, json.dumps(self.reader_options, sort_keys=True, default=str),
+                            json.dumps(self.input_storage_options, sort_keys=True, default=str))
+
+
+class Reader:
+    """How a worker gets an image's bytes and an archive's stream: fsspec with the input's storage options.
+    `input.reader` names a builder, `builder(storage_options, **input.reader_options)`, returning another (a
+    subclass, or any object with these two methods)."""
+
+    def __init__(self, storage_options: dict):
+        self.storage_options = storage_options
+
+    def read(self, uri: str) -> bytes:
+        return storage.read_bytes(uri, self.storage_options)
+
+    def open_stream(self, uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return storage.open_stream(uri, self.storage_options)
+
+
+@functools.lru_cache(maxsize=8)
+def built_reader(path: str, reader_options: str, storage_options: str) -> Reader:
+    """input.reader built once per worker process and settings (builders cross process boundaries as a name)."""
+    return reader_builder(path)(json.loads(storage_options), **json.loads(reader_options))
+
+
+@dataclass(frozen=True)
 class ShardSettings:
     """What a worker needs of the job's config; defaults are the config's own (one place to change them)."""
 
@@ -80,8 +117,16 @@ class ShardSettings:
     draft_margin: int = ModelConfig.draft_margin
     feature_dtype: str = OutputConfig.feature_dtype
     row_group_size: int = OutputConfig.row_group_size
+    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
+    reader: str | None = None  # input.reader
+    reader_options: dict = field(default_factory=dict)
+
+    @property
+    def decode(self) -> DecodeSettings:
+        return DecodeSettings(self.input_storage_options, self.resize, self.draft_margin, self.reader,
+                              self.reader_options, self.content_hashes)
 
 
 @dataclass
@@ -104,15 +149,13 @@ class Item:
     image: DecodedImage
     fetch_seconds: float
     decode_seconds: float
+    sha256: str | None = None
 
 
-def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], settings: ShardSettings) -> Item:
+def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], settings: DecodeSettings) -> Item:
     started = time.perf_counter()
-    crash_marker = os.environ.get(CRASH_MARKER_VARIABLE)
-    if crash_marker and crash_marker in uri:
-        os._exit(77)
     try:
-        data = storage.read_bytes(uri, settings.input_storage_options)
+        data = settings.reader_part.read(uri)
     except Exception as error:  # noqa: BLE001 - classified just below
         if not is_fetch_failure(error):
             raise  # a bug in featurize, not a property of this image: loud, the shard is retried
@@ -123,17 +166,13 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
 
 
 def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, target_size: tuple[int, int],
-                   settings: ShardSettings) -> Item:
+                   settings: DecodeSettings) -> Item:
     """Bytes already fetched (a loose file, or an archive member off its stream) -> an Item."""
     started = time.perf_counter()
-    crash_marker = os.environ.get(CRASH_MARKER_VARIABLE)
-    if crash_marker and crash_marker in uri:
-        os._exit(77)
-    bug_marker = os.environ.get(BUG_MARKER_VARIABLE)
-    if bug_marker and bug_marker in uri:
-        raise AssertionError(f"test hook: a bug in featurize's own code while decoding {uri}")
-    image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin)
-    return Item(uri, label, image, fetch_seconds, time.perf_counter() - started)
+    image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin,
+                         perceptual_hash=settings.content_hashes)
+    sha256 = bytes_sha256(data) if settings.content_hashes and image.error is None else None
+    return Item(uri, label, image, fetch_seconds, time.perf_counter() - started, sha256)
 
 
 def error_item(uri: str, label: str | None, reason: str, fetch_seconds: float = 0.0) -> Future:
@@ -170,7 +209,7 @@ def item_futures(task: ShardTask, target_size: tuple[int, int], settings: ShardS
     for archive_uri, run in itertools.groupby(entries, key=lambda entry: archives.archive_of(entry[0])):
         if archive_uri is None:
             for uri, label in run:
-                yield executor.submit(fetch_and_decode, uri, label, target_size, settings)
+                yield executor.submit(fetch_and_decode, uri, label, target_size, settings.decode)
         else:
             yield from archive_member_futures(archive_uri, list(run), target_size, settings, executor)
 
@@ -184,7 +223,8 @@ def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None
     reason = "not found in the archive (was it changed after the listing?)"
     started = time.perf_counter()
     try:
-        members = archives.read_members(archive_uri, kind, settings.input_storage_options, needed.__contains__)
+        members = archives.read_members(archive_uri, kind, settings.input_storage_options, needed.__contains__,
+                                        settings.decode.reader_part.open_stream)
         with contextlib.closing(members):
             for member in members:
                 if isinstance(member, archives.ArchiveBreak):
@@ -198,7 +238,7 @@ def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None
                     yield error_item(uri, label, member.error, fetch_seconds)
                 else:
                     yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, target_size,
-                                          settings)
+                                          settings.decode)
                 if not needed:
                     break  # the rest of the archive belongs to other shards: stop reading it
     except Exception as error:  # noqa: BLE001 - classified just below
@@ -241,7 +281,6 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardR
             add_rows(rows, group, extractor, class_names)
             timings["forward"] += time.perf_counter() - started
             waited = time.perf_counter()
-    time.sleep(float(os.environ.get(SLOW_SECONDS_VARIABLE, "0")))
     started = time.perf_counter()
     relative_path = layout.new_data_file_name(task.shard, settings.run_tag)
     schema = row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)
@@ -266,7 +305,7 @@ def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[st
         indices = output.top_k_indices[position]
         labels = [class_names[index] if class_names else str(index) for index in indices]
         rows.add_ok(item.uri, item.label, image.width, image.height, output.features[position], labels,
-                    output.top_k_scores[position].tolist())
+                    output.top_k_scores[position].tolist(), item.sha256, image.phash)
         position += 1
 
 

@@ -13,6 +13,7 @@ from pipeline.errors import ConfigError
 from pipeline.extract.plan import Plan
 from pipeline.io import redaction, storage
 from pipeline.output import layout, lease, ledger
+from pipeline.output.features import shared_bytes
 
 
 def print_extract_summary(success: dict, console: Console) -> None:
@@ -159,8 +160,18 @@ def inspect_extract_output(output_uri: str, console: Console, storage_options: d
         summary["provenance"] = ledger.read_file_metadata(output_uri, first_file, storage_options)
         lines.append(("schema", summary["schema"]))
         lines += [(f"provenance.{key}", value) for key, value in sorted(summary["provenance"].items())]
+    summary["shared_bytes"] = shared_bytes(output_uri, [file for record in commits.values() for file in record.files],
+                                           storage_options)
+    lines.append(("same bytes", shared_bytes_text(summary["shared_bytes"])))
     console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)}", lines))
     return summary
+
+
+def shared_bytes_text(shared: dict | None) -> str:
+    if shared is None:
+        return "unknown: no sha256 column (written before content hashes, or with output.content_hashes: false)"
+    return (f"{shared['images']} images share their bytes with another ({shared['contents']} contents); "
+            "`featurize dedup` groups them")
 
 
 def generation_rows(plan: Plan, commits: dict) -> list[dict]:
