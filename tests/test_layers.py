@@ -15,7 +15,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 # Layers from the bottom up (docs/architecture.md): a module may import its own layer's modules and lower ones.
-# Within a layer the packages named apart may not import each other (output and models; extract and train).
+# Within a layer the packages named apart may not import each other (output and models; extract and train;
+# analyse and finetune).
 LAYERS = (
     ("pipeline.errors",),
     ("pipeline.io",),
@@ -23,7 +24,7 @@ LAYERS = (
     ("pipeline.config",),
     ("pipeline.output", "pipeline.models"),
     ("pipeline.ray_cluster", "pipeline.extract", "pipeline.train"),
-    ("pipeline.analyse",),
+    ("pipeline.analyse", "pipeline.finetune"),
     ("pipeline.tools",),
     ("pipeline.cli",),
 )
@@ -36,7 +37,7 @@ CONFINED = {
     "gcsfs": ("pipeline.io",),
     "adlfs": ("pipeline.io",),
     "ray": ("pipeline.ray_cluster", "pipeline.extract.driver", "pipeline.extract.actor",
-            "pipeline.analyse.knn_actors"),
+            "pipeline.analyse.knn_actors", "pipeline.finetune.workers"),
     "moto": (),  # test doubles live in tests/
 }
 MAX_LINES = 400

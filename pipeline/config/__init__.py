@@ -55,6 +55,14 @@ from pipeline.config.extract import (
     reader_builder,
     weights_file_as_backbone,
 )
+from pipeline.config.finetune import (
+    AugmentConfig,
+    FinetuneConfig,
+    FinetuneOptions,
+    FinetuneOutputConfig,
+    FinetuneRunConfig,
+    load_finetune_config,
+)
 from pipeline.config.loading import build, check_explicit_weights, load_config, to_dict
 from pipeline.config.train import (
     ClassifierConfig,
@@ -82,7 +90,8 @@ __all__ = [
     "COSINE_ONLY_THRESHOLD", "VERIFIED_THRESHOLD", "ConfigError", "AnalyseOutputConfig", "Backbone",
     "CandidateConfig", "ClassifierConfig", "CompareConfig", "DEFAULT_DRAFT_MARGIN",
     "DedupConfig", "DedupOptions", "DraftMargin", "ErrorRate", "ExtractConfig", "FINGERPRINT_EXCLUDED",
-    "FINGERPRINT_NAMES", "FeaturesConfig", "GpuShare", "INPUT_URI_REQUIRED", "IndexConfig", "IndexOptions",
+    "FINGERPRINT_NAMES", "AugmentConfig", "FinetuneConfig", "FinetuneOptions", "FinetuneOutputConfig",
+    "FinetuneRunConfig", "load_finetune_config", "FeaturesConfig", "GpuShare", "INPUT_URI_REQUIRED", "IndexConfig", "IndexOptions",
     "InputConfig", "JSON_LABELS", "Labels", "MEMBER_LABELS", "MEMORY_UNITS", "MemorySize", "ModelConfig",
     "NAME_PATTERN", "OUTPUT_URI_REQUIRED", "OutputConfig", "PREPROCESS_MODES", "ProbeConfig", "RESIZE_MODES",
     "RunConfig", "SAVED_MODEL_SUFFIXES", "SCHEDULING", "SampleConfig", "SearchConfig", "SearchIndexOptions",
