@@ -8,6 +8,7 @@ from pipeline.config import (
     FINGERPRINT_NAMES,
     CompareConfig,
     ExtractConfig,
+    FinetuneConfig,
     ModelConfig,
     TrainConfig,
     load_config,
@@ -75,7 +76,8 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_every_shipped_config_loads():
     configs = Path(__file__).parent.parent / "configs"
     for path in sorted(configs.glob("*.yaml")):
-        kind = {"compare": CompareConfig, "train": TrainConfig}.get(path.stem, ExtractConfig)
+        kinds = {"compare": CompareConfig, "train": TrainConfig, "finetune": FinetuneConfig}
+        kind = kinds.get(path.stem, ExtractConfig)
         load_config(kind, path)
 
 

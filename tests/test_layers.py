@@ -15,7 +15,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 # Layers from the bottom up (docs/architecture.md): a module may import its own layer's modules and lower ones.
-# Within a layer the packages named apart may not import each other (output and models; extract and train).
+# Within a layer the packages named apart may not import each other (output and models; extract and train;
+# analyse and finetune).
 LAYERS = (
     ("pipeline.errors",),
     ("pipeline.io",),
@@ -23,7 +24,7 @@ LAYERS = (
     ("pipeline.config",),
     ("pipeline.output", "pipeline.models"),
     ("pipeline.ray_cluster", "pipeline.reaper", "pipeline.extract", "pipeline.train"),
-    ("pipeline.analyse",),
+    ("pipeline.analyse", "pipeline.finetune"),
     ("pipeline.tools",),
     ("pipeline.cli",),
 )
@@ -36,7 +37,7 @@ CONFINED = {
     "gcsfs": ("pipeline.io",),
     "adlfs": ("pipeline.io",),
     "ray": ("pipeline.ray_cluster", "pipeline.extract.driver", "pipeline.extract.pool", "pipeline.extract.actor",
-            "pipeline.analyse.knn_actors"),
+            "pipeline.analyse.knn_actors", "pipeline.finetune.workers"),
     "moto": (),  # test doubles live in tests/
 }
 MAX_LINES = 400
@@ -71,7 +72,8 @@ def imported_names(path: Path, name: str) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     """module -> the pipeline modules it imports."""
     known = modules()
-    return {name: {target for target in imported_names(path, name) if target in known and target not in (name, "pipeline")}
+    return {name: {target for target in imported_names(path, name)
+                   if target in known and target not in (name, "pipeline")}
             for name, path in known.items()}
 
 

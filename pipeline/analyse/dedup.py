@@ -25,8 +25,8 @@ import pyarrow as pa
 from pipeline.analyse import output as analyse_output
 from pipeline.analyse.index import build_faiss, choose_index
 from pipeline.analyse.neighbours import set_search_knobs
-from pipeline.analyse.verify import RowHashes, exact_pairs, hamming, read_hashes, verified
 from pipeline.analyse.vectors import as_metric_space, fingerprint_of, num_ok_rows, ok_batches, sources_document
+from pipeline.analyse.verify import RowHashes, exact_pairs, hamming, read_hashes, verified
 from pipeline.config import COSINE_ONLY_THRESHOLD, VERIFIED_THRESHOLD, DedupConfig, DedupOptions, memory_bytes
 from pipeline.io import storage
 from pipeline.output.features import open_features

@@ -111,6 +111,16 @@ def command_compare(arguments) -> int:
     return 0
 
 
+def command_finetune(arguments) -> int:
+    from pipeline.config import load_finetune_config
+    from pipeline.finetune.report import print_finetune_summary
+    from pipeline.finetune.stage import finetune
+
+    config = load_finetune_config(arguments.config, arguments.set)
+    print_finetune_summary(finetune(config, arguments.verbose), config.output.uri, console)
+    return 0
+
+
 def command_predict(arguments) -> int:
     from pipeline.train.predict import predict
 
@@ -168,6 +178,7 @@ COMMANDS = (  # in the order of `featurize --help`
     config_command("extract", command_extract, "extract features and top-k predictions to Parquet"),
     config_command("train", command_train, "train and evaluate a classifier on extracted features"),
     config_command("compare", command_compare, "compare backbones (and random-init baselines) with one probe"),
+    config_command("finetune", command_finetune, "fine-tune a network with a new head on labelled images"),
     add_predict_command, add_models_command, add_inspect_command, add_report_command, add_lease_command,
     add_weights_command, add_bench_command,
     config_command("index", command_index, "build a similarity index (faiss) over extracted features"),

@@ -73,9 +73,9 @@ class DecodeSettings:
     input_storage_options: dict
     resize: str = ModelConfig.resize
     draft_margin: int = ModelConfig.draft_margin
-    reader: str | None = None  # input.reader: a builder of read(uri) -> bytes; None: fsspec
+    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok image
+    reader: str | None = None  # input.reader: a builder of a Reader; None: fsspec
     reader_options: dict = field(default_factory=dict)
-    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
 
     @property
     def reader_part(self) -> Reader:
@@ -126,8 +126,8 @@ class ShardSettings:
 
     @property
     def decode(self) -> DecodeSettings:
-        return DecodeSettings(self.input_storage_options, self.resize, self.draft_margin, self.reader,
-                              self.reader_options, self.content_hashes)
+        return DecodeSettings(self.input_storage_options, self.resize, self.draft_margin, self.content_hashes,
+                              self.reader, self.reader_options)
 
 
 @dataclass
