@@ -61,15 +61,31 @@ def fits(resources: dict, plan: PoolPlan) -> bool:
 
 
 def autoscaler_report() -> dict | None:
-    """The autoscaler's last report, or None where none runs (a private Ray, a static cluster)."""
+    """What the autoscaler is launching now ({"launching": {node type: count}}), or None where no autoscaler runs
+    (a private Ray, a static cluster). Ray's autoscaler reports to the GCS: v1 (`ray up`, KubeRay's default) in the
+    key-value store, v2 (`RAY_enable_autoscaler_v2`) as the autoscaling state of the cluster status."""
     from ray.experimental.internal_kv import _internal_kv_get
 
     with contextlib.suppress(Exception):
         raw = _internal_kv_get(AUTOSCALER_STATUS_KEY)
-        if raw:
-            report = json.loads(raw)
-            if time.time() - report.get("time", 0) < AUTOSCALER_FRESH_SECONDS:
-                return report
+        report = json.loads(raw) if raw else {}
+        if report and time.time() - report.get("time", 0) < AUTOSCALER_FRESH_SECONDS:
+            summary = report.get("autoscaler_report") or {}
+            launching = dict(summary.get("pending_launches") or {})
+            for _, node_type, *_ in summary.get("pending_nodes") or []:
+                launching[node_type] = launching.get(node_type, 0) + 1
+            return {"launching": launching}
+    with contextlib.suppress(Exception):
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        if status.stats.autoscaler_version not in (None, "", "0"):
+            launching: dict = {}
+            for launch in status.pending_launches:
+                launching[launch.ray_node_type_name] = launching.get(launch.ray_node_type_name, 0) + launch.count
+            for node in status.pending_nodes:
+                launching[node.ray_node_type_name] = launching.get(node.ray_node_type_name, 0) + 1
+            return {"launching": launching}
     return None
 
 
@@ -162,13 +178,7 @@ class PlacementWatch:
 
 def pending_launches(report: dict | None) -> dict:
     """Node types the autoscaler is launching or waiting to join, with counts."""
-    if not report:
-        return {}
-    autoscaler = report.get("autoscaler_report") or {}
-    launching = dict(autoscaler.get("pending_launches") or {})
-    for _, node_type, *_ in autoscaler.get("pending_nodes") or []:
-        launching[node_type] = launching.get(node_type, 0) + 1
-    return launching
+    return report["launching"] if report else {}
 
 
 def shape_text(plan: PoolPlan) -> str:
