@@ -14,10 +14,12 @@ import os
 import ray
 
 from pipeline.errors import USER_ERRORS, ConfigError
-from pipeline.extract.driver import Interrupted, connect, forwarded_environment, stop_on_signals
+from pipeline.extract.driver import forwarded_environment
+from pipeline.extract.signals import Interrupted, stop_on_signals
 from pipeline.finetune.checkpoints import Checkpoints
 from pipeline.finetune.training import Job, Outcome, describe_epoch, run_training
 from pipeline.io import redaction
+from pipeline.ray_cluster import connect
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def wait_reporting_epochs(result: ray.ObjectRef, job: Job, interval: float = 5.0
 def train_on_ray(job: Job, verbose: bool = False) -> Outcome:
     """Run the training worker to the end, starting another after a lost one (up to `run.max_attempts` starts)."""
     run = job.config.run
-    log.info(connect(run.address, verbose))
+    log.info(connect(run.address, verbose).description)
     cpus, gpus = worker_resources(run, ray.cluster_resources())
     worker_class = ray.remote(TrainingWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
                                                       runtime_env=forwarded_environment() or None)
