@@ -99,6 +99,8 @@ KEY_EFFECTS = {
     "input.uri": ROWS, "input.labels": ROWS, "input.extensions": ROWS,
     "input.uri_column": "where a manifest keeps its URIs; input.uri is fingerprinted and the listing frozen",
     "input.storage_options": "how the input is reached (endpoint, credentials), not what it holds",
+    "input.reader": "how image bytes are fetched (a reader of your own), not what they are",
+    "input.reader_options": "the reader's own options",
     "model.backbone": FEATURES, "model.weights": FEATURES, "model.layer": FEATURES, "model.pooling": FEATURES,
     "model.input_size": FEATURES, "model.preprocess": FEATURES, "model.resize": FEATURES,
     "model.draft_margin": FEATURES,
@@ -110,10 +112,12 @@ KEY_EFFECTS = {
     "model.runtime": "keras and litert compute the same features (float32, within tolerance)",
     "run.shard_size": ROWS,  # shard i means the same images on every resume
     "run.address": SCHEDULING, "run.actors": SCHEDULING, "run.gpus_per_actor": SCHEDULING,
+    "run.min_actors": SCHEDULING, "run.max_actors": SCHEDULING, "run.start_timeout": SCHEDULING,
     "run.cpus_per_actor": SCHEDULING, "run.batch_size": SCHEDULING, "run.shards_in_flight_per_actor": SCHEDULING,
     "run.decode_threads": SCHEDULING, "run.max_attempts": "retries only",
     "run.max_error_rate": "when the job fails, not what it writes",
     "output.feature_dtype": ROWS,
+    "output.content_hashes": ROWS,  # sha256 and phash, or nulls; an output planned before the key is not resumed
     "output.uri": "where the rows go, not what they are", "output.mode": "what happens to an existing output",
     "output.row_group_size": "Parquet layout, not values",
     "output.storage_options": "how the output is reached (endpoint, credentials)",

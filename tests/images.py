@@ -313,3 +313,47 @@ def write_samples(directory: str | Path, samples: dict[str, bytes] | None = None
         paths[name] = directory / name
         paths[name].write_bytes(data)
     return paths
+
+
+# --- a task no pretrained network saw: digits scattered over photo clutter -----------------
+
+CLUTTER_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def write_cluttered_digits(directory: Path, images_per_class: int, side: int = 160, seed: int = 0) -> list[Path]:
+    """JPEGs in one folder per digit (digit_0 ... digit_9): a scikit-learn 8x8 digit scan, scaled, rotated and
+    painted in the colour opposite to the photo under it, pasted at a random place on a random crop of a
+    scikit-image photo. Neither the dog-breed network nor ImageNet saw this task."""
+    import skimage.data
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    photos = [getattr(skimage.data, name)()[..., :3] for name in CLUTTER_PHOTOS]
+    rng = np.random.default_rng(seed)
+    paths = []
+    for label in range(10):
+        folder = directory / f"digit_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        scans = np.flatnonzero(digits.target == label)
+        for index in range(images_per_class):
+            canvas = photo_crop(photos[rng.integers(len(photos))], side, rng)
+            paste_digit(canvas, digits.images[scans[index % len(scans)]], int(rng.integers(side // 3, side // 2)), rng)
+            path = folder / f"{index:04d}.jpg"
+            canvas.save(path, quality=90)
+            paths.append(path)
+    return paths
+
+
+def photo_crop(photo: np.ndarray, side: int, rng: np.random.Generator) -> Image.Image:
+    crop = int(rng.integers(side // 2, min(photo.shape[:2])))
+    top, left = rng.integers(0, photo.shape[0] - crop + 1), rng.integers(0, photo.shape[1] - crop + 1)
+    return Image.fromarray(photo[top:top + crop, left:left + crop]).resize((side, side), Image.BILINEAR)
+
+
+def paste_digit(canvas: Image.Image, scan: np.ndarray, size: int, rng: np.random.Generator) -> None:
+    mask = Image.fromarray((scan * (255.0 / 16.0)).astype(np.uint8), "L").resize((size, size), Image.BICUBIC)
+    mask = mask.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR)
+    left, top = int(rng.integers(0, canvas.width - size)), int(rng.integers(0, canvas.height - size))
+    under = np.asarray(canvas.crop((left, top, left + size, top + size)), dtype=np.float32).mean(axis=(0, 1))
+    colour = tuple(int(value) for value in np.where(under > 127, rng.integers(0, 60, 3), rng.integers(195, 256, 3)))
+    canvas.paste(Image.new("RGB", (size, size), colour), (left, top), mask=mask)

@@ -8,6 +8,7 @@ from pipeline.config import (
     FINGERPRINT_NAMES,
     CompareConfig,
     ExtractConfig,
+    FinetuneConfig,
     ModelConfig,
     TrainConfig,
     load_config,
@@ -75,7 +76,8 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_every_shipped_config_loads():
     configs = Path(__file__).parent.parent / "configs"
     for path in sorted(configs.glob("*.yaml")):
-        kind = {"compare": CompareConfig, "train": TrainConfig}.get(path.stem, ExtractConfig)
+        kinds = {"compare": CompareConfig, "train": TrainConfig, "finetune": FinetuneConfig}
+        kind = kinds.get(path.stem, ExtractConfig)
         load_config(kind, path)
 
 
@@ -176,6 +178,7 @@ def hand_kept_fingerprint_inputs(config: ExtractConfig) -> dict:
         "top_k": model.top_k, "class_names": redaction.redact(model.class_names),
         "class_names_sha256": checksums.get("model.class_names"), "mixed_precision": model.mixed_precision,
         "feature_dtype": config.output.feature_dtype,
+        "content_hashes": config.output.content_hashes,  # since the sha256 and phash columns (plan.py: older plans)
         "input_uri": [redaction.redact(uri) for uri in config.input.uri], "labels": config.input.labels,
         "extensions": list(config.input.extensions), "shard_size": config.run.shard_size,
     }

@@ -15,15 +15,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 # Layers from the bottom up (docs/architecture.md): a module may import its own layer's modules and lower ones.
-# Within a layer the packages named apart may not import each other (output and models; extract and train).
+# Within a layer the packages named apart may not import each other (output and models; extract and train;
+# analyse and finetune).
 LAYERS = (
     ("pipeline.errors",),
     ("pipeline.io",),
     ("pipeline.contract", "pipeline.sections", "pipeline.charts", "pipeline.data"),
     ("pipeline.config",),
     ("pipeline.output", "pipeline.models"),
-    ("pipeline.ray_cluster", "pipeline.extract", "pipeline.train"),
-    ("pipeline.analyse",),
+    ("pipeline.ray_cluster", "pipeline.reaper", "pipeline.extract", "pipeline.train"),
+    ("pipeline.analyse", "pipeline.finetune"),
     ("pipeline.tools",),
     ("pipeline.cli",),
 )
@@ -35,8 +36,8 @@ CONFINED = {
     "s3fs": ("pipeline.io",),
     "gcsfs": ("pipeline.io",),
     "adlfs": ("pipeline.io",),
-    "ray": ("pipeline.ray_cluster", "pipeline.extract.driver", "pipeline.extract.actor",
-            "pipeline.analyse.knn_actors"),
+    "ray": ("pipeline.ray_cluster", "pipeline.extract.driver", "pipeline.extract.pool", "pipeline.extract.actor",
+            "pipeline.analyse.knn_actors", "pipeline.finetune.workers"),
     "moto": (),  # test doubles live in tests/
 }
 MAX_LINES = 400
@@ -71,7 +72,8 @@ def imported_names(path: Path, name: str) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     """module -> the pipeline modules it imports."""
     known = modules()
-    return {name: {target for target in imported_names(path, name) if target in known and target not in (name, "pipeline")}
+    return {name: {target for target in imported_names(path, name)
+                   if target in known and target not in (name, "pipeline")}
             for name, path in known.items()}
 
 
@@ -117,3 +119,14 @@ def test_no_module_is_over_400_lines():
     long = {name: length for name, path in modules().items()
             if (length := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_tensorflow_and_keras_are_imported_inside_functions_only():
+    """So that `featurize --help` and config errors stay fast (docs/architecture.md)."""
+    offenders = []
+    for name, path in modules().items():
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [name for imported in names if imported.split(".")[0] in ("tensorflow", "keras")]
+    assert not offenders, f"TensorFlow or Keras imported at module level in {offenders}"

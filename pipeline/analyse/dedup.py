@@ -1,11 +1,18 @@
-"""`featurize dedup`: near-duplicate groups as connected components of the kNN graph whose edges join images
-with cosine similarity >= `dedup.threshold`.
+"""`featurize dedup`: duplicate groups as connected components of verified pairs.
+
+Exact copies first: rows with the same `sha256` (the same bytes) are joined with similarity 1.0. Then the kNN over
+features proposes candidate pairs at cosine >= `dedup.threshold` (permissive), and with `dedup.verify: phash` a
+candidate is kept only where the perceptual hashes are at most `dedup.max_hamming` bits apart (verify.py says why).
+Groups are the components of the kept pairs only. Outputs without the hash columns fall back to cosine alone
+(today's `verify: none`), with one warning.
 
 Output (paths relative to output.uri): `groups.parquet` with every ok input row once: `uri`, `group` (int64;
 a singleton is its own group), `similarity` (float32 cosine to the group's representative, 1.0 for it), `keep`
-(true for exactly one representative per group: the member with the most near-duplicate edges, ties to the
-earliest row), then `_SUCCESS` (stage "dedup", counts). The features are streamed from the Parquet files; the
-kNN index is chosen as `featurize index` chooses (index.kind, index.memory_budget).
+(true for exactly one representative per group: the member with the most duplicate edges, ties to the earliest
+row), `reason` (`exact`: the representative's bytes; `near`: another image verified close; null for the
+representative and singletons), `hamming` (int32 phash bits to the representative; null without hashes), then
+`_SUCCESS` (stage "dedup", counts). The features are streamed from the Parquet files; the kNN index is chosen as
+`featurize index` chooses (index.kind, index.memory_budget).
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from pipeline.analyse import output as analyse_output
 from pipeline.analyse.index import build_faiss, choose_index
 from pipeline.analyse.neighbours import set_search_knobs
 from pipeline.analyse.vectors import as_metric_space, fingerprint_of, num_ok_rows, ok_batches, sources_document
-from pipeline.config import DedupConfig, memory_bytes
+from pipeline.analyse.verify import RowHashes, exact_pairs, hamming, read_hashes, verified
+from pipeline.config import COSINE_ONLY_THRESHOLD, VERIFIED_THRESHOLD, DedupConfig, DedupOptions, memory_bytes
 from pipeline.io import storage
 from pipeline.output.features import open_features
 
@@ -27,7 +35,9 @@ GROUPS_FILE = "groups.parquet"
 GROUPS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False),
                            pa.field("group", pa.int64(), nullable=False),
                            pa.field("similarity", pa.float32(), nullable=False),
-                           pa.field("keep", pa.bool_(), nullable=False)])
+                           pa.field("keep", pa.bool_(), nullable=False),
+                           pa.field("reason", pa.string()),
+                           pa.field("hamming", pa.int32())])
 IVF_NPROBE = 64
 HNSW_EF_SEARCH = 128
 
@@ -76,11 +86,41 @@ def chaining_warning(counts: dict, threshold: float) -> str | None:
         return None
     return (f"warning: one group holds {largest} of {num_rows} images ({largest / num_rows:.0%}); near-duplicates "
             f"rarely do, so dedup.threshold {threshold} likely joins different images on these features. Look at "
-            "it with `featurize report OUTPUT` and raise dedup.threshold (README: Analyse, dedup)")
+            "it with `featurize report OUTPUT` and raise dedup.threshold (docs/analyse.md)")
 
 
-def dedup(config: DedupConfig) -> dict:
-    """Write (or find already written) the near-duplicate groups; returns the `_SUCCESS` document."""
+def fallback_warning(num_missing: int, num_rows: int, threshold: float) -> str:
+    return (f"warning: {num_missing} of {num_rows} images have no sha256/phash (an output written before them, or "
+            f"with output.content_hashes: false), so dedup compares cosine alone at {threshold}: "
+            "crops of one photo may join its group. Extract again (output.mode: overwrite) to verify with the "
+            "hashes, or set dedup.verify: none to say so")
+
+
+def effective_threshold(options: DedupOptions, verify: str) -> float:
+    if options.threshold is not None:
+        return options.threshold
+    return VERIFIED_THRESHOLD if verify == "phash" else COSINE_ONLY_THRESHOLD
+
+
+def duplicate_pairs(index, batches, options: DedupOptions, hashes: RowHashes | None, verify: str, threshold: float,
+                    ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(rows, columns, counts): exact pairs by sha256, then the kNN candidates that pass verification."""
+    rows, columns = near_duplicate_edges(index, batches, options.neighbours, threshold)
+    counts = {"candidates": int(len(rows))}
+    if verify == "phash":
+        kept = verified(hashes, rows, columns, options.max_hamming)
+        counts["rejected"] = int((~kept).sum())
+        rows, columns = rows[kept], columns[kept]
+    if hashes is not None:
+        exact_rows, exact_columns = exact_pairs(hashes.bytes_code)
+        counts["exact_pairs"] = int(len(exact_rows))
+        rows, columns = np.concatenate([exact_rows, rows]), np.concatenate([exact_columns, columns])
+    return rows, columns, counts
+
+
+def dedup(config: DedupConfig, say=print) -> dict:
+    """Write (or find already written) the duplicate groups; returns the `_SUCCESS` document. `say` gets the
+    fallback warning."""
     options, out, read_options = config.dedup, config.output, config.features.storage_options
     feature_set = open_features(config.features.uri, read_options)
     num_rows = num_ok_rows(feature_set, read_options)
@@ -95,9 +135,14 @@ def dedup(config: DedupConfig) -> dict:
     def batches():
         return ok_batches(feature_set, read_options, options.batch_rows)
 
+    hashes, num_missing = read_hashes(feature_set, read_options, options.batch_rows)
+    verify = options.verify if hashes is not None else "none"
+    threshold = effective_threshold(options, verify)
+    if options.verify == "phash" and hashes is None:
+        say(fallback_warning(num_missing, num_rows, threshold))
     index = build_faiss(plan, config.index, batches)
     set_search_knobs(index, plan.kind, IVF_NPROBE, HNSW_EF_SEARCH)
-    rows, columns = near_duplicate_edges(index, batches(), options.neighbours, options.threshold)
+    rows, columns, pair_counts = duplicate_pairs(index, batches(), options, hashes, verify, threshold)
     del index
     groups, representatives = components(num_rows, rows, columns)
     group_sizes = np.bincount(groups)
@@ -109,14 +154,15 @@ def dedup(config: DedupConfig) -> dict:
             for uris, matrix in batches():
                 row_ids = np.arange(start, start + len(matrix))
                 writer.write_table(groups_table(uris, as_metric_space(matrix, "cosine"), row_ids, groups,
-                                                representatives, group_sizes, representative_vectors))
+                                                representatives, group_sizes, representative_vectors, hashes))
                 start += len(matrix)
         counts = {"rows": num_rows, "groups": int(len(group_sizes)),
                   "groups_with_duplicates": int((group_sizes > 1).sum()),
                   "duplicates": int(num_rows - len(group_sizes)), "edges": int(len(rows)),
-                  "largest_group": int(group_sizes.max()) if len(group_sizes) else 0}
+                  "largest_group": int(group_sizes.max()) if len(group_sizes) else 0, **pair_counts}
         extras = {"rows": {"total": feature_set.num_rows, "ok": num_rows, "error": feature_set.num_rows - num_rows},
-                  "counts": counts, "threshold": options.threshold, "kind": plan.kind,
+                  "counts": counts, "threshold": threshold, "verify": verify, "kind": plan.kind,
+                  **({"max_hamming": options.max_hamming} if verify == "phash" else {}),
                   "provenance": feature_set.provenance}
         return analyse_output.write_success(out, "dedup", fingerprint, [GROUPS_FILE], started, extras)
 
@@ -135,12 +181,21 @@ def gather_rows(batches, wanted: np.ndarray) -> dict[int, np.ndarray]:
 
 def groups_table(uris: pa.Array, normalised: np.ndarray, row_ids: np.ndarray, groups: np.ndarray,
                  representatives: np.ndarray, group_sizes: np.ndarray,
-                 representative_vectors: dict[int, np.ndarray]) -> pa.Table:
+                 representative_vectors: dict[int, np.ndarray], hashes: RowHashes | None) -> pa.Table:
     group = groups[row_ids]
     representative = representatives[group]
     similarity = np.ones(len(row_ids), np.float32)
     for position in np.nonzero(group_sizes[group] > 1)[0]:
         similarity[position] = float(normalised[position] @ representative_vectors[int(representative[position])])
-    similarity[representative == row_ids] = 1.0
+    is_representative = representative == row_ids
+    similarity[is_representative] = 1.0
+    member = ~is_representative
+    if hashes is None:
+        exact, bits = np.zeros(len(row_ids), bool), pa.nulls(len(row_ids), pa.int32())
+    else:
+        exact = hashes.bytes_code[row_ids] == hashes.bytes_code[representative]
+        bits = pa.array(hamming(hashes.phash[row_ids], hashes.phash[representative]))
+    similarity[exact] = 1.0  # the same bytes: the same features
+    reason = pa.array(np.where(exact, "exact", "near"), pa.string(), mask=~member)  # null for the representative
     return pa.Table.from_arrays([uris.cast(pa.string()), pa.array(group), pa.array(similarity),
-                                 pa.array(representative == row_ids)], schema=GROUPS_SCHEMA)
+                                 pa.array(is_representative), reason, bits], schema=GROUPS_SCHEMA)

@@ -53,15 +53,15 @@ def extract_images(uris: list[str], model_config: ModelConfig, index_provenance:
                    batch_size: int = 16) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """(uris, features, {uri: reason} of the images that failed) for image queries, with the query model
     checked against the index's provenance once it is built."""
-    from pipeline.extract.worker import ShardSettings, fetch_and_decode, image_decoder
+    from pipeline.extract.worker import DecodeSettings, fetch_and_decode, image_decoder
     from pipeline.models.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model_config, batch_size=batch_size)
     differences = provenance_differences(index_provenance, extractor.provenance, "index", "query model")
     if differences:
         raise_refusal(index_uri, differences)
-    settings = ShardSettings(output_uri="", output_storage_options={}, input_storage_options={},
-                             resize=model_config.resize, draft_margin=model_config.draft_margin)
+    settings = DecodeSettings(input_storage_options={}, resize=model_config.resize,
+                              draft_margin=model_config.draft_margin)
     decode = image_decoder(extractor.input_size, settings)
     done, parts, failures = [], [], {}
     for start in range(0, len(uris), batch_size):

@@ -8,8 +8,10 @@ Every name is re-exported here: `from pipeline.config import X` is the way in.
 """
 
 from pipeline.config.analyse import (
+    COSINE_ONLY_THRESHOLD,
     MEMORY_UNITS,
     OUTPUT_URI_REQUIRED,
+    VERIFIED_THRESHOLD,
     AnalyseOutputConfig,
     DedupConfig,
     DedupOptions,
@@ -51,7 +53,16 @@ from pipeline.config.extract import (
     is_saved_model_path,
     is_weights_file,
     model_from_provenance,
+    reader_builder,
     weights_file_as_backbone,
+)
+from pipeline.config.finetune import (
+    AugmentConfig,
+    FinetuneConfig,
+    FinetuneOptions,
+    FinetuneOutputConfig,
+    FinetuneRunConfig,
+    load_finetune_config,
 )
 from pipeline.config.loading import build, check_explicit_weights, load_config, to_dict
 from pipeline.config.train import (
@@ -77,9 +88,11 @@ from pipeline.contract import (
 from pipeline.errors import ConfigError  # importable from here as before
 
 __all__ = [
-    "ConfigError", "AnalyseOutputConfig", "Backbone", "CandidateConfig", "ClassifierConfig", "CompareConfig", "DEFAULT_DRAFT_MARGIN",
+    "COSINE_ONLY_THRESHOLD", "VERIFIED_THRESHOLD", "ConfigError", "AnalyseOutputConfig", "Backbone",
+    "CandidateConfig", "ClassifierConfig", "CompareConfig", "DEFAULT_DRAFT_MARGIN",
     "DedupConfig", "DedupOptions", "DraftMargin", "ErrorRate", "ExtractConfig", "FINGERPRINT_EXCLUDED",
-    "FINGERPRINT_NAMES", "FeaturesConfig", "GpuShare", "INPUT_URI_REQUIRED", "IndexConfig", "IndexOptions",
+    "FINGERPRINT_NAMES", "AugmentConfig", "FinetuneConfig", "FinetuneOptions", "FinetuneOutputConfig",
+    "FinetuneRunConfig", "load_finetune_config", "FeaturesConfig", "GpuShare", "INPUT_URI_REQUIRED", "IndexConfig", "IndexOptions",
     "InputConfig", "JSON_LABELS", "Labels", "MEMBER_LABELS", "MEMORY_UNITS", "MemorySize", "ModelConfig",
     "NAME_PATTERN", "NamedModelConfig", "OUTPUT_URI_REQUIRED", "OutputConfig", "PREPROCESS_MODES", "ProbeConfig",
     "RESIZE_MODES",
@@ -87,5 +100,6 @@ __all__ = [
     "SearchOptions", "SplitConfig", "TopK", "TrainConfig", "TrainOutputConfig", "WEIGHTS_KEYWORDS", "WEIGHTS_SUFFIX",
     "build", "candidate_list", "check_backbone", "check_explicit_weights", "check_labels", "check_runtime",
     "default_name", "is_saved_model_path", "is_weights_file", "load_config", "memory_bytes", "model_from_provenance",
+    "reader_builder",
     "require_features_and_output", "to_dict", "weights_file_as_backbone",
 ]

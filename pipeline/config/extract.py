@@ -7,6 +7,7 @@ which keys change the features are the contract's (`pipeline.contract`); the sec
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from dataclasses import field
 from typing import Annotated, Any, Literal
@@ -34,6 +35,7 @@ from pipeline.sections import (
     MaybeText,
     Number,
     Positive,
+    PositiveNumber,
     Text,
     Texts,
     Whole,
@@ -99,6 +101,26 @@ def check_labels(labels: str) -> str:
 
 
 Labels = Annotated[Text, AfterValidator(check_labels)]
+
+
+def reader_builder(path: str):
+    """The builder a dotted path "package.module:name" names; a ValueError saying what is wrong otherwise."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"got {path!r}; expected 'package.module:builder'")
+    try:
+        builder = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"got {path!r}, which cannot be loaded ({error}); name an importable builder") from None
+    if not callable(builder):
+        raise ValueError(f"got {path!r}, which is not callable; name a builder function")
+    return builder
+
+
+def check_reader(path: str | None) -> str | None:
+    if path is not None:
+        reader_builder(path)  # fails now, before any cluster starts
+    return path
 INPUT_URI_REQUIRED = "input.uri is required: a directory, glob or manifest file (or a list of them)"
 
 
@@ -111,6 +133,10 @@ class InputConfig:
     labels: Labels = "none"  # none | from_dirs | name of a manifest column | member:EXT | json:FIELD (archives)
     extensions: Texts = ("jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp")  # listings and archive members
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint_url, anon, profile...)
+    # "package.module:builder": builder(storage_options, **reader_options) returns read(uri) -> bytes, called in
+    # the workers instead of fsspec (a store of your own; the tests' failing readers); None: fsspec
+    reader: Annotated[MaybeText, AfterValidator(check_reader)] = None
+    reader_options: dict = field(default_factory=dict)
 
 
 @section("model")
@@ -171,7 +197,10 @@ def check_model_names(models: tuple, key: str) -> None:
 @section("run")
 class RunConfig:
     address: Text = ""  # Ray address; empty = start a local Ray
-    actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # 0 = one per GPU, or one per node on CPU clusters
+    actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # a fixed pool; 0 = one per GPU, or one per node on CPU clusters
+    min_actors: Positive = 1  # an elastic pool starts work once this many actors are ready
+    max_actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # > 0: an elastic pool that asks the autoscaler for up to this
+    start_timeout: PositiveNumber = 900.0  # seconds to wait for min_actors to be placed before exit 3
     gpus_per_actor: GpuShare = None  # None = 1 on GPU clusters, 0 on CPU
     cpus_per_actor: MaybePositiveNumber = None  # None = the node's cores divided among its actors
     batch_size: Positive = 32
@@ -188,6 +217,9 @@ class OutputConfig:
     feature_dtype: Literal["float32", "float16"] = "float32"
     mode: Literal["resume", "overwrite", "error", "append"] = "resume"  # append: only images not yet in the output
     row_group_size: Positive = 1024
+    # sha256 and phash columns of every ok row (exact and verified near-duplicates in `featurize dedup`); false
+    # leaves them null: the phash costs about half a decode an image (docs/performance.md, Content hashes)
+    content_hashes: Flag = True
     storage_options: dict = field(default_factory=dict)
 
 
@@ -210,7 +242,18 @@ class ExtractConfig:
         check_model_names(self.models, "models")
         for index, entry in enumerate(self.models):
             check_runtime(entry, self.run, f"models.{index}")
+        check_pool(self.run)
         return self
+
+
+def check_pool(run: RunConfig) -> None:
+    """A pool is either fixed (`run.actors`) or elastic (`run.min_actors`..`run.max_actors`)."""
+    if run.actors and run.max_actors:
+        raise ConfigError(f"run.actors: {run.actors} asks for a fixed pool and run.max_actors: {run.max_actors} for "
+                          "an elastic one; set one of them (run.actors: 0 for an elastic pool, or run.max_actors: 0)")
+    if run.max_actors and run.min_actors > run.max_actors:
+        raise ConfigError(f"run.min_actors: got {run.min_actors}, more than run.max_actors: {run.max_actors}; "
+                          "use a run.min_actors no larger than run.max_actors")
 
 
 def check_runtime(model: ModelConfig, run: RunConfig, key: str = "model") -> None:

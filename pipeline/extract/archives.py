@@ -179,18 +179,22 @@ class ArchiveBreak:
         return f"truncated or corrupt archive: it breaks {where}: {self.reason}"
 
 
-def read_members(archive_uri: str, kind: str, options: dict, wanted: Callable[[str], bool]
-                 ) -> Iterator[Member | ArchiveBreak]:
+def read_members(archive_uri: str, kind: str, options: dict, wanted: Callable[[str], bool],
+                 open_stream: Callable | None = None) -> Iterator[Member | ArchiveBreak]:
     """Every regular-file member in stream order, with its bytes where `wanted(name)`, then an ArchiveBreak if
-    the archive did not end cleanly. Storage failures (missing, denied) raise, for the caller to classify."""
-    reader = read_tar_members if kind == TAR else read_zip_members
-    yield from reader(archive_uri, options, wanted)
+    the archive did not end cleanly. Storage failures (missing, denied) raise, for the caller to classify.
+    A tar is read through `open_stream(uri)` (default: fsspec with `options`)."""
+    if kind == TAR:
+        yield from read_tar_members(archive_uri, open_stream or (lambda uri: storage.open_stream(uri, options)),
+                                    wanted)
+    else:
+        yield from read_zip_members(archive_uri, options, wanted)
 
 
-def read_tar_members(archive_uri: str, options: dict, wanted: Callable[[str], bool]
+def read_tar_members(archive_uri: str, open_stream: Callable, wanted: Callable[[str], bool]
                      ) -> Iterator[Member | ArchiveBreak]:
     """One sequential pass (`r|*`: plain or compressed, no seeking), so a remote tar is one stream of reads."""
-    with storage.open_stream(archive_uri, options) as handle:
+    with open_stream(archive_uri) as handle:
         try:
             archive = tarfile.open(fileobj=handle, mode="r|*")
         except ARCHIVE_ERRORS as error:

@@ -39,6 +39,8 @@ Decisions (the "why" behind the behaviour):
   (1/2, 1/4, 1/8) that still covers that size. Much faster for camera-size JPEGs, but
   the pixels differ slightly from a full decode.
 - Error rows have ``width``/``height`` None; a bomb's size is in its error text.
+- ``perceptual_hash=True`` adds the image's ``phash`` (see :mod:`pipeline.extract.hashes`), taken from the
+  upright RGB pixels before the resize; like the resize it works on decoded pixels, so its failure is a bug.
 - Memory: images above :data:`LARGE_IMAGE_PIXELS` decode one at a time per process (a process-wide
   lock), so decode threads do not multiply the conversion's peak of about 10 bytes a pixel.
 """
@@ -46,6 +48,7 @@ Decisions (the "why" behind the behaviour):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import threading
@@ -56,6 +59,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.contract import DEFAULT_DRAFT_MARGIN, RESIZE_MODES
+from pipeline.extract.hashes import perceptual_hash as phash_of
 from pipeline.extract.pixels import RESIZERS, scaled_source_size, to_rgb
 
 # Order Image.open tries them in: most common first. MPO (multi-picture camera JPEGs)
@@ -106,6 +110,7 @@ class DecodedImage:
     width: int | None  # original width after EXIF orientation; None on error
     height: int | None  # original height after EXIF orientation; None on error
     error: str | None  # None when ok; else a specific, human-readable reason
+    phash: str | None = None  # 16 hex digits when asked for (perceptual_hash=True) and ok
 
 
 class _RejectedImage(Exception):
@@ -133,6 +138,10 @@ class DecodedSource:
         pixels = RESIZERS[resize](self.rgb, self.original_size, target_size, background)
         return DecodedImage(np.asarray(pixels), self.original_size[0], self.original_size[1], None)
 
+    def with_phash(self, image: DecodedImage) -> DecodedImage:
+        """`image` (resized from this source) with the phash of the decoded pixels, which every resize shares."""
+        return image if image.error is not None else dataclasses.replace(image, phash=phash_of(self.rgb))
+
 
 def decode_image(
     data: bytes,
@@ -141,6 +150,7 @@ def decode_image(
     background: tuple[int, int, int] = (255, 255, 255),
     draft_margin: int = DEFAULT_DRAFT_MARGIN,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    perceptual_hash: bool = False,
 ) -> DecodedImage:
     """Decode ``data`` to RGB uint8 of shape ``target_size`` (height, width).
 
@@ -150,7 +160,8 @@ def decode_image(
     """
     _check_target(target_size, resize, background)
     with open_decoded(data, [(target_size, resize, draft_margin)], background, max_pixels) as source:
-        return source.resized(target_size, resize, background)
+        image = source.resized(target_size, resize, background)
+        return source.with_phash(image) if perceptual_hash else image
 
 
 @contextlib.contextmanager

@@ -24,8 +24,8 @@ from pipeline.errors import ConfigError
 from pipeline.extract import parts
 from pipeline.extract.multi import ModelsResult
 from pipeline.extract.plan import Plan, check_model_files, digest, fingerprint_inputs, prepare_plan
-from pipeline.extract.rows import ShardRows, row_schema
-from pipeline.extract.worker import ShardResult, ShardTask, commit_record
+from pipeline.extract.rows import ShardRows, commit_record, row_schema, success_extras
+from pipeline.extract.worker import ShardResult, ShardTask
 from pipeline.io import redaction, storage
 from pipeline.output import ledger
 from pipeline.output.layout import PLAN_FILE
@@ -189,13 +189,9 @@ class ModelOutputs:
         """Each model output's `_SUCCESS`; returns them by name, with the run's worst error rate."""
         successes = {}
         for name, run_ledger in self.ledgers.items():
-            if description:
-                provenance = {key: redaction.redact(value)
-                              for key, value in description["models"][name]["provenance"].items()}
-            else:  # a finished job rerun: read it back from a data file
-                provenance = run_ledger.first_file_metadata()
+            provenance = description and description["models"][name]["provenance"]
             successes[name] = run_ledger.finish(num_shards, self.plans[name].fingerprint,
-                                                {"provenance": provenance, "max_error_rate": max_error_rate})
+                                                success_extras(provenance, run_ledger, max_error_rate))
         return {"models": successes, "output": redaction.redact(self.output), "max_error_rate": max_error_rate,
                 "error_rate": max(success["error_rate"] for success in successes.values())}
 

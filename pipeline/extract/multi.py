@@ -4,9 +4,11 @@ decode of each image for them all, then each model's resize, forward pass, rows 
 An image is fetched and decoded once (JPEG draft at the scale that covers the largest input any model needs, see
 decode.open_decoded), then resized for each model by its own `resize` and input size (pipeline/extract/pixels.py);
 a model that needs far fewer pixels than the decode holds resizes from a box-reduced copy (reduction_factor).
-Everything per image after the decode is the one-model worker's own (worker.add_rows, worker.write_shard), so a
-model's rows hold what a one-model run of it writes, error rows included. Each model's data file goes to its own
-output, `OUTPUT/NAME/`, named with the run tag of that output's lease; pipeline/extract/model_outputs.py commits.
+Everything per image after the decode is the one-model worker's own (worker.add_rows, worker.check_finite_rows,
+worker.write_shard), so a model's rows hold what a one-model run of it writes, error rows and content hashes
+included (sha256 from the bytes and phash from the shared decode, each computed once for every model). Each
+model's data file goes to its own output, `OUTPUT/NAME/`, named with the run tag of that output's lease;
+pipeline/extract/model_outputs.py commits.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ class ModelsResult:
         return max((result.error for result in self.results.values()), default=0)
 
 
-def decode_for_models(data: bytes, targets: dict[str, Target]) -> DecodedImage:
+def decode_for_models(data: bytes, targets: dict[str, Target], perceptual_hash: bool = False) -> DecodedImage:
     """One decode of `data`, resized for every model: `pixels` maps a model's name to its input (an error applies
-    to them all: the bytes are the same)."""
+    to them all: the bytes are the same); the phash, when asked for, once from the shared decode."""
     with open_decoded(data, list(targets.values())) as source:
         if source.error is not None:
             return DecodedImage(None, None, None, source.error)
@@ -73,7 +75,8 @@ def decode_for_models(data: bytes, targets: dict[str, Target]) -> DecodedImage:
                 reduced[factor] = source.rgb.reduce(factor) if factor > 1 else source.rgb
             pixels[name] = dataclasses.replace(source, rgb=reduced[factor]).resized(size, resize).pixels
         width, height = source.original_size
-        return DecodedImage(pixels, width, height, None)
+        image = DecodedImage(pixels, width, height, None)
+        return source.with_phash(image) if perceptual_hash else image
 
 
 def reduction_factor(source: DecodedSource, size: tuple[int, int], resize: str, margin: int) -> int:
@@ -154,7 +157,9 @@ class ModelSet:
     def process(self, task: worker.ShardTask, settings: worker.ShardSettings) -> ModelsResult:
         """Fetch and decode the piece once; each model its rows and its data file in `OUTPUT/NAME/`."""
         names = task.models or tuple(self.extractors)
-        decode = functools.partial(decode_for_models, targets=self.targets(names))
+        piece_started = time.perf_counter()
+        decode = functools.partial(decode_for_models, targets=self.targets(names),
+                                   perceptual_hash=settings.content_hashes)
         shared = collections.Counter()  # wait, fetch, decode: once for every model
         rows = {name: ShardRows() for name in names}
         forward = {name: collections.Counter() for name in names}
@@ -164,12 +169,15 @@ class ModelSet:
                 extractor = self.extractors[name]
                 started = time.perf_counter()
                 worker.add_rows(rows[name], [for_model(item, name) for item in group], extractor,
-                                extractor.class_names)
+                                extractor.class_names, settings.feature_dtype)
                 forward[name]["forward"] += time.perf_counter() - started
+        for name in names:  # before any file is written: a model gone non-finite fails the piece like a bug
+            worker.check_finite_rows(task, rows[name], name)
         run_tags = dict(settings.model_run_tags)
         results = {}
         for name in names:
             own = dataclasses.replace(settings, output_uri=storage.join(settings.output_uri, name),
                                       run_tag=run_tags.get(name, settings.run_tag))
-            results[name] = worker.write_shard(task, rows[name], self.extractors[name], own, shared + forward[name])
+            results[name] = worker.write_shard(task, rows[name], self.extractors[name], own, shared + forward[name],
+                                               piece_started)
         return ModelsResult(task.shard, task.start, task.stop, results)

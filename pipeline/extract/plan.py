@@ -11,6 +11,10 @@ with their sizes and checksums; a shard is a row range of one part, and the driv
 anti-join on uri) as a new generation, whose shards are numbered after the existing ones (layout in
 pipeline/output/layout.py). The pending shards of earlier generations run first, in the same run. A resume of a
 small plan lists the input again only to say, in one line, that append would find new images.
+
+An output planned before rows had `sha256` and `phash` (its frozen inputs lack `content_hashes`) is finished as it
+is by a resume with nothing left to run, but a resume with shards pending or an append with new images is refused:
+its files would mix two row schemas. `output.mode: overwrite` extracts it again with the hashes.
 """
 
 from __future__ import annotations
@@ -199,6 +203,8 @@ def prepare_plan(config: ExtractConfig, run_ledger: ledger.Ledger, say: Callable
         return new_plan(config, inputs, run_ledger, say)
     plan = Plan.from_document(frozen)
     parts.check_parts(output, options, [part for generation in plan.generations for part in generation.all_parts()])
+    if len(run_ledger.commits) < plan.num_shards:
+        refuse_older_row_schema(config, plan, "resuming it")
     if config.output.mode == "append":
         return append_generation(config, plan, run_ledger, say)
     say_if_input_grew(config, plan, say)
@@ -219,6 +225,15 @@ def new_plan(config: ExtractConfig, inputs: dict, run_ledger: ledger.Ledger, say
                 generations=(generation,))
     run_ledger.write_plan(plan.document())  # last: its presence means the parts are complete
     return plan
+
+
+def refuse_older_row_schema(config: ExtractConfig, plan: Plan, action: str) -> None:
+    """Exit 2 when the output was planned before the `sha256` and `phash` columns and this run would write rows."""
+    if "content_hashes" in plan.fingerprint_inputs:
+        return
+    raise ConfigError(f"output.uri: {redaction.redact(config.output.uri)} was written by a featurize older than the "
+                      f"sha256 and phash columns, so {action} would mix two row schemas in one output. Use "
+                      "output.mode: overwrite to extract it again with them, or another output.uri.")
 
 
 class ListingProgress:
@@ -245,6 +260,7 @@ def append_generation(config: ExtractConfig, plan: Plan, run_ledger: ledger.Ledg
     if added.num_rows == 0:
         say(f"append: no new image ({listing.num_rows} listed, every one already in the output); nothing to add")
         return plan
+    refuse_older_row_schema(config, plan, "appending to it")
     writer = parts.PartWriter(output, options, plan.shard_size,
                               functools.partial(layout.manifest_part_file, len(plan.generations)))
     writer.add(added)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import collections
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +12,53 @@ import pyarrow as pa
 
 from pipeline.extract.archives import member_key
 from pipeline.io import redaction
+from pipeline.output.ledger import CommitRecord
+
+# Data-file metadata naming the actor that wrote the file (accelerator_ids as a JSON list), beside the provenance.
+WRITER_KEYS = ("actor", "node_id", "accelerator_ids")
+
+
+def actors_table(records) -> list[dict]:
+    """`_SUCCESS.actors`: one entry per actor that wrote committed rows (in any run), from the commit records;
+    pieces the driver wrote itself (quarantined images) name no actor."""
+    table: dict[str, dict] = {}
+    for record in records:
+        for piece in record.actors:
+            entry = table.setdefault(piece["actor"], {
+                "actor": piece["actor"], "node_id": piece["node_id"], "accelerator_ids": piece["accelerator_ids"],
+                "shards": 0, "images": 0, "seconds": 0.0})
+            entry["shards"] += 1
+            entry["images"] += piece["images"]
+            entry["seconds"] = round(entry["seconds"] + piece["seconds"], 3)
+    return sorted(table.values(), key=lambda entry: (entry["node_id"], entry["actor"]))
+
+
+def success_extras(provenance: dict | None, run_ledger, max_error_rate: float) -> dict:
+    """What an extract output's `_SUCCESS` adds to the ledger's: the model's provenance (from an actor's
+    description; a finished job rerun built none, so it is read back from a data file, less the writer's keys),
+    run.max_error_rate, and the actors that wrote its rows."""
+    if provenance:
+        provenance = {key: redaction.redact(value) for key, value in provenance.items()}
+    else:
+        provenance = run_ledger.first_file_metadata(without=WRITER_KEYS)
+    return {"provenance": provenance, "max_error_rate": max_error_rate,
+            "actors": actors_table(run_ledger.commits.values())}
+
+
+def commit_record(shard: int, results: list) -> CommitRecord:
+    """The commit record of a shard whose pieces are all back: their files in row order, counts and timings summed,
+    and the actors that wrote them (node, accelerators, images, seconds); `results` are worker.ShardResults."""
+    results = sorted(results, key=lambda result: result.start)
+    timings, reasons = collections.Counter(), collections.Counter()
+    for result in results:
+        timings.update(result.timings)
+        reasons.update(result.errors_by_reason)
+    return CommitRecord(
+        shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
+        ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
+        errors_by_reason=dict(reasons), committed_at=time.time(),
+        actors=[{**result.writer, "images": result.rows, "seconds": round(result.seconds, 3)}
+                for result in results if result.writer])
 
 
 def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dict | None = None) -> pa.Schema:
@@ -25,6 +74,8 @@ def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dic
         pa.field("top_k_labels", pa.list_(pa.string())),
         pa.field("top_k_scores", pa.list_(pa.float32())),
         pa.field("key", pa.string()),  # the WebDataset sample key of an archive member; null for a loose file
+        pa.field("sha256", pa.string()),  # hex of the bytes as fetched (an archive member's own); null for errors
+        pa.field("phash", pa.string()),  # imagehash's 64-bit phash of the upright pixels, 16 hex digits
     ])
     metadata = {key: redaction.redact(str(value)) for key, value in (provenance or {}).items()}  # URIs: no secrets
     return schema.with_metadata(metadata)
@@ -44,12 +95,19 @@ class ShardRows:
     top_k_labels: list = field(default_factory=list)
     top_k_scores: list = field(default_factory=list)
     key: list = field(default_factory=list)
+    sha256: list = field(default_factory=list)
+    phash: list = field(default_factory=list)
 
-    def add_ok(self, uri, label, width, height, features: np.ndarray, labels: list[str], scores: list[float]):
+    def add_ok(self, uri, label, width, height, features: np.ndarray, labels: list[str], scores: list[float],
+               sha256: str | None = None, phash: str | None = None):
         self._add(uri, label, "ok", None, width, height, features, labels, scores)
+        self.sha256.append(sha256)
+        self.phash.append(phash)
 
     def add_error(self, uri, label, reason: str, width=None, height=None):
         self._add(uri, label, "error", reason, width, height, None, [], [])
+        self.sha256.append(None)
+        self.phash.append(None)
 
     def _add(self, uri, label, status, error, width, height, features, labels, scores):
         self.uri.append(redaction.redact_uri(uri))  # a signed URL's signature or user info stays out of rows

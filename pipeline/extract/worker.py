@@ -16,28 +16,23 @@ import collections
 import contextlib
 import functools
 import itertools
-import os
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import IO
 
 import numpy as np
 
-from pipeline.config import ModelConfig, OutputConfig
+from pipeline.config import ModelConfig, OutputConfig, reader_builder
 from pipeline.extract import archives
 from pipeline.extract.decode import DecodedImage, decode_image
+from pipeline.extract.hashes import bytes_sha256
 from pipeline.extract.parts import ManifestSlice, read_slice
 from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import faults, storage
 from pipeline.output import layout, ledger
-
-# Test hooks: a worker that meets a uri containing the crash marker dies on the spot, as a native crash would;
-# one containing the bug marker raises, as a bug in featurize's own code would; a delay per shard keeps a run
-# going long enough to be interrupted.
-CRASH_MARKER_VARIABLE = "FEATURIZE_TEST_CRASH_MARKER"
-BUG_MARKER_VARIABLE = "FEATURIZE_TEST_BUG_MARKER"
-SLOW_SECONDS_VARIABLE = "FEATURIZE_TEST_SLOW_SECONDS"
 
 Decoder = Callable[[bytes], DecodedImage]  # an image's bytes -> its pixels at the model's input size, or an error
 
@@ -74,6 +69,47 @@ class ShardTask:
 
 
 @dataclass(frozen=True)
+class DecodeSettings:
+    """How an image is fetched and decoded: all a worker needs of the job's config for one image (search's image
+    queries use it too)."""
+
+    input_storage_options: dict
+    resize: str = ModelConfig.resize
+    draft_margin: int = ModelConfig.draft_margin
+    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok image
+    reader: str | None = None  # input.reader: a builder of a Reader; None: fsspec
+    reader_options: dict = field(default_factory=dict)
+
+    @property
+    def reader_part(self) -> Reader:
+        if self.reader is None:
+            return Reader(self.input_storage_options)
+        return built_reader(self.reader, json.dumps(self.reader_options, sort_keys=True, default=str),
+                            json.dumps(self.input_storage_options, sort_keys=True, default=str))
+
+
+class Reader:
+    """How a worker gets an image's bytes and an archive's stream: fsspec with the input's storage options.
+    `input.reader` names a builder, `builder(storage_options, **input.reader_options)`, returning another (a
+    subclass, or any object with these two methods)."""
+
+    def __init__(self, storage_options: dict):
+        self.storage_options = storage_options
+
+    def read(self, uri: str) -> bytes:
+        return storage.read_bytes(uri, self.storage_options)
+
+    def open_stream(self, uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return storage.open_stream(uri, self.storage_options)
+
+
+@functools.lru_cache(maxsize=8)
+def built_reader(path: str, reader_options: str, storage_options: str) -> Reader:
+    """input.reader built once per worker process and settings (builders cross process boundaries as a name)."""
+    return reader_builder(path)(json.loads(storage_options), **json.loads(reader_options))
+
+
+@dataclass(frozen=True)
 class ShardSettings:
     """What a worker needs of the job's config; defaults are the config's own (one place to change them)."""
 
@@ -84,9 +120,18 @@ class ShardSettings:
     draft_margin: int = ModelConfig.draft_margin
     feature_dtype: str = OutputConfig.feature_dtype
     row_group_size: int = OutputConfig.row_group_size
+    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
     model_run_tags: tuple[tuple[str, str], ...] = ()  # a `models:` run: (name, its output's lease tag)
+    writer: dict = field(default_factory=dict)  # the actor that writes: node_id, accelerator_ids (file metadata)
+    reader: str | None = None  # input.reader
+    reader_options: dict = field(default_factory=dict)
+
+    @property
+    def decode(self) -> DecodeSettings:
+        return DecodeSettings(self.input_storage_options, self.resize, self.draft_margin, self.content_hashes,
+                              self.reader, self.reader_options)
 
 
 @dataclass
@@ -100,6 +145,12 @@ class ShardResult:
     error: int
     timings: dict = field(default_factory=dict)
     errors_by_reason: dict = field(default_factory=dict)
+    writer: dict = field(default_factory=dict)  # settings.writer of the actor that wrote the file
+    seconds: float = 0.0  # wall time of the piece on its actor
+
+
+class NonFiniteShard(RuntimeError):
+    """Every image of a piece gave NaN or inf features: a broken model or accelerator, not bad input."""
 
 
 @dataclass(frozen=True)
@@ -109,21 +160,20 @@ class Item:
     image: DecodedImage
     fetch_seconds: float
     decode_seconds: float
+    sha256: str | None = None
 
 
-def image_decoder(target_size: tuple[int, int], settings: ShardSettings) -> Decoder:
-    """Bytes -> pixels at `target_size` by the settings' resize mode and draft margin."""
+def image_decoder(target_size: tuple[int, int], settings: DecodeSettings) -> Decoder:
+    """Bytes -> pixels at `target_size` by the settings' resize mode and draft margin, with the phash when
+    content hashes are on."""
     return functools.partial(decode_image, target_size=target_size, resize=settings.resize,
-                             draft_margin=settings.draft_margin)
+                             draft_margin=settings.draft_margin, perceptual_hash=settings.content_hashes)
 
 
-def fetch_and_decode(uri: str, label: str | None, decode: Decoder, settings: ShardSettings) -> Item:
+def fetch_and_decode(uri: str, label: str | None, decode: Decoder, settings: DecodeSettings) -> Item:
     started = time.perf_counter()
-    crash_marker = os.environ.get(CRASH_MARKER_VARIABLE)
-    if crash_marker and crash_marker in uri:
-        os._exit(77)
     try:
-        data = storage.read_bytes(uri, settings.input_storage_options)
+        data = settings.reader_part.read(uri)
     except Exception as error:  # noqa: BLE001 - classified just below
         if not is_fetch_failure(error):
             raise  # a bug in featurize, not a property of this image: loud, the shard is retried
@@ -133,17 +183,13 @@ def fetch_and_decode(uri: str, label: str | None, decode: Decoder, settings: Sha
     return decode_fetched(uri, label, data, fetched - started, decode)
 
 
-def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, decode: Decoder) -> Item:
+def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, decode: Decoder,
+                   content_hashes: bool = False) -> Item:
     """Bytes already fetched (a loose file, or an archive member off its stream) -> an Item."""
     started = time.perf_counter()
-    crash_marker = os.environ.get(CRASH_MARKER_VARIABLE)
-    if crash_marker and crash_marker in uri:
-        os._exit(77)
-    bug_marker = os.environ.get(BUG_MARKER_VARIABLE)
-    if bug_marker and bug_marker in uri:
-        raise AssertionError(f"test hook: a bug in featurize's own code while decoding {uri}")
     image = decode(data)
-    return Item(uri, label, image, fetch_seconds, time.perf_counter() - started)
+    sha256 = bytes_sha256(data) if content_hashes and image.error is None else None
+    return Item(uri, label, image, fetch_seconds, time.perf_counter() - started, sha256)
 
 
 def error_item(uri: str, label: str | None, reason: str, fetch_seconds: float = 0.0) -> Future:
@@ -180,7 +226,7 @@ def item_futures(task: ShardTask, decode: Decoder, settings: ShardSettings,
     for archive_uri, run in itertools.groupby(entries, key=lambda entry: archives.archive_of(entry[0])):
         if archive_uri is None:
             for uri, label in run:
-                yield executor.submit(fetch_and_decode, uri, label, decode, settings)
+                yield executor.submit(fetch_and_decode, uri, label, decode, settings.decode)
         else:
             yield from archive_member_futures(archive_uri, list(run), decode, settings, executor)
 
@@ -194,7 +240,8 @@ def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None
     reason = "not found in the archive (was it changed after the listing?)"
     started = time.perf_counter()
     try:
-        members = archives.read_members(archive_uri, kind, settings.input_storage_options, needed.__contains__)
+        members = archives.read_members(archive_uri, kind, settings.input_storage_options, needed.__contains__,
+                                        settings.decode.reader_part.open_stream)
         with contextlib.closing(members):
             for member in members:
                 if isinstance(member, archives.ArchiveBreak):
@@ -207,7 +254,8 @@ def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None
                 if member.error is not None:
                     yield error_item(uri, label, member.error, fetch_seconds)
                 else:
-                    yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, decode)
+                    yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, decode,
+                                          settings.content_hashes)
                 if not needed:
                     break  # the rest of the archive belongs to other shards: stop reading it
     except Exception as error:  # noqa: BLE001 - classified just below
@@ -235,15 +283,16 @@ def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
 def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardResult:
     """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
     the extractor's own (it halves it after running out of accelerator memory)."""
-    decode = image_decoder(extractor.input_size, settings)
+    piece_started = time.perf_counter()
+    decode = image_decoder(extractor.input_size, settings.decode)
     timings = collections.Counter()
     rows = ShardRows()
     for group in decoded_batches(task, decode, extractor.batch_size, settings, timings):
         started = time.perf_counter()
-        add_rows(rows, group, extractor, extractor.class_names)
+        add_rows(rows, group, extractor, extractor.class_names, settings.feature_dtype)
         timings["forward"] += time.perf_counter() - started
-    time.sleep(float(os.environ.get(SLOW_SECONDS_VARIABLE, "0")))
-    return write_shard(task, rows, extractor, settings, timings)
+    check_finite_rows(task, rows)
+    return write_shard(task, rows, extractor, settings, timings, piece_started)
 
 
 def decoded_batches(task: ShardTask, decode: Decoder, batch_size: int, settings: ShardSettings,
@@ -261,34 +310,49 @@ def decoded_batches(task: ShardTask, decode: Decoder, batch_size: int, settings:
 
 
 def write_shard(task: ShardTask, rows: ShardRows, extractor, settings: ShardSettings,
-                timings: collections.Counter) -> ShardResult:
-    """The piece's rows as a new data file in `settings.output_uri`, and the result that names it."""
+                timings: collections.Counter, piece_started: float) -> ShardResult:
+    """The piece's rows as a new data file in `settings.output_uri`, and the result that names it; the writing
+    actor (settings.writer) goes in the file's metadata."""
     started = time.perf_counter()
     relative_path = layout.new_data_file_name(task.shard, settings.run_tag)
-    schema = row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)
+    metadata = {**extractor.provenance, **{key: json.dumps(value) if isinstance(value, list) else value
+                                           for key, value in settings.writer.items()}}
+    schema = row_schema(extractor.feature_dim, settings.feature_dtype, metadata)
     ledger.write_data_file(settings.output_uri, relative_path, rows.to_table(schema), settings.row_group_size,
                            settings.output_storage_options)
     timings["write"] += time.perf_counter() - started
     reasons = collections.Counter(reason_category(error) for error in rows.error if error is not None)
     num_errors = sum(reasons.values())
     return ShardResult(task.shard, task.start, task.stop, relative_path, len(rows), len(rows) - num_errors,
-                       num_errors, dict(timings), dict(reasons))
+                       num_errors, dict(timings), dict(reasons), dict(settings.writer),
+                       time.perf_counter() - piece_started)
 
 
-def commit_record(shard: int, results: list[ShardResult]) -> ledger.CommitRecord:
-    """The commit record of a shard whose pieces are all back: their files in row order, counts and timings summed."""
-    results = sorted(results, key=lambda result: result.start)
-    timings, reasons = collections.Counter(), collections.Counter()
-    for result in results:
-        timings.update(result.timings)
-        reasons.update(result.errors_by_reason)
-    return ledger.CommitRecord(
-        shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
-        ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
-        errors_by_reason=dict(reasons), committed_at=time.time())
+NON_FINITE = "non-finite features"
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[str] | None) -> None:
+def non_finite_reason(features: np.ndarray, feature_dtype: str) -> str | None:
+    """Why a feature vector cannot be an ok row: NaN or inf from the model, or values float16 cannot hold."""
+    if not np.isfinite(features).all():
+        return f"{NON_FINITE} (NaN or inf from the model: a broken model or accelerator?)"
+    if feature_dtype == "float16" and np.abs(features).max(initial=0.0) > FLOAT16_MAX:
+        return f"{NON_FINITE} (beyond float16's range of +-{FLOAT16_MAX:g}: use output.feature_dtype float32)"
+    return None
+
+
+def check_finite_rows(task: ShardTask, rows: ShardRows, model: str | None = None) -> None:
+    """A piece whose every decoded image gave non-finite features points at the model or the accelerator, not at
+    the images: it fails like a bug (retried, then the run stops). `model`: which one, in a `models:` run."""
+    decoded = [error for error in rows.error if error is None or error.startswith(NON_FINITE)]
+    if decoded and all(error is not None for error in decoded):
+        of_model = f" for model {model}" if model else ""
+        raise NonFiniteShard(f"every one of the {len(decoded)} decoded images of shard {task.shard} "
+                             f"[{task.start}:{task.stop}]{of_model} gave non-finite features: {decoded[0]}")
+
+
+def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[str] | None,
+             feature_dtype: str = OutputConfig.feature_dtype) -> None:
     images = [item.image.pixels for item in group if item.image.error is None]
     output = extractor(np.stack(images)) if images else None
     position = 0
@@ -297,10 +361,15 @@ def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[st
         if image.error is not None:
             rows.add_error(item.uri, item.label, image.error, image.width, image.height)
             continue
+        reason = non_finite_reason(output.features[position], feature_dtype)
+        if reason is not None:
+            rows.add_error(item.uri, item.label, reason, image.width, image.height)
+            position += 1
+            continue
         indices = output.top_k_indices[position]
         labels = [class_names[index] if class_names else str(index) for index in indices]
         rows.add_ok(item.uri, item.label, image.width, image.height, output.features[position], labels,
-                    output.top_k_scores[position].tolist())
+                    output.top_k_scores[position].tolist(), item.sha256, image.phash)
         position += 1
 
 

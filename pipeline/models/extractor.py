@@ -51,10 +51,9 @@ class FeatureExtractor:
             raise ConfigError(f"model.top_k: got {model_config.top_k}; use 0 (no predictions) or a positive count")
         self.model_config = model_config
         self.storage_options = storage_options
-        saved = is_saved_model_path(model_config.backbone)
-        self.backbone: Backbone | None = None if saved else get_backbone(model_config.backbone)
+        self.backbone: Backbone | None = backbone_of(model_config)
         self.preprocess = surgery.resolve_preprocess(model_config, self.backbone)
-        core, checksums = self.load_core() if saved else self.build_zoo_core()
+        core, checksums = build_core(model_config, self.backbone, storage_options)
         self.input_size: tuple[int, int] = core.input_size
         model, self.pooling = surgery.wrap_model(core, self.preprocess, model_config.pooling,
                                                  model_config.mixed_precision)
@@ -82,24 +81,6 @@ class FeatureExtractor:
     @property
     def batch_size(self) -> int:
         return self.forward.batch_size
-
-    def build_zoo_core(self) -> tuple[surgery.Core, Checksums]:
-        config, backbone = self.model_config, self.backbone
-        side = config.input_size or backbone.input_size
-        weights_sha256 = ""
-
-        def network_for(include_top: bool):
-            nonlocal weights_sha256
-            network, weights_sha256 = loading.zoo_network(config, backbone, include_top, side, self.storage_options)
-            return network
-
-        core = surgery.zoo_core(config, backbone, network_for)
-        return core, Checksums(weights=weights_sha256)
-
-    def load_core(self) -> tuple[surgery.Core, Checksums]:
-        model, backbone_sha256, weights_sha256 = loading.load_saved_model(self.model_config, self.storage_options)
-        core = surgery.saved_model_core(model, self.model_config, self.model_config.backbone)
-        return core, Checksums(weights=weights_sha256, backbone=backbone_sha256)
 
     def read_class_names(self) -> tuple[list[str] | None, str]:
         """(class names for the top-k indices, the names file's sha256): from model.class_names, or ImageNet's
@@ -135,3 +116,27 @@ class FeatureExtractor:
         return ExtractorOutput(features=features.astype(np.float32, copy=False),
                                top_k_indices=indices.astype(np.int32, copy=False),
                                top_k_scores=scores.astype(np.float32, copy=False))
+
+
+def backbone_of(model_config: ModelConfig) -> Backbone | None:
+    """The zoo entry of `model.backbone`, or None for a saved model."""
+    return None if is_saved_model_path(model_config.backbone) else get_backbone(model_config.backbone)
+
+
+def build_core(model_config: ModelConfig, backbone: Backbone | None,
+               storage_options: dict | None) -> tuple[surgery.Core, Checksums]:
+    """The network cut for features (loading and surgery), and the checksums of the files it was read from."""
+    if backbone is None:
+        model, backbone_sha256, weights_sha256 = loading.load_saved_model(model_config, storage_options)
+        core = surgery.saved_model_core(model, model_config, model_config.backbone)
+        return core, Checksums(weights=weights_sha256, backbone=backbone_sha256)
+    side = model_config.input_size or backbone.input_size
+    weights_sha256 = ""
+
+    def network_for(include_top: bool):
+        nonlocal weights_sha256
+        network, weights_sha256 = loading.zoo_network(model_config, backbone, include_top, side, storage_options)
+        return network
+
+    core = surgery.zoo_core(model_config, backbone, network_for)
+    return core, Checksums(weights=weights_sha256)

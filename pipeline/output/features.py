@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.contract import provenance_differences
@@ -97,4 +98,23 @@ def read_features(output_uri: str, storage_options: dict | None = None, columns:
     for path in paths:
         with parquet_file(storage.join(output_uri, path), storage_options) as parquet:
             tables.append(parquet.read(columns=columns))
-    return pa.concat_tables(tables, promote_options="default")  # files written before the `key` column: nulls
+    # files written before the `key`, `sha256` and `phash` columns: nulls
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def shared_bytes(output_uri: str, files: list[str], storage_options: dict | None = None) -> dict | None:
+    """How many ok rows share their bytes (sha256) with another row, and in how many distinct contents; None when
+    the files predate the sha256 column (or were written with output.content_hashes: false)."""
+    digests = []
+    for path in files:
+        with parquet_file(storage.join(output_uri, path), storage_options) as parquet:
+            if "sha256" not in parquet.schema_arrow.names:
+                return None
+            table = parquet.read(columns=["status", "sha256"])
+        digests.append(pc.utf8_slice_codeunits(table.filter(pc.equal(table.column("status"), "ok")).column("sha256"),
+                                               0, 16))  # 64 bits of the digest: a quarter of the memory
+    values = pa.chunked_array(digests, pa.string())
+    if values.null_count:
+        return None
+    counts = values.value_counts().field("counts").to_numpy() if len(values) else np.zeros(0, np.int64)
+    return {"images": int(counts[counts > 1].sum()), "contents": int((counts > 1).sum())}

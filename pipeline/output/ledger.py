@@ -57,6 +57,7 @@ class CommitRecord:
     timings: dict = field(default_factory=dict)  # seconds per stage: fetch, decode, forward, write (extract)
     errors_by_reason: dict = field(default_factory=dict)
     committed_at: float = 0.0  # the committing run's wall clock (epoch seconds): steady-state throughput in benchmarks
+    actors: list = field(default_factory=list)  # per piece: actor, node_id, accelerator_ids, images, seconds
 
 
 def write_commit(output_uri: str, record: CommitRecord, storage_options: dict | None = None) -> None:
@@ -263,13 +264,14 @@ class Ledger:
     def pending(self, num_shards: int) -> list[int]:
         return [index for index in range(num_shards) if index not in self.commits]
 
-    def first_file_metadata(self) -> dict[str, str]:
-        """The provenance of the first committed data file ({} without one): what a rerun of a finished job
-        records, having built no model."""
+    def first_file_metadata(self, without: tuple[str, ...] = ()) -> dict[str, str]:
+        """The metadata of the first committed data file ({} without one), less the keys `without`: what a rerun
+        of a finished job records as its provenance, having built no model."""
         first = self.commits[min(self.commits)] if self.commits else None
         if first is None or not first.files:
             return {}
-        return read_file_metadata(self.output, first.files[0], self.options)
+        metadata = read_file_metadata(self.output, first.files[0], self.options)
+        return {key: value for key, value in metadata.items() if key not in without}
 
     # --- shards --------------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ In one invocation, for one backbone and batch size, on photo-like JPEGs generate
   (b) full pipeline: listing to committed Parquet on a local Ray with one actor, steady state measured
       between the first and the last shard commit; startup (command to first commit) reported apart;
   (c) the Keras-docs loop: load_img, img_to_array, preprocess_input, predict, one image at a time.
-Plus JPEG draft decoding on camera-size files (decode time with and without). Ratios b/a and b/c are
+Plus JPEG draft decoding on camera-size files (decode time with and without), and what the content hashes
+(sha256, phash) cost: the actor's work on one shard with `output.content_hashes` off and on, alternately, as a
+throughput ratio (a whole pipeline run per side would drown a few percent in Ray's start-up noise). Ratios b/a and b/c are
 the figures to read: they hold on a noisy machine where absolute images/s do not. On Linux, (b) also
 reports how many cores were busy in its steady state and how much time the hypervisor stole, and, on a
 CPU, the b/a ceiling set by decode sharing the model's cores.
@@ -27,6 +29,7 @@ from PIL import Image
 from pipeline import charts
 from pipeline.config import ExtractConfig, InputConfig, ModelConfig, OutputConfig, RunConfig
 from pipeline.extract.decode import decode_image
+from pipeline.tools.bench_hashes import hash_cost
 from pipeline.tools.plan_memory import plan_memory
 
 
@@ -44,6 +47,8 @@ class BenchSettings:
     gpus_per_actor: float | None = None  # None: 1 on a GPU machine, 0 on CPU
     manifest_entries: int = 1_000_000  # driver memory to plan a manifest this long; 0 skips it
     runtime: str = "auto"  # model.runtime of (a) and (b)
+    hash_pairs: int = 8  # shards without then with content hashes (order alternating), this many pairs; 0 skips
+    hash_images: int = 256  # images a shard of the content-hash comparison
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
@@ -266,6 +271,8 @@ def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
         pipeline = full_pipeline(settings, weights, scratch / "images", scratch / "out")
         bare = bare_model.measure()
         decode_rate = decode_per_core(settings, paths[:64])
+        hashes = (hash_cost(bare_model.extractor, paths[: settings.hash_images], scratch / "hash-cost",
+                            settings.hash_pairs) if settings.hash_pairs else None)
         result = {
             "settings": asdict(settings),
             "runtime": bare_model.runtime,
@@ -277,6 +284,8 @@ def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
             "cores_to_feed_bare_model": bare / decode_rate,
             "cpu_count": os.cpu_count(),
         }
+        if hashes:
+            result["content_hashes"] = hashes
         if not pipeline_on_gpu(settings):
             result["cpu_ceiling_over_bare"] = cpu_ceiling(bare, decode_rate, os.cpu_count())
         if settings.loop_images:
@@ -346,6 +355,11 @@ def print_bench(result: dict, console) -> None:
         lines.append(("b / c", f"{result['pipeline_over_keras_loop']:.1f}"))
     lines.append(("startup (command to first commit)", f"{pipeline['startup_seconds']:.1f} s"))
     lines += stage_split(pipeline["timings"])
+    if "content_hashes" in result:
+        hashes = result["content_hashes"]
+        lines.append(("worker with / without content hashes",
+                      f"{hashes['median_cpu_ratio']:.3f} by CPU time, {hashes['median_wall_ratio']:.3f} by wall clock "
+                      f"(medians of {len(hashes['cpu_ratios'])} pairs of {hashes['images']} images)"))
     lines.append(("decode per core", f"{result['decode_images_per_second_per_core']:.0f} images/s; "
                                      f"{result['cores_to_feed_bare_model']:.1f} cores feed the bare model"))
     if "camera_jpeg_draft" in result:

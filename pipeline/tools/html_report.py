@@ -235,12 +235,17 @@ def dedup_context(output_uri: str, assets: Assets, storage_options: dict | None)
     pictures = thumbnails([row["uri"] for sheet in sheets for row in sheet["members"]], assets)
     for sheet in sheets:
         sheet["members"] = [{"picture": pictures[row["uri"]], "keep": bool(row["keep"]),
-                             "similarity": score_text(row["similarity"])} for row in sheet["members"]]
+                             "similarity": score_text(row["similarity"]), "reason": row.get("reason"),
+                             "hamming": row.get("hamming")} for row in sheet["members"]]
     num_dropped = table.num_rows - int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)
     summary = [("images", str(table.num_rows)), ("groups", str(len(group_ids))),
                ("groups with near-duplicates", str(len(duplicated))), ("images not kept", str(num_dropped))]
+    if "reason" in table.column_names:  # written before reasons: cosine alone, nothing more to say
+        num_exact = int(pc.sum(pc.equal(table["reason"], "exact").cast(pa.int64())).as_py() or 0)
+        summary.append(("exact copies (the same bytes)", str(num_exact)))
     summary += [(key, redaction.redact(str(value))) for key, value in (success or {}).items()
-                if key in ("threshold", "features", "metric") and not isinstance(value, (dict, list))]
+                if key in ("verify", "threshold", "max_hamming", "features", "metric")
+                and not isinstance(value, (dict, list))]
     return {"summary": summary, "sheets": sheets}
 
 

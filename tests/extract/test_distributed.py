@@ -25,6 +25,7 @@ from tests.helpers import (
     write_extract_config,
     write_labelled_images,
 )
+from tests.readers import reading
 
 pytestmark = pytest.mark.ray
 
@@ -143,8 +144,7 @@ def test_poison_image_is_quarantined_and_the_rest_commits(tmp_path, ray_local, t
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=1)
     poison = paths[0].with_name("POISON-" + paths[0].name)  # sorts first in the listing
     poison.write_bytes(paths[0].read_bytes())
-    monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "POISON-")
-    config = write_config(tmp_path, tmp_path / "images", tiny_model,
+    config = write_config(tmp_path, tmp_path / "images", tiny_model, input=reading("Crashing", marker="POISON-"),
                           run={"shard_size": 3, "max_attempts": 1, "max_error_rate": 0.5})
     assert main(["extract", "--config", str(config)]) == 0
     rows, success = read_rows(tmp_path / "features")
@@ -172,8 +172,8 @@ def test_error_rate_above_limit_fails_after_committing(tmp_path, ray_local, tiny
 def test_a_bug_in_featurize_fails_the_job_loudly_instead_of_making_error_rows(tmp_path, ray_local, tiny_model,
                                                                               monkeypatch, capsys):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=3)
-    monkeypatch.setenv("FEATURIZE_TEST_BUG_MARKER", paths[2].name)  # raises inside the worker, as a bug would
-    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"max_attempts": 2})
+    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"max_attempts": 2},
+                          input=reading("Buggy", marker=paths[2].name))  # raises inside the worker, as a bug would
     assert main(["extract", "--config", str(config)]) == 3
     message = capsys.readouterr().err
     assert "Traceback" in message and "test hook: a bug in featurize's own code" in message
@@ -218,11 +218,12 @@ def test_interrupts_keep_commits_say_so_in_one_line_and_a_foreign_ray_is_never_j
         tmp_path, ray_local, tiny_model, foreign_ray_head):
     """With a stranger's Ray on the machine: SIGTERM, then SIGINT on the resumed run, then the rest."""
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=12)
-    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"shard_size": 4})
+    config = write_config(tmp_path, tmp_path / "images", tiny_model, run={"shard_size": 4},
+                          input=reading("Slow", seconds=1.5))  # 4 images at once: a shard takes 1.5 s more
     output = tmp_path / "features"
     for signal_number, exit_code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         before = committed_shards(output)
-        process = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="1.5", RAY_AUTH_MODE="disabled")
+        process = featurize_process(config, RAY_AUTH_MODE="disabled")
         wait_for_commits_beyond(before, output, process)
         stderr = interrupt(process, signal_number)
         assert process.returncode == exit_code, stderr[-3000:]

@@ -13,6 +13,7 @@ import pytest
 from pipeline.cli import main
 from tests import images
 from tests.helpers import read_rows, write_extract_config
+from tests.readers import reading
 
 # --- poison: workers that die again and again --------------------------------------------------------
 
@@ -30,9 +31,9 @@ def test_workers_dying_repeatedly_do_not_stall_the_job_and_the_error_rate_fails_
     names[1], names[8] = "image_01_POISON.png", "image_08_POISON.png"
     for name in names:
         (folder / name).write_bytes(photo)
-    monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "_POISON")
     output = tmp_path / "features"
     config = write_extract_config(tmp_path / "config.yaml", folder, tiny_model, output,
+                          input=reading("Crashing", marker="_POISON"),
                           run={"actors": 2, "cpus_per_actor": 1, "shard_size": 1, "max_attempts": 2,
                                "max_error_rate": 0.1})
     started = time.perf_counter()

@@ -30,6 +30,7 @@ from pipeline.extract.multi import check_memory, decode_for_models
 from pipeline.extract.plan import digest, fingerprint_inputs
 from tests.helpers import ROOT, cosine_rows
 from tests.images import photo_bytes, truncated
+from tests.readers import reading
 
 # name -> (input side, resize mode)
 NETWORKS = {"small": (32, "stretch"), "medium": (48, "center_crop"), "large": (64, "pad")}
@@ -71,8 +72,10 @@ def models_section(networks: dict[str, Path]) -> list[dict]:
 
 
 def write_config(path: Path, images: Path, output: Path, models: list[dict] | None = None, model: dict | None = None,
-                 mode: str = "resume", **run) -> Path:
-    config = {"input": {"uri": str(images)}, "run": {"batch_size": 8, "shard_size": 8, "actors": 1, **run},
+                 mode: str = "resume", reader: dict | None = None, **run) -> Path:
+    """`reader`: input keys that inject a reader (tests.readers.reading)."""
+    config = {"input": {"uri": str(images), **(reader or {})},
+              "run": {"batch_size": 8, "shard_size": 8, "actors": 1, **run},
               "output": {"uri": str(output), "mode": mode}}
     config.update({key: value for key, value in (("models", models), ("model", model)) if value is not None})
     path.write_text(json.dumps(config))
@@ -282,17 +285,17 @@ def test_a_driver_killed_mid_run_resumes_to_every_image_once_in_every_model(tmp_
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_an_image_that_kills_the_actor_is_quarantined_in_every_model(tmp_path, networks, ray_local, monkeypatch):
+def test_an_image_that_kills_the_actor_is_quarantined_in_every_model(tmp_path, networks, ray_local):
     """A poison image (its worker dies on it, as on a native crash) in a shard of two: the piece is bisected and
     the image ends as one error row in each model's output, with every other image's rows beside it."""
     images = tmp_path / "images"
     paths = write_photos(images, 4, 30, 40)
     poison = images / "photo_POISON.jpg"
     poison.write_bytes(paths[0].read_bytes())
-    monkeypatch.setenv("FEATURIZE_TEST_CRASH_MARKER", "_POISON")
     output = tmp_path / "out"
     done = run(write_config(tmp_path / "models.json", images, output, models=models_section(networks)[:2],
-                            shard_size=2, max_attempts=1, max_error_rate=0.5))
+                            reader=reading("Crashing", marker="_POISON"), shard_size=2, max_attempts=1,
+                            max_error_rate=0.5))
     for name in ("small", "medium"):
         rows, success = rows_of(output / name)
         assert set(rows) == {str(path) for path in [*paths, poison]}

@@ -32,6 +32,7 @@ from tests.helpers import (
     write_extract_config,
     write_labelled_images,
 )
+from tests.readers import reading
 
 
 def write_manifest_parts(directory: Path, paths: list[Path], num_parts: int) -> None:
@@ -173,9 +174,10 @@ def test_a_driver_sigkilled_over_tar_shards_resumes_losing_and_duplicating_nothi
     address = ray_local.get_runtime_context().gcs_address  # the driver joins this test's Ray: no second start-up
     config = write_extract_config(tmp_path / "config.yaml", tmp_path / "tars" / "shard-{00000..00003}.tar",
                                   tiny_model, tmp_path / "features", model={"runtime": "keras"},
-                                  run={"shard_size": 3, "address": address})
+                                  run={"shard_size": 3, "address": address},
+                                  input=reading("Slow", seconds=0.4))  # each tar stream: caught mid-run
     output = tmp_path / "features"
-    driver = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.4")  # slow enough to be caught mid-run
+    driver = featurize_process(config)
     try:
         wait_for_commits_beyond(0, output, driver)
     finally:

@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.extract.worker import (
-    BUG_MARKER_VARIABLE,
     ShardSettings,
     ShardTask,
     process_shard,
@@ -21,6 +20,7 @@ from pipeline.extract.worker import (
     reason_category,
 )
 from tests.images import HTML_ERROR_PAGE, photo_bytes, solid_bytes, truncated
+from tests.readers import reading
 
 COLORS = {"red.png": (200, 10, 10), "green.jpg": (10, 200, 10), "blue.png": (10, 10, 200), "grey.png": (90, 90, 90)}
 
@@ -57,9 +57,9 @@ def files(tmp_path) -> dict[str, str]:
     return {name: str(tmp_path / "in" / name) for name in [*samples, "missing.jpg"]}
 
 
-def run_shard(tmp_path, uris: list[str], extractor) -> tuple:
+def run_shard(tmp_path, uris: list[str], extractor, **settings) -> tuple:
     settings = ShardSettings(output_uri=str(tmp_path / "out"), output_storage_options={}, input_storage_options={},
-                             decode_threads=2, run_tag="tag12345")
+                             decode_threads=2, run_tag="tag12345", **settings)
     task = ShardTask(shard=3, start=30, stop=30 + len(uris), uris=uris, labels=[f"label_{i}" for i in range(len(uris))])
     result = process_shard(task, extractor, settings)
     return result, pq.read_table(tmp_path / "out" / result.file).to_pylist()
@@ -99,15 +99,14 @@ def test_ok_and_error_rows_in_manifest_order_batched_at_the_extractors_batch_siz
 
 
 def test_a_bug_in_featurize_raises_instead_of_becoming_an_error_row(tmp_path, files, monkeypatch):
-    monkeypatch.setenv(BUG_MARKER_VARIABLE, "green")
     with pytest.raises(AssertionError, match="a bug in featurize's own code"):
-        run_shard(tmp_path, [files["red.png"], files["green.jpg"]], StandInExtractor(batch_size=2))
+        run_shard(tmp_path, [files["red.png"], files["green.jpg"]], StandInExtractor(batch_size=2),
+                  **reading("Buggy", marker="green"))
 
     class BrokenExtractor(StandInExtractor):
         def __call__(self, images):
             raise RuntimeError("a bug in the forward pass")
 
-    monkeypatch.delenv(BUG_MARKER_VARIABLE)
     with pytest.raises(RuntimeError, match="forward pass"):
         run_shard(tmp_path, [files["red.png"]], BrokenExtractor(batch_size=2))
     assert not (tmp_path / "out").exists()  # nothing written for a piece that failed

@@ -214,7 +214,7 @@ def test_fetches_run_concurrently_inside_an_actor(s3, bucket, moto_endpoint, tmp
         task = ShardTask(shard=0, start=0, stop=len(uris), uris=uris, labels=[None] * len(uris))
         started = time.perf_counter()
         with ThreadPoolExecutor(8) as executor:
-            items = list(decoded_items(task, image_decoder((32, 32), settings), settings, executor, window=16))
+            items = list(decoded_items(task, image_decoder((32, 32), settings.decode), settings, executor, window=16))
         elapsed = time.perf_counter() - started
     assert [item.uri for item in items] == uris and all(item.image.error is None for item in items)
     assert proxy.counts["most in flight"] >= 4, f"{elapsed:.2f} s: fetches were serialised"  # 8 threads, a slow store

@@ -12,7 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from s3fs.errors import translate_boto_error
 from yarl import URL
 
-from pipeline.io import faults, redaction, storage
+from pipeline.io import clients, faults, redaction, storage
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYPLANTED"
 
@@ -96,7 +96,7 @@ def test_an_uninstalled_backend_says_what_to_install(monkeypatch):
     def missing(*args, **kwargs):
         raise ImportError("Install gcsfs to access Google Storage")
 
-    monkeypatch.setattr(storage, "url_to_fs", missing)
+    monkeypatch.setattr(clients, "url_to_fs", missing)
     with pytest.raises(faults.StorageError, match=r"featurize\[gcs\]"):
         storage.filesystem("gs://bucket/images/")
 

@@ -29,6 +29,7 @@ from tests.helpers import (
     wait_for_commits_beyond,
     write_labelled_images,
 )
+from tests.readers import reading
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -286,8 +287,10 @@ def test_train_and_predict_take_the_same_lease(tmp_path, digits, extract_output,
 # --------------------------------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, model: Path, output_uri: str, **output_keys) -> Path:
-    config = {"input": {"uri": str(tmp_path / "images"), "labels": "from_dirs"},
+def write_config(tmp_path: Path, model: Path, output_uri: str, slow: float = 0.0, **output_keys) -> Path:
+    """An extract config; `slow`: seconds more each image takes (a reader injected by the config, shards of 2)."""
+    config = {"input": {"uri": str(tmp_path / "images"), "labels": "from_dirs",
+                        **(reading("Slow", seconds=slow) if slow else {})},
               "model": {"backbone": str(model), "weights": "none", "top_k": 1},
               "run": {"batch_size": 4, "shard_size": 2, "actors": 1, "cpus_per_actor": 1, "decode_threads": 1},
               "output": {"uri": output_uri, **output_keys}}
@@ -325,9 +328,9 @@ def read_output(read, files: list[str]):
 def test_two_extracts_started_together_one_runs_the_other_exits_2(tmp_path, tiny_model):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=5, size=(20, 16))
     output = tmp_path / "features"
-    config = write_config(tmp_path, tiny_model, str(output))
+    config = write_config(tmp_path, tiny_model, str(output), slow=0.25)
     started = time.perf_counter()
-    runs = [featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.5") for _ in range(2)]
+    runs = [featurize_process(config) for _ in range(2)]
     loser = first_to_exit(runs)
     refused_after = time.perf_counter() - started
     winner = next(run for run in runs if run is not loser)
@@ -365,9 +368,9 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
         tmp_path, tiny_model, ray_local, caplog, capsys, monkeypatch):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=6, size=(20, 16))
     output = tmp_path / "features"
-    config = write_config(tmp_path, tiny_model, str(output))
+    config = write_config(tmp_path, tiny_model, str(output), slow=0.3)
 
-    killed = featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.6")
+    killed = featurize_process(config)
     wait_for_commits_beyond(0, output, killed)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
@@ -379,7 +382,6 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
     # The rerun (here, in this process) takes the dead driver's lease over at once, without waiting for its
     # expiry; then its lease is broken mid-run, and it stops without writing anything more.
     caplog.set_level(logging.WARNING, logger="featurize")
-    monkeypatch.setenv("FEATURIZE_TEST_SLOW_SECONDS", "0.6")  # reaches the actors: FEATURIZE_* is forwarded
     before = committed_shards(output)
     codes = []
     rerun = threading.Thread(target=lambda: codes.append(main(["extract", "--config", str(config)])))
@@ -397,8 +399,8 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
     assert "no longer holds the output's lease: its lease was broken" in message and "Traceback" not in message
     assert committed_shards(output) == committed < 6 and not (output / "_SUCCESS").exists()  # nothing more written
 
-    monkeypatch.delenv("FEATURIZE_TEST_SLOW_SECONDS")
-    assert main(["extract", "--config", str(config)]) == 0  # resumes: nothing lost, nothing twice
+    fast = write_config(tmp_path, tiny_model, str(output))  # the reader is not part of the fingerprint
+    assert main(["extract", "--config", str(fast)]) == 0  # resumes: nothing lost, nothing twice
     success = json.loads((output / "_SUCCESS").read_text())
     assert success["shards"] == {"total": 6, "run": 6 - committed, "committed": 6}
     # Every listed file exists. Files the dead driver's actor (Ray's workers outlive a SIGKILLed driver for a
@@ -417,9 +419,9 @@ def test_a_sigkilled_driver_is_taken_over_at_once_and_a_broken_lease_stops_its_r
 def test_two_extracts_started_together_on_s3(tmp_path, tiny_model, s3, bucket, moto_endpoint):
     paths = write_labelled_images(tmp_path / "images", num_classes=2, per_class=4, size=(20, 16))
     options = {"client_kwargs": {"endpoint_url": moto_endpoint}}
-    config = write_config(tmp_path, tiny_model, f"s3://{bucket}/features", storage_options=options)
+    config = write_config(tmp_path, tiny_model, f"s3://{bucket}/features", slow=0.25, storage_options=options)
     started = time.perf_counter()
-    runs = [featurize_process(config, FEATURIZE_TEST_SLOW_SECONDS="0.5") for _ in range(2)]
+    runs = [featurize_process(config) for _ in range(2)]
     loser = first_to_exit(runs)
     assert time.perf_counter() - started < 20
     winner = next(run for run in runs if run is not loser)

@@ -1,5 +1,6 @@
 """The benchmark's measuring pieces (not timings: those are figures, never assertions)."""
 
+import numpy as np
 import pytest
 
 from pipeline.tools.bench import CpuMonitor, cpu_ceiling, read_cpu_counters
@@ -25,7 +26,8 @@ def test_bench_runs_end_to_end_and_writes_what_it_prints(tmp_path, ray_local):
     from pipeline.tools.bench import BenchSettings, run_bench
 
     settings = BenchSettings(backbone="mobilenetv2", input_size=32, batch_size=4, num_images=16, bare_images=8,
-                             loop_images=2, source_size=(64, 48), camera_images=0, manifest_entries=0)
+                             loop_images=2, source_size=(64, 48), camera_images=0, manifest_entries=0,
+                             hash_pairs=2)
     printed = io.StringIO()
     result = run_bench(settings, tmp_path, Console(file=printed, width=120))
 
@@ -45,6 +47,10 @@ def test_bench_runs_end_to_end_and_writes_what_it_prints(tmp_path, ray_local):
     cpu = result["pipeline"]["cpu"]
     assert 0 < cpu["busy_cores"] <= result["cpu_count"] + 0.1 and 0 <= cpu["steal_share"] < 1
     assert "cores busy during (b)" in printed.getvalue() and "ceiling" in printed.getvalue()
+    hashes = result["content_hashes"]  # the worker with and without them, two pairs, as ratios
+    assert hashes["images"] == 16 and len(hashes["cpu_ratios"]) == len(hashes["wall_ratios"]) == 2
+    assert hashes["median_cpu_ratio"] == pytest.approx(float(np.median(hashes["cpu_ratios"])))
+    assert "worker with / without content hashes" in printed.getvalue()
 
 
 def test_cpu_ceiling_is_the_pipeline_rate_when_decode_and_model_share_the_cores():

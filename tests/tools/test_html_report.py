@@ -143,6 +143,34 @@ def test_dedup_report_draws_the_largest_groups_kept_image_first(tmp_path, browse
     assert card(paths[6]) not in text  # singletons are not drawn
 
 
+def test_dedup_report_says_why_each_image_joined_its_group(tmp_path, browser):
+    """A verified dedup's groups.parquet: each member shows its reason, cosine and phash bits to the kept image."""
+    paths = [str(path) for path in write_labelled_images(tmp_path / "images", num_classes=1, per_class=5)]
+    copy = tmp_path / "images" / "copy-of-first.png"
+    shutil.copy(paths[0], copy)
+    uris = [paths[0], str(copy), paths[1], paths[2], paths[3]]
+    table = pa.table({"uri": uris, "group": pa.array([4, 4, 4, 9, 9], pa.int64()),
+                      "similarity": pa.array([1.0, 1.0, 0.912, 1.0, 0.634], pa.float32()),
+                      "keep": [True, False, False, True, False], "reason": [None, "exact", "near", None, "near"],
+                      "hamming": pa.array([0, 0, 14, 0, 6], pa.int32())})
+    output = write_analysis_output(tmp_path / "dedup", "dedup", "groups.parquet", table)
+    success = json.loads((output / "_SUCCESS").read_text())
+    (output / "_SUCCESS").write_text(json.dumps({**success, "verify": "phash", "threshold": 0.5, "max_hamming": 20}))
+
+    assert main(["report", str(output), "--out", str(tmp_path / "report")]) == 0
+    page = open_page(browser, tmp_path / "report" / "index.html")
+    browser.save_screenshot(str(tmp_path / "dedup-verified-report.png"))
+
+    assert_renders(page, num_images=5)
+    text = page["text"]
+    assert "exact copies (the same bytes) 1" in text and "verify phash" in text and "max_hamming 20" in text
+    first = text[text.index("group 4: 3 images"):text.index("group 9: 2 images")]
+    assert f"{card(paths[0])}" in first and "kept" in first
+    assert f"exact copy\n{card(copy)}" in first or f"{card(copy)}\nexact copy" in first, first
+    assert "near: similarity 0.912, 14 bits" in first
+    assert "near: similarity 0.634, 6 bits" in text[text.index("group 9: 2 images"):]
+
+
 def test_search_report_puts_each_query_beside_its_neighbours(tmp_path, browser):
     paths = [str(path) for path in write_labelled_images(tmp_path / "images", num_classes=2, per_class=3)]
     queries = [paths[0], paths[3]]

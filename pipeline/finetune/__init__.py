@@ -1,0 +1,1 @@
+"""The finetune stage: labelled images -> a network with a new classification head, trained on Ray workers."""
