@@ -180,11 +180,11 @@ def fetch_and_decode(uri: str, label: str | None, decode: Decoder, settings: Dec
         reason = f"fetch failed: {faults.describe_error(error)}"  # "not found", "access denied", ...; redacted
         return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
     fetched = time.perf_counter()
-    return decode_fetched(uri, label, data, fetched - started, decode)
+    return decode_fetched(uri, label, data, fetched - started, decode, settings.content_hashes)
 
 
 def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, decode: Decoder,
-                   content_hashes: bool = False) -> Item:
+                   content_hashes: bool) -> Item:
     """Bytes already fetched (a loose file, or an archive member off its stream) -> an Item."""
     started = time.perf_counter()
     image = decode(data)
