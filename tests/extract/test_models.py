@@ -8,6 +8,7 @@ features" is a real check (cosine >= 0.9999), besides the reference computed wit
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -17,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image, ImageOps
 
 from pipeline import cli
 from pipeline.config import ExtractConfig, ModelConfig, load_config
@@ -204,6 +207,7 @@ def test_one_extract_over_three_models_equals_their_one_model_runs(tmp_path, net
     assert set(done["models"]) == set(NETWORKS) and done["error_rate"] == 1 / 16
     assert json.loads((output / "_models.json").read_text())["models"] == list(NETWORKS)
 
+    hashes = {}
     for name, (side, resize) in NETWORKS.items():
         rows, success = rows_of(output / name)
         assert success["rows"] == {"total": 16, "ok": 15, "error": 1}
@@ -213,6 +217,20 @@ def test_one_extract_over_three_models_equals_their_one_model_runs(tmp_path, net
         features = np.stack([rows[str(path)]["features"] for path in paths])
         reference = reference_features(paths, networks[name], resize)
         assert cosine_rows(features, reference).min() >= 0.9999, name
+        # content hashes, computed once for every model: sha256 of the bytes, phash of the shared decode
+        for path in paths:
+            row = rows[str(path)]
+            assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            reference = imagehash.phash(ImageOps.exif_transpose(Image.open(path)))
+            assert imagehash.hex_to_hash(row["phash"]) - reference <= 4, (name, path)
+            first = hashes.setdefault(str(path), (row["sha256"], row["phash"]))
+            assert (row["sha256"], row["phash"]) == first  # every model's rows hold the same hashes
+        # the actor that wrote the rows: in each model's `_SUCCESS.actors`, commit records and data files
+        assert sum(actor["images"] for actor in success["actors"]) == 16 and success["actors"][0]["node_id"]
+        commits = [json.loads(path.read_text()) for path in (output / name / "_commits").glob("shard-*.json")]
+        assert all(commit["actors"] for commit in commits)
+        metadata = pq.read_schema(output / name / success["files"][0]).metadata
+        assert metadata[b"node_id"].decode() == success["actors"][0]["node_id"]
 
     # each model's folder is an extract output as any other: inspect describes it
     printed = io.StringIO()
@@ -302,3 +320,30 @@ def test_an_image_that_kills_the_actor_is_quarantined_in_every_model(tmp_path, n
         assert rows[str(poison)]["error"] == "quarantined: the worker process crashed on this image 1 times"
         assert success["rows"] == {"total": 5, "ok": 4, "error": 1} == done["models"][name]["rows"]
         assert len(rows[str(paths[0])]["features"]) == int(success["provenance"]["feature_dim"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_model_whose_every_feature_is_non_finite_fails_the_run(tmp_path, networks, ray_local, capsys):
+    """Bright images give one model (exp of the mean pixel) inf features and the other finite ones: the piece
+    fails like a bug in featurize (exit 3, naming the model), not as error rows, and no output is finished."""
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    features = keras.layers.Activation("exponential", name="features")(pooled)
+    exponential = tmp_path / "exponential.keras"
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(features)).save(exponential)
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(images / f"bright_{index}.png")
+    models = [models_section(networks)[0],
+              {"name": "exponential", "backbone": str(exponential), "weights": "none", "layer": "features",
+               "preprocess": "none", "top_k": 1}]
+    config = write_config(tmp_path / "models.json", images, tmp_path / "out", models=models, max_attempts=1)
+    capsys.readouterr()
+    assert cli.main(["extract", "--config", str(config)]) == 3
+    message = " ".join(capsys.readouterr().err.split())
+    assert "for model exponential gave non-finite features" in message
+    assert not any((tmp_path / "out" / name / "_SUCCESS").exists() for name in ("small", "exponential"))
