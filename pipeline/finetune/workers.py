@@ -138,8 +138,10 @@ def worker_resources(run, cluster: dict) -> tuple[int, float]:
                           f"{gpus * run.workers:g} GPUs, the cluster has {cluster_gpus:g}; lower run.workers or "
                           "run.gpus_per_worker (0 trains on CPUs)")
     if cpus * run.workers > cluster_cpus:
-        raise ConfigError(f"run.cpus_per_worker: {run.workers} worker(s) x {cpus} CPUs need {cpus * run.workers}, "
-                          f"the cluster has {cluster_cpus}; lower run.cpus_per_worker (0 = share them)")
+        key, fix = (("run.cpus_per_worker", "lower run.cpus_per_worker (0 = share them)") if run.cpus_per_worker
+                    else ("run.workers", f"lower run.workers to at most {cluster_cpus}"))
+        raise ConfigError(f"{key}: {run.workers} worker(s) x {cpus} CPUs need {cpus * run.workers}, the cluster "
+                          f"has {cluster_cpus}; {fix}")
     return cpus, gpus
 
 

@@ -36,7 +36,7 @@ def write_config(path, **sections) -> str:
     ({"split": {"column": "fold"}}, "split.column"),
     ({"output": {"uri": ""}}, "output.uri is required"),
     ({"run": {"workers": 0}}, "run.workers"),
-    ({"run": {"workers": 2}}, "run.workers: got 2"),
+    ({"finetune": {"sync_every": 0}}, "finetune.sync_every"),
     ({"runs": {"workers": 1}}, "config: unknown key(s) runs"),
 ])
 def test_config_errors_exit_2_naming_the_key(tmp_path, capsys, sections, named):
@@ -117,6 +117,11 @@ def test_worker_resources_follow_the_cluster_and_refuse_what_it_can_never_give()
         worker_resources(FinetuneRunConfig(gpus_per_worker=2), {"CPU": 8.0, "GPU": 1.0})
     with pytest.raises(ConfigError, match="run.cpus_per_worker"):
         worker_resources(FinetuneRunConfig(cpus_per_worker=32), {"CPU": 8.0})
+    # data-parallel: each worker a GPU, or the CPUs divided; more workers than CPUs names run.workers
+    assert worker_resources(FinetuneRunConfig(workers=2), {"CPU": 16.0, "GPU": 2.0}) == (8, 1.0)
+    assert worker_resources(FinetuneRunConfig(workers=2), {"CPU": 2.0}) == (1, 0.0)
+    with pytest.raises(ConfigError, match="run.workers: 3 worker"):
+        worker_resources(FinetuneRunConfig(workers=3), {"CPU": 2.0})
 
 
 def test_averaging_identical_states_returns_them_and_two_states_give_their_mean():
