@@ -146,9 +146,10 @@ def train_epochs(training_model, stream: Stream, splits: Splits, config: Finetun
 
 
 def describe_epoch(record: dict) -> str:
+    replaced = f", {record['workers_replaced']} lost worker(s) replaced" if record.get("workers_replaced") else ""
     return (f"epoch {record['epoch']} ({record['phase']}): loss {record['loss']:.4f} accuracy "
             f"{record['accuracy']:.4f}, validation loss {record['val_loss']:.4f} accuracy "
-            f"{record['val_accuracy']:.4f}, {record['seconds']:.1f} s")
+            f"{record['val_accuracy']:.4f}, {record['seconds']:.1f} s{replaced}")
 
 
 def predict(classifier, stream: Stream, part: Part, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

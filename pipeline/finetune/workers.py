@@ -81,7 +81,7 @@ class ParallelEpochs:
 
     def __call__(self, training_model, stream: Stream, part: Part, options, seed: int, phase: str,
                  learning_rate: float) -> dict:
-        workers = len(self.peers) + 1
+        workers, replaced_before = len(self.peers) + 1, self.replaced
         totals = [parallel.Share() for _ in range(workers)]
         batch_size = parallel.worker_batch_size(options.batch_size, workers)
         for shares in parallel.epoch_rounds(part, options.batch_size, seed, workers, options.sync_every):
@@ -103,7 +103,7 @@ class ParallelEpochs:
             weights = parallel.average([trained[0] for _, _, trained in results])
             optimizer_values = parallel.average([trained[1] for _, _, trained in results])
             parallel.set_model_state(training_model, (weights, optimizer_values))
-        return parallel.epoch_record(totals)
+        return {**parallel.epoch_record(totals), "workers_replaced": self.replaced - replaced_before}
 
     def collect(self, rank: int, reference, call: tuple, part: Part) -> tuple:
         """A peer's round; a lost peer is replaced and the round's share trained again from the same state."""
