@@ -112,6 +112,7 @@ KEY_EFFECTS = {
     "model.runtime": "keras and litert compute the same features (float32, within tolerance)",
     "run.shard_size": ROWS,  # shard i means the same images on every resume
     "run.address": SCHEDULING, "run.actors": SCHEDULING, "run.gpus_per_actor": SCHEDULING,
+    "run.min_actors": SCHEDULING, "run.max_actors": SCHEDULING, "run.start_timeout": SCHEDULING,
     "run.cpus_per_actor": SCHEDULING, "run.batch_size": SCHEDULING, "run.shards_in_flight_per_actor": SCHEDULING,
     "run.decode_threads": SCHEDULING, "run.max_attempts": "retries only",
     "run.max_error_rate": "when the job fails, not what it writes",

@@ -5,9 +5,12 @@ Fixtures live in tests/conftest.py; a test module imports from here, never from 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -80,7 +83,7 @@ def write_labelled_images(root: Path, num_classes: int = 3, per_class: int = 10,
 # --- configs and runs -----------------------------------------------------------------------------------
 
 
-def write_extract_config(path: Path, images_uri: Path, model_path: Path, output: Path, **sections) -> Path:
+def write_extract_config(path: Path, images_uri: Path, model_path: Path, output_dir: Path, **sections) -> Path:
     """An extract config (JSON is YAML) at `path`; the dog model (.h5, not lambda.h5) gets its preprocessing and
     class names, other models run as saved. `sections` update the config's sections key by key."""
     is_dog_model = model_path.suffix == ".h5" and model_path.name != "lambda.h5"
@@ -89,7 +92,7 @@ def write_extract_config(path: Path, images_uri: Path, model_path: Path, output:
         "model": {"backbone": str(model_path), "weights": "none", "top_k": 3,
                   **({"preprocess": "tf", "class_names": str(CLASSES)} if is_dog_model else {})},
         "run": {"batch_size": 8, "shard_size": 16, "actors": 1},
-        "output": {"uri": str(output)},
+        "output": {"uri": str(output_dir)},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
@@ -118,6 +121,39 @@ def wait_for_commits_beyond(count: int, output: Path, process: subprocess.Popen,
             return
         time.sleep(0.1)
     raise AssertionError(f"no new commit (exit code {process.poll()}): {process.stderr.read()[-3000:]}")
+
+
+# --- Ray heads a test starts itself (never `ray stop`: it kills every Ray on the machine) -------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_ray_head(temp_dir: Path, *arguments: str, port: int | None = None, **environment: str) -> str:
+    """`ray start --head` with its own temp dir and ports, token auth off (as a test cluster); returns the GCS
+    address. Stop it with stop_ray_processes(temp_dir)."""
+    port = port or free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **environment}
+    env.pop("RAY_ADDRESS", None)
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}",
+               f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *arguments]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
+    return f"127.0.0.1:{port}"
+
+
+def stop_ray_processes(temp_dir: Path) -> None:
+    """Kill the processes of the Ray that runs under `temp_dir` (theirs alone: they name it)."""
+    from pipeline.reaper import session_processes
+
+    for _ in range(3):
+        for pid in session_processes(str(temp_dir)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
 
 
 # --- outputs --------------------------------------------------------------------------------------------

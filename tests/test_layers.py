@@ -23,7 +23,7 @@ LAYERS = (
     ("pipeline.contract", "pipeline.sections", "pipeline.charts", "pipeline.data"),
     ("pipeline.config",),
     ("pipeline.output", "pipeline.models"),
-    ("pipeline.ray_cluster", "pipeline.extract", "pipeline.train"),
+    ("pipeline.ray_cluster", "pipeline.reaper", "pipeline.extract", "pipeline.train"),
     ("pipeline.analyse", "pipeline.finetune"),
     ("pipeline.tools",),
     ("pipeline.cli",),
@@ -36,7 +36,7 @@ CONFINED = {
     "s3fs": ("pipeline.io",),
     "gcsfs": ("pipeline.io",),
     "adlfs": ("pipeline.io",),
-    "ray": ("pipeline.ray_cluster", "pipeline.extract.driver", "pipeline.extract.actor",
+    "ray": ("pipeline.ray_cluster", "pipeline.extract.driver", "pipeline.extract.pool", "pipeline.extract.actor",
             "pipeline.analyse.knn_actors", "pipeline.finetune.workers"),
     "moto": (),  # test doubles live in tests/
 }

@@ -1,5 +1,5 @@
 """Batch kNN for `featurize search` with `queries: all`: Ray actors that each load the index once and search
-one features file at a time (Ray appears only here among the analyse modules, as in extract/driver.py)."""
+one features file at a time (Ray appears only here among the analyse modules; pipeline/ray_cluster.py starts or joins it)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import SearchConfig
+from pipeline.ray_cluster import connect
 
 
 class KnnActor:
@@ -35,7 +36,6 @@ class KnnActor:
 
 def neighbours_of_every_item(config: SearchConfig, index_document: dict) -> Iterator[pa.Table]:
     """Tables of neighbours, one per features file, as the actors finish them (at most two queued per actor)."""
-    from pipeline.extract.driver import connect
     from pipeline.output.features import open_features
 
     connect(config.run.address)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:  # what the user can fix: config, paths, credentials, a refused model
         error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True, markup=True)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt as interruption:  # SIGINT, or SIGTERM during a run (pipeline.extract.driver.Interrupted)
+    except KeyboardInterrupt as interruption:  # SIGINT, or SIGTERM during a run (pipeline.extract.signals.Interrupted)
         message = getattr(interruption, "message", "") or "interrupted; run the same command to resume"
         error_console.print(f"[bold yellow]{message}[/]", highlight=False, soft_wrap=True)
         return getattr(interruption, "exit_code", 130)

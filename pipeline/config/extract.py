@@ -33,6 +33,7 @@ from pipeline.sections import (
     MaybeText,
     Number,
     Positive,
+    PositiveNumber,
     Text,
     Texts,
     Whole,
@@ -158,7 +159,10 @@ class ModelConfig:
 @section("run")
 class RunConfig:
     address: Text = ""  # Ray address; empty = start a local Ray
-    actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # 0 = one per GPU, or one per node on CPU clusters
+    actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # a fixed pool; 0 = one per GPU, or one per node on CPU clusters
+    min_actors: Positive = 1  # an elastic pool starts work once this many actors are ready
+    max_actors: Annotated[Whole, AUTO_OR_COUNT] = 0  # > 0: an elastic pool that asks the autoscaler for up to this
+    start_timeout: PositiveNumber = 900.0  # seconds to wait for min_actors to be placed before exit 3
     gpus_per_actor: GpuShare = None  # None = 1 on GPU clusters, 0 on CPU
     cpus_per_actor: MaybePositiveNumber = None  # None = the node's cores divided among its actors
     batch_size: Positive = 32
@@ -195,7 +199,18 @@ class ExtractConfig:
         if not self.output.uri:
             raise ConfigError("output.uri is required: the directory (local or fsspec URI) to write Parquet to")
         check_runtime(self.model, self.run)
+        check_pool(self.run)
         return self
+
+
+def check_pool(run: RunConfig) -> None:
+    """A pool is either fixed (`run.actors`) or elastic (`run.min_actors`..`run.max_actors`)."""
+    if run.actors and run.max_actors:
+        raise ConfigError(f"run.actors: {run.actors} asks for a fixed pool and run.max_actors: {run.max_actors} for "
+                          "an elastic one; set one of them (run.actors: 0 for an elastic pool, or run.max_actors: 0)")
+    if run.max_actors and run.min_actors > run.max_actors:
+        raise ConfigError(f"run.min_actors: got {run.min_actors}, more than run.max_actors: {run.max_actors}; "
+                          "use a run.min_actors no larger than run.max_actors")
 
 
 def check_runtime(model: ModelConfig, run: RunConfig, key: str = "model") -> None:

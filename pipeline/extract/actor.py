@@ -1,5 +1,5 @@
-"""The Ray actor that holds one FeatureExtractor, built once, and runs shard pieces through pipeline/extract/worker.py;
-how many of them a cluster gets, and what each holds (actor_shape).
+"""The Ray actor that holds one FeatureExtractor, built once, and runs shard pieces through pipeline/extract/worker.py
+(how many of them a cluster gets, and what each holds: pipeline/extract/pool.py).
 
 Ray appears only here and in pipeline/extract/driver.py. TensorFlow is imported inside the actor alone, so the
 driver never loads it.
@@ -12,20 +12,12 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import ray
 
-from pipeline.config import ExtractConfig, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, process_shard
 from pipeline.io import redaction
-
-
-@dataclass(frozen=True)
-class ActorShape:
-    count: int
-    num_cpus: float
-    num_gpus: float
 
 
 class WarningCollector(logging.Handler):
@@ -74,15 +66,20 @@ class ExtractorActor:
         # Storage options arrive once, here; tasks carry them without credentials (redaction.public_options).
         self.input_storage_options = storage_options
         self.output_storage_options = output_storage_options
+        context = ray.get_runtime_context()
+        # Who writes, named in each data file's metadata and in `_SUCCESS.actors`: the GPUs Ray assigned this actor
+        self.writer = {"actor": context.get_actor_id(), "node_id": context.get_node_id(),
+                       "accelerator_ids": [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]}
 
     def describe(self) -> dict:
         if self.build_error is not None:
             raise self.build_error
         return {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
-                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                **self.writer, "pid": os.getpid(),
                 "runtime": self.extractor.runtime, "load_seconds": self.load_seconds, "warnings": self.warnings}
 
     def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
+        settings = dataclasses.replace(settings, writer=self.writer)
         if self.output_storage_options is not None:
             settings = dataclasses.replace(settings, input_storage_options=self.input_storage_options,
                                            output_storage_options=self.output_storage_options)
@@ -92,24 +89,3 @@ class ExtractorActor:
 def remote_class(num_cpus: float, num_gpus: float):
     """The actor as a Ray actor class with these resources; never restarted by Ray (the driver replaces it)."""
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=1)(ExtractorActor)
-
-
-def actor_shape(config: ExtractConfig) -> ActorShape:
-    """How many actors and what each holds: one per GPU, or one per node using its cores."""
-    resources = ray.cluster_resources()
-    total_gpus = resources.get("GPU", 0)
-    gpus = config.run.gpus_per_actor if config.run.gpus_per_actor is not None else (1.0 if total_gpus else 0.0)
-    nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
-    if config.run.actors:
-        count = config.run.actors
-    elif gpus:
-        count = max(1, int(total_gpus // gpus))
-    else:
-        count = max(1, len(nodes))
-    if config.run.cpus_per_actor is not None:
-        cpus = config.run.cpus_per_actor
-    else:
-        smallest_node = min((node["Resources"]["CPU"] for node in nodes), default=1)
-        actors_per_node = max(1, -(-count // max(1, len(nodes))))
-        cpus = max(1.0, smallest_node // actors_per_node)
-    return ActorShape(count, float(cpus), float(gpus))

@@ -16,9 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -27,14 +25,18 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from pipeline.config import ExtractConfig
 from pipeline.errors import USER_ERRORS, ConfigError
-from pipeline.extract.actor import actor_shape, remote_class
+from pipeline.extract import pool
+from pipeline.extract.actor import remote_class
 from pipeline.extract.plan import Plan, prepare_plan
+from pipeline.extract.pool import PlacementWatch, PoolPlan
 from pipeline.extract.progress import ProgressReporter
-from pipeline.extract.rows import row_schema
+from pipeline.extract.rows import WRITER_KEYS, actors_table, row_schema
+from pipeline.extract.signals import Interrupted, interrupted_message, stop_on_signals
 from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, quarantine_rows, reason_category
 from pipeline.io import redaction
 from pipeline.output import ledger
 from pipeline.output.ledger import CommitRecord
+from pipeline.ray_cluster import connect
 
 log = logging.getLogger("featurize")
 
@@ -56,60 +58,6 @@ class ActorSlot:
     ready: ray.ObjectRef
     is_ready: bool = False
     in_flight: list = field(default_factory=list)  # object refs in submission order
-
-
-def connect(address: str, verbose: bool = False) -> str:
-    """Join the cluster `run.address` or the Ray job names; otherwise start a private local Ray. Never
-    `ray.init()` without an address: it attaches to whatever Ray already runs on the machine. Returns what
-    it did, for the progress display. Ray's and the actors' logs stay in Ray's log files unless `verbose`."""
-    if ray.is_initialized():
-        return "using the Ray already initialised in this process"
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
-    if address:
-        ray.init(address=address, **quiet)
-        return f"joined the Ray cluster at {redaction.redact(address)}"
-    if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: the job's own cluster
-        ray.init(**quiet)
-        return f"joined this Ray job's cluster ({redaction.redact(os.environ['RAY_ADDRESS'])})"
-    ray.init(address="local", include_dashboard=False, **quiet)
-    return f"started a private local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a run: actors are stopped, every commit is kept, the same command resumes."""
-
-    def __init__(self, signal_number: int, message: str = ""):
-        super().__init__(message)
-        self.signal_number = signal_number
-        self.message = message
-        self.exit_code = 128 + signal_number  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-@dataclass
-class ReceivedSignal:
-    number: int = signal.SIGINT  # a KeyboardInterrupt with no signal recorded is Python's own SIGINT
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT and SIGTERM (`ray job stop`, Kubernetes) raise Interrupted in the scheduling loop, whose clean-up
-    stops the actors. Installed after Ray starts, which sets a SIGTERM handler of its own. Ray's blocking calls
-    re-raise a handler's exception as a plain KeyboardInterrupt, so the signal's number is also recorded."""
-    received = ReceivedSignal()
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield received
-        return
-
-    def interrupt(signal_number, frame):
-        received.number = signal_number
-        raise Interrupted(signal_number)
-
-    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 class Driver:
@@ -144,21 +92,28 @@ class Driver:
                                 "already committed")
             description = self.run_shards(plan, todo, run_ledger, verbose) if todo else None
             extras = {"provenance": self.provenance(description, run_ledger),
-                      "max_error_rate": self.config.run.max_error_rate}
+                      "max_error_rate": self.config.run.max_error_rate,
+                      "actors": actors_table(run_ledger.commits.values())}
             return run_ledger.finish(plan.num_shards, plan.fingerprint, extras)
 
     def run_shards(self, plan: Plan, todo: list[int], run_ledger: ledger.Ledger,
                    verbose: bool) -> dict | None:
         """Start Ray, run the pending shards; returns an actor's description (None when none got ready)."""
         self.reporter.phase("starting Ray")
-        self.reporter.phase(connect(self.config.run.address, verbose))
+        connection = connect(self.config.run.address, verbose)
+        self.reporter.phase(connection.description)
         commits = run_ledger.commits
         with stop_on_signals() as received:
             try:
                 self.reporter.start(plan.num_images, plan.num_shards, done_shards=len(commits),
                                     done_images=sum(record.rows for record in commits.values()),
                                     done_errors=sum(record.error for record in commits.values()))
-                scheduler = ShardScheduler(self.config, self.settings, run_ledger, self.reporter, plan, todo)
+                pool_plan, lines = pool.plan_pool(self.config, len(todo), connection.private)
+                for line in lines:
+                    self.reporter.phase(line)
+                watch = PlacementWatch(pool_plan, self.config, connection.private, self.reporter.phase)
+                scheduler = ShardScheduler(self.config, self.settings, run_ledger, self.reporter, plan, todo,
+                                           pool_plan, watch)
                 scheduler.run()
                 return scheduler.actor_description
             except KeyboardInterrupt:
@@ -173,7 +128,8 @@ class Driver:
         first = run_ledger.commits[min(run_ledger.commits)] if run_ledger.commits else None
         if first is None or not first.files:  # a finished job rerun: read it back from a data file
             return {}
-        return ledger.read_file_metadata(self.output, first.files[0], self.options)
+        metadata = ledger.read_file_metadata(self.output, first.files[0], self.options)
+        return {key: value for key, value in metadata.items() if key not in WRITER_KEYS}
 
 
 class ShardScheduler:
@@ -182,47 +138,68 @@ class ShardScheduler:
     pieces of bisected shards, never one per pending shard."""
 
     def __init__(self, config: ExtractConfig, settings: ShardSettings, run_ledger: ledger.Ledger,
-                 reporter: ProgressReporter, plan: Plan, todo: list[int]):
+                 reporter: ProgressReporter, plan: Plan, todo: list[int], pool_plan: PoolPlan, watch: PlacementWatch):
         self.config = config
         self.ledger = run_ledger
         self.reporter = reporter
-        self.shape = actor_shape(config)
-        decode_threads = config.run.decode_threads or max(4, int(self.shape.num_cpus))
+        self.pool = pool_plan
+        self.watch = watch
+        decode_threads = config.run.decode_threads or max(4, int(pool_plan.num_cpus))
         self.settings = dataclasses.replace(settings, run_tag=run_ledger.run_tag, decode_threads=decode_threads)
-        self.actor_class = remote_class(self.shape.num_cpus, self.shape.num_gpus)
+        self.actor_class = remote_class(pool_plan.num_cpus, pool_plan.num_gpus)
         self.plan = plan
         self.fresh = collections.deque(todo)  # shard numbers not started yet
         self.queue: collections.deque[ShardTask] = collections.deque()  # retries and bisected pieces, first
         self.states: dict[int, ShardState] = {}  # shards started and not yet committed
         self.owner: dict[ray.ObjectRef, tuple[ActorSlot, ShardTask]] = {}
-        self.num_actors = min(self.shape.count, len(todo))
         self.slots: list[ActorSlot] = []
         self.actor_description: dict | None = None
         self.failed_starts = 0  # actor deaths before the model was ready, since the last good start
+        self.working = False  # becomes True once pool.minimum actors are ready, and stays
 
     def run(self) -> None:
-        self.slots = [self.start_actor() for _ in range(self.num_actors)]
-        self.reporter.phase(f"loading the model on {len(self.slots)} actor(s) ({self.shape.num_cpus:g} CPUs"
-                            f"{f', {self.shape.num_gpus:g} GPUs' if self.shape.num_gpus else ''} each)")
+        if self.pool.elastic:  # pending actors are demand too; the request also reaches a scaled-to-zero group
+            pool.request_capacity(self.pool, self.pool.maximum)
+        self.slots = [self.start_actor() for _ in range(self.pool.maximum)]
+        self.reporter.phase(f"loading the model on {len(self.slots)} actor(s) ({pool.shape_text(self.pool)} each)")
         try:
             while self.states or self.fresh:
                 self.ledger.lease.raise_if_lost()  # the heartbeat found the lease gone: stop before more work
-                self.assign()
+                num_ready = sum(slot.is_ready for slot in self.slots)
+                self.working = self.working or num_ready >= self.pool.minimum
+                self.watch.check(num_ready, 1 if self.working else self.pool.minimum)
+                if self.working:
+                    self.assign()
+                    self.retire_idle()
                 refs = list(self.owner) + [slot.ready for slot in self.slots if not slot.is_ready]
                 done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
                 self.reporter.update(actors_alive=sum(slot.is_ready for slot in self.slots))
                 for ref in done:
                     if ref in self.owner:
                         self.collect(ref)
-                    else:
+                    elif any(slot.ready == ref for slot in self.slots):  # not an actor retired meanwhile
                         self.mark_ready(ref)
         finally:
             for slot in self.slots:
                 with contextlib.suppress(Exception):  # on an interrupt Ray itself may be going down
                     ray.kill(slot.handle, no_restart=True)
+            if self.pool.elastic:
+                pool.request_capacity(self.pool, 0)  # the autoscaler may scale down
+
+    def retire_idle(self) -> None:
+        """At the tail (nothing left to hand out) an actor with nothing in flight is given back, and so is one
+        still waiting for its node, so its resources return to the cluster while the last pieces finish."""
+        if self.queue or self.fresh:
+            return
+        for slot in [slot for slot in self.slots if not slot.in_flight]:
+            self.slots.remove(slot)
+            with contextlib.suppress(Exception):
+                ray.kill(slot.handle, no_restart=True)
+        if self.pool.elastic:
+            pool.request_capacity(self.pool, len(self.slots))
 
     def start_actor(self) -> ActorSlot:
-        num_threads = max(1, int(self.shape.num_cpus))
+        num_threads = max(1, int(self.pool.num_cpus))
         handle = self.actor_class.options(scheduling_strategy="SPREAD", runtime_env=forwarded_environment()).remote(
             self.config.model, self.config.run.batch_size, num_threads, self.config.input.storage_options,
             self.ledger.options)
@@ -357,16 +334,13 @@ class ShardScheduler:
         self.ledger.commit(CommitRecord(
             shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
             ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
-            errors_by_reason=dict(reasons), committed_at=time.time()))
+            errors_by_reason=dict(reasons), committed_at=time.time(),
+            actors=[{**result.writer, "images": result.rows, "seconds": round(result.seconds, 3)}
+                    for result in results if result.writer]))
         if self.ledger.shards_run == 1:
             self.reporter.phase(f"first shard committed {self.ledger.first_commit_at - self.ledger.started:.1f} s "
                                 "after start")
         self.reporter.shard_committed()
-
-
-def interrupted_message(signal_number: int, num_shards: int, num_committed: int) -> str:
-    return (f"interrupted by {signal.Signals(signal_number).name}: {num_committed} of {num_shards} shards "
-            "are committed and kept; run the same command to resume")
 
 
 def forwarded_environment() -> dict:

@@ -11,6 +11,24 @@ import pyarrow as pa
 from pipeline.extract.archives import member_key
 from pipeline.io import redaction
 
+# Data-file metadata naming the actor that wrote the file (accelerator_ids as a JSON list), beside the provenance.
+WRITER_KEYS = ("actor", "node_id", "accelerator_ids")
+
+
+def actors_table(records) -> list[dict]:
+    """`_SUCCESS.actors`: one entry per actor that wrote committed rows (in any run), from the commit records;
+    pieces the driver wrote itself (quarantined images) name no actor."""
+    table: dict[str, dict] = {}
+    for record in records:
+        for piece in record.actors:
+            entry = table.setdefault(piece["actor"], {
+                "actor": piece["actor"], "node_id": piece["node_id"], "accelerator_ids": piece["accelerator_ids"],
+                "shards": 0, "images": 0, "seconds": 0.0})
+            entry["shards"] += 1
+            entry["images"] += piece["images"]
+            entry["seconds"] = round(entry["seconds"] + piece["seconds"], 3)
+    return sorted(table.values(), key=lambda entry: (entry["node_id"], entry["actor"]))
+
 
 def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dict | None = None) -> pa.Schema:
     value_type = pa.float16() if feature_dtype == "float16" else pa.float32()

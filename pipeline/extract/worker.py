@@ -120,6 +120,7 @@ class ShardSettings:
     content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
+    writer: dict = field(default_factory=dict)  # the actor that writes: node_id, accelerator_ids (file metadata)
     reader: str | None = None  # input.reader
     reader_options: dict = field(default_factory=dict)
 
@@ -140,6 +141,12 @@ class ShardResult:
     error: int
     timings: dict = field(default_factory=dict)
     errors_by_reason: dict = field(default_factory=dict)
+    writer: dict = field(default_factory=dict)  # settings.writer of the actor that wrote the file
+    seconds: float = 0.0  # wall time of the piece on its actor
+
+
+class NonFiniteShard(RuntimeError):
+    """Every image of a piece gave NaN or inf features: a broken model or accelerator, not bad input."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +273,7 @@ def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
 def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardResult:
     """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
     the extractor's own (it halves it after running out of accelerator memory)."""
+    piece_started = time.perf_counter()
     batch_size = extractor.batch_size
     timings = collections.Counter()
     rows = ShardRows()
@@ -278,22 +286,49 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardR
             timings["fetch"] += sum(item.fetch_seconds for item in group)
             timings["decode"] += sum(item.decode_seconds for item in group)
             started = time.perf_counter()
-            add_rows(rows, group, extractor, class_names)
+            add_rows(rows, group, extractor, class_names, settings.feature_dtype)
             timings["forward"] += time.perf_counter() - started
             waited = time.perf_counter()
+    check_finite_rows(task, rows)
     started = time.perf_counter()
     relative_path = layout.new_data_file_name(task.shard, settings.run_tag)
-    schema = row_schema(extractor.feature_dim, settings.feature_dtype, extractor.provenance)
+    metadata = {**extractor.provenance, **{key: json.dumps(value) if isinstance(value, list) else value
+                                           for key, value in settings.writer.items()}}
+    schema = row_schema(extractor.feature_dim, settings.feature_dtype, metadata)
     ledger.write_data_file(settings.output_uri, relative_path, rows.to_table(schema), settings.row_group_size,
                            settings.output_storage_options)
     timings["write"] += time.perf_counter() - started
     reasons = collections.Counter(reason_category(error) for error in rows.error if error is not None)
     num_errors = sum(reasons.values())
     return ShardResult(task.shard, task.start, task.stop, relative_path, len(rows), len(rows) - num_errors,
-                       num_errors, dict(timings), dict(reasons))
+                       num_errors, dict(timings), dict(reasons), dict(settings.writer),
+                       time.perf_counter() - piece_started)
 
 
-def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[str] | None) -> None:
+NON_FINITE = "non-finite features"
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def non_finite_reason(features: np.ndarray, feature_dtype: str) -> str | None:
+    """Why a feature vector cannot be an ok row: NaN or inf from the model, or values float16 cannot hold."""
+    if not np.isfinite(features).all():
+        return f"{NON_FINITE} (NaN or inf from the model: a broken model or accelerator?)"
+    if feature_dtype == "float16" and np.abs(features).max(initial=0.0) > FLOAT16_MAX:
+        return f"{NON_FINITE} (beyond float16's range of +-{FLOAT16_MAX:g}: use output.feature_dtype float32)"
+    return None
+
+
+def check_finite_rows(task: ShardTask, rows: ShardRows) -> None:
+    """A piece whose every decoded image gave non-finite features points at the model or the accelerator, not at
+    the images: it fails like a bug (retried, then the run stops)."""
+    decoded = [error for error in rows.error if error is None or error.startswith(NON_FINITE)]
+    if decoded and all(error is not None for error in decoded):
+        raise NonFiniteShard(f"every one of the {len(decoded)} decoded images of shard {task.shard} "
+                             f"[{task.start}:{task.stop}] gave non-finite features: {decoded[0]}")
+
+
+def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[str] | None,
+             feature_dtype: str = OutputConfig.feature_dtype) -> None:
     images = [item.image.pixels for item in group if item.image.error is None]
     output = extractor(np.stack(images)) if images else None
     position = 0
@@ -301,6 +336,11 @@ def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[st
         image = item.image
         if image.error is not None:
             rows.add_error(item.uri, item.label, image.error, image.width, image.height)
+            continue
+        reason = non_finite_reason(output.features[position], feature_dtype)
+        if reason is not None:
+            rows.add_error(item.uri, item.label, reason, image.width, image.height)
+            position += 1
             continue
         indices = output.top_k_indices[position]
         labels = [class_names[index] if class_names else str(index) for index in indices]

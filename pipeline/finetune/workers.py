@@ -20,12 +20,14 @@ import os
 import ray
 
 from pipeline.errors import USER_ERRORS, ConfigError
-from pipeline.extract.driver import Interrupted, connect, forwarded_environment, stop_on_signals
+from pipeline.extract.driver import forwarded_environment
+from pipeline.extract.signals import Interrupted, stop_on_signals
 from pipeline.finetune import parallel
 from pipeline.finetune.checkpoints import Checkpoints
 from pipeline.finetune.data import Part, Stream
 from pipeline.finetune.training import Job, Outcome, describe_epoch, new_training_model, run_training
 from pipeline.io import redaction
+from pipeline.ray_cluster import connect
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def wait_reporting_epochs(result: ray.ObjectRef, job: Job, interval: float = 5.0
 def train_on_ray(job: Job, verbose: bool = False) -> Outcome:
     """Run the training worker to the end, starting another after a lost one (up to `run.max_attempts` starts)."""
     run = job.config.run
-    log.info(connect(run.address, verbose))
+    log.info(connect(run.address, verbose).description)
     cpus, gpus = worker_resources(run, ray.cluster_resources())
     for attempt in range(1, run.max_attempts + 1):
         worker, *peers = [worker_class(cpus, gpus).remote(cpus) for _ in range(run.workers)]

@@ -57,6 +57,7 @@ class CommitRecord:
     timings: dict = field(default_factory=dict)  # seconds per stage: fetch, decode, forward, write (extract)
     errors_by_reason: dict = field(default_factory=dict)
     committed_at: float = 0.0  # the committing run's wall clock (epoch seconds): steady-state throughput in benchmarks
+    actors: list = field(default_factory=list)  # per piece: actor, node_id, accelerator_ids, images, seconds
 
 
 def write_commit(output_uri: str, record: CommitRecord, storage_options: dict | None = None) -> None:

@@ -7,10 +7,12 @@ import time
 from collections.abc import Iterable
 
 from rich.console import Console
+from rich.table import Table
 
 from pipeline.charts import key_value_table
 from pipeline.errors import ConfigError
 from pipeline.extract.plan import Plan
+from pipeline.extract.rows import WRITER_KEYS, actors_table
 from pipeline.io import redaction, storage
 from pipeline.output import layout, lease, ledger
 from pipeline.output.features import shared_bytes
@@ -157,14 +159,29 @@ def inspect_extract_output(output_uri: str, console: Console, storage_options: d
     if first_file:
         schema = ledger.read_file_schema(output_uri, first_file, storage_options)
         summary["schema"] = str(schema.remove_metadata())
-        summary["provenance"] = ledger.read_file_metadata(output_uri, first_file, storage_options)
+        metadata = ledger.read_file_metadata(output_uri, first_file, storage_options)
+        summary["provenance"] = {key: value for key, value in metadata.items() if key not in WRITER_KEYS}
         lines.append(("schema", summary["schema"]))
         lines += [(f"provenance.{key}", value) for key, value in sorted(summary["provenance"].items())]
     summary["shared_bytes"] = shared_bytes(output_uri, [file for record in commits.values() for file in record.files],
                                            storage_options)
     lines.append(("same bytes", shared_bytes_text(summary["shared_bytes"])))
     console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)}", lines))
+    summary["actors"] = actors_table(commits.values())
+    if summary["actors"]:
+        console.print(actors_rich_table(summary["actors"]))
     return summary
+
+
+def actors_rich_table(actors: list[dict]) -> Table:
+    """The actors that wrote the committed rows: where they ran (node, GPUs) and what they did."""
+    table = Table(title="actors", show_header=True)
+    for name in ("actor", "node_id", "accelerator_ids", "shards", "images", "seconds"):
+        table.add_column(name)
+    for actor in actors:
+        table.add_row(actor["actor"][:12], actor["node_id"][:12], ",".join(actor["accelerator_ids"]) or "-",
+                      str(actor["shards"]), str(actor["images"]), f"{actor['seconds']:.1f}")
+    return table
 
 
 def shared_bytes_text(shared: dict | None) -> str:
