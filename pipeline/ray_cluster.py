@@ -25,7 +25,7 @@ class Connection:
 def connect(address: str, verbose: bool = False) -> Connection:
     """Join the cluster `run.address` or the Ray job names; otherwise start a private local Ray. Never
     `ray.init()` without an address: it attaches to whatever Ray already runs on the machine. Returns what
-    what it did. Ray's and the actors' logs stay in Ray's log files unless `verbose`.
+    it did. Ray's and the actors' logs stay in Ray's log files unless `verbose`.
 
     A private Ray's processes share the driver's fate (pipeline/reaper.py), a killed driver's included."""
     if ray.is_initialized():

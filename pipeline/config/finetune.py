@@ -55,6 +55,7 @@ class FinetuneOptions:
     validation_fraction: Annotated[Number, FRACTION_OPEN] = 0.1  # of the train split, for early stopping
     patience: Positive = 3  # epochs without a lower validation loss before a phase stops early
     seed: Whole = 0  # shuffling, augmentation, the head's initial weights
+    sync_every: Positive = 16  # run.workers > 1: steps each worker takes between two averagings of the weights
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -95,9 +96,6 @@ class FinetuneConfig:
         if self.split.column:
             raise ConfigError(f"split.column: got {self.split.column!r}; finetune holds out a stratified random "
                               "split: remove split.column and set split.test_fraction")
-        if self.run.workers != 1:
-            raise ConfigError(f"run.workers: got {self.run.workers}; this version trains on one worker (its GPUs or "
-                              "CPUs); data-parallel training over several workers is not built yet: set run.workers: 1")
         if self.model.mixed_precision or self.model.xla:
             raise ConfigError("model.mixed_precision / model.xla: extract options; finetune trains in float32: "
                               "remove them")

@@ -38,7 +38,8 @@ def write_outputs(config: FinetuneConfig, splits: Splits, outcome: Outcome, fing
         "left_out_images": outcome.left_out,
         "epochs": outcome.state.epoch, "best_epoch": outcome.state.best_epoch,
         "resumed_from_epochs": [start for start in outcome.state.starts if start],
-        "history": outcome.state.history,
+        "history": outcome.state.history,  # with run.workers > 1, each epoch's steps and images per worker
+        "workers": config.run.workers,
         "seconds": round(outcome.seconds, 1),
         "fingerprint": fingerprint,
         "provenance": provenance(config, splits, outcome),

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.config import ClassifierConfig, FinetuneConfig
+from pipeline.config import ClassifierConfig, FinetuneConfig, FinetuneOptions
 from pipeline.finetune import network
 from pipeline.finetune.checkpoints import BEST_FILE, LAST_FILE, Checkpoints, State
 from pipeline.finetune.data import Part, Splits, Stream
@@ -69,7 +69,23 @@ def phase_of(epoch: int, plan: list[tuple[str, int, float]]) -> tuple[str, float
     raise ValueError(f"epoch {epoch} is past the plan's {end} epochs")
 
 
-def run_training(job: Job, checkpoints: Checkpoints, decode_threads: int) -> Outcome:
+def fit_epoch(training_model, stream: Stream, part: Part, options: FinetuneOptions, seed: int, phase: str,
+              learning_rate: float) -> dict:
+    """One worker's epoch: one `fit` over a fresh shuffle of `part`; its training loss and accuracy."""
+    with warnings.catch_warnings():  # an epoch is one pass over a generator: Keras warns when it ends
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        fitted = training_model.fit(stream.batches(part, options.batch_size, seed), epochs=1, shuffle=False,
+                                    verbose=0)
+    return {"loss": float(fitted.history["loss"][-1]), "accuracy": float(fitted.history["accuracy"][-1])}
+
+
+def new_training_model(base, splits: Splits, config: FinetuneConfig):
+    classifier = network.build_classifier(base, len(splits.classes), config.model, config.finetune)
+    return network.build_training_model(classifier, config.finetune)
+
+
+def run_training(job: Job, checkpoints: Checkpoints, decode_threads: int, fit=fit_epoch) -> Outcome:
+    """The whole run on this worker; `fit` trains an epoch (here, or over several workers: workers.py)."""
     started = time.perf_counter()
     config, splits = job.config, job.splits
     state = checkpoints.read_state(job.fingerprint)
@@ -81,12 +97,11 @@ def run_training(job: Job, checkpoints: Checkpoints, decode_threads: int) -> Out
         log.info("resuming after epoch %d (%s)", state.epoch, checkpoints.uri(LAST_FILE))
     else:
         state = State(job.fingerprint, starts=[0], probe=state.probe)  # no epoch finished yet: start afresh
-        classifier = network.build_classifier(base, len(splits.classes), config.model, config.finetune)
-        training_model = network.build_training_model(classifier, config.finetune)
+        training_model = new_training_model(base, splits, config)
     if state.probe is None:
         state.probe = linear_probe(network.classifier_of(training_model), stream, splits, config)
         checkpoints.write_state(state)
-    train_epochs(training_model, stream, splits, config, checkpoints, state)
+    train_epochs(training_model, stream, splits, config, checkpoints, state, fit)
     best = checkpoints.load_model(BEST_FILE, compile=False)
     true_test, predicted_test = predict(best, stream, splits.test, config.finetune.batch_size)
     return Outcome(state, true_test, predicted_test, dict(stream.left_out), asdict(base.checksums),
@@ -94,7 +109,7 @@ def run_training(job: Job, checkpoints: Checkpoints, decode_threads: int) -> Out
 
 
 def train_epochs(training_model, stream: Stream, splits: Splits, config: FinetuneConfig, checkpoints: Checkpoints,
-                 state: State) -> None:
+                 state: State, fit=fit_epoch) -> None:
     options = config.finetune
     plan = phase_plan(config)
     total = sum(epochs for _, epochs, _ in plan)
@@ -109,16 +124,13 @@ def train_epochs(training_model, stream: Stream, splits: Splits, config: Finetun
             network.compile_for(training_model, learning_rate)
             state.compiled_phase, state.epochs_since_best = phase, 0
         started = time.perf_counter()
-        with warnings.catch_warnings():  # an epoch is one pass over a generator: Keras warns when it ends
-            warnings.filterwarnings("ignore", message="Your input ran out of data")
-            fitted = training_model.fit(stream.batches(splits.train, options.batch_size, options.seed + state.epoch),
-                                        epochs=1, shuffle=False, verbose=0)
+        fitted = fit(training_model, stream, splits.train, options, options.seed + state.epoch, phase, learning_rate)
         validation = training_model.evaluate(stream.batches(splits.validation, options.batch_size), verbose=0,
                                              return_dict=True)
         state.epoch += 1
-        record = {"epoch": state.epoch, "phase": phase, "loss": float(fitted.history["loss"][-1]),
-                  "accuracy": float(fitted.history["accuracy"][-1]), "val_loss": float(validation["loss"]),
-                  "val_accuracy": float(validation["accuracy"]), "seconds": round(time.perf_counter() - started, 2)}
+        record = {"epoch": state.epoch, "phase": phase, "loss": fitted.pop("loss"), "accuracy": fitted.pop("accuracy"),
+                  "val_loss": float(validation["loss"]), "val_accuracy": float(validation["accuracy"]),
+                  "seconds": round(time.perf_counter() - started, 2), **fitted}  # data-parallel: what each worker did
         state.history.append(record)
         log.info(describe_epoch(record))
         if state.best_val_loss is None or record["val_loss"] < state.best_val_loss:
@@ -134,9 +146,10 @@ def train_epochs(training_model, stream: Stream, splits: Splits, config: Finetun
 
 
 def describe_epoch(record: dict) -> str:
+    replaced = f", {record['workers_replaced']} lost worker(s) replaced" if record.get("workers_replaced") else ""
     return (f"epoch {record['epoch']} ({record['phase']}): loss {record['loss']:.4f} accuracy "
             f"{record['accuracy']:.4f}, validation loss {record['val_loss']:.4f} accuracy "
-            f"{record['val_accuracy']:.4f}, {record['seconds']:.1f} s")
+            f"{record['val_accuracy']:.4f}, {record['seconds']:.1f} s{replaced}")
 
 
 def predict(classifier, stream: Stream, part: Part, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ def write_config(path, **sections) -> str:
     ({"split": {"column": "fold"}}, "split.column"),
     ({"output": {"uri": ""}}, "output.uri is required"),
     ({"run": {"workers": 0}}, "run.workers"),
-    ({"run": {"workers": 2}}, "run.workers: got 2"),
+    ({"finetune": {"sync_every": 0}}, "finetune.sync_every"),
     ({"runs": {"workers": 1}}, "config: unknown key(s) runs"),
 ])
 def test_config_errors_exit_2_naming_the_key(tmp_path, capsys, sections, named):
@@ -117,3 +117,40 @@ def test_worker_resources_follow_the_cluster_and_refuse_what_it_can_never_give()
         worker_resources(FinetuneRunConfig(gpus_per_worker=2), {"CPU": 8.0, "GPU": 1.0})
     with pytest.raises(ConfigError, match="run.cpus_per_worker"):
         worker_resources(FinetuneRunConfig(cpus_per_worker=32), {"CPU": 8.0})
+    # data-parallel: each worker a GPU, or the CPUs divided; more workers than CPUs names run.workers
+    assert worker_resources(FinetuneRunConfig(workers=2), {"CPU": 16.0, "GPU": 2.0}) == (8, 1.0)
+    assert worker_resources(FinetuneRunConfig(workers=2), {"CPU": 2.0}) == (1, 0.0)
+    with pytest.raises(ConfigError, match="run.workers: 3 worker"):
+        worker_resources(FinetuneRunConfig(workers=3), {"CPU": 2.0})
+
+
+def test_averaging_identical_states_returns_them_and_two_states_give_their_mean():
+    from pipeline.finetune.parallel import average
+
+    generator = np.random.default_rng(0)
+    state = [generator.normal(size=(3, 4)).astype(np.float32), generator.normal(size=7).astype(np.float32),
+             np.asarray(12, np.int64)]
+    for copies in (2, 3, 5):
+        averaged = average([[array.copy() for array in state] for _ in range(copies)])
+        assert all(np.array_equal(got, want) and got.dtype == want.dtype for got, want in zip(averaged, state))
+    other = [array * 3 + 1 for array in state[:2]] + [np.asarray(14, np.int64)]
+    averaged = average([state, other])
+    for got, first, second in zip(averaged[:2], state, other):
+        expected = (first.astype(np.float64) + second.astype(np.float64)) / 2  # numpy's mean, the other way round
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+        assert got.dtype == np.float32
+    assert averaged[2] == 13 and averaged[2].dtype == np.int64
+
+
+def test_each_worker_trains_a_disjoint_slice_and_together_the_whole_split():
+    from pipeline.finetune.data import Part
+    from pipeline.finetune.parallel import epoch_rounds
+
+    part = Part([f"file:///images/{index}.png" for index in range(103)], np.arange(103) % 4)
+    rounds = epoch_rounds(part, batch_size=8, seed=5, workers=3, sync_every=2)
+    seen = [[uri for shares in rounds for uri in shares[rank].uris] for rank in range(3)]
+    assert sum(len(uris) for uris in seen) == 103 and set().union(*map(set, seen)) == set(part.uris)
+    assert all(len(shares[rank]) <= 2 * (8 // 3) for shares in rounds for rank in range(3))
+    targets = {uri: target for uri, target in zip(part.uris, part.targets)}
+    assert all(targets[uri] == target for shares in rounds for share in shares
+               for uri, target in zip(share.uris, share.targets))
