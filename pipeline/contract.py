@@ -121,6 +121,7 @@ KEY_EFFECTS = {
     "output.uri": "where the rows go, not what they are", "output.mode": "what happens to an existing output",
     "output.row_group_size": "Parquet layout, not values",
     "output.storage_options": "how the output is reached (endpoint, credentials)",
+    "models": "each model's output is fingerprinted on its own, its entry's keys as model.*",
 }
 FINGERPRINT_EXCLUDED = {key: effect for key, effect in KEY_EFFECTS.items() if effect not in (FEATURES, ROWS)}
 FINGERPRINT_NAMES = {"input.uri": "input_uri"}  # a key's name in `_plan.json` where it is not its last part

@@ -47,7 +47,7 @@ def test_single_uri_string_becomes_tuple(tmp_path):
     ("run.max_error_rate=2", ["run.max_error_rate", "[0, 1]"]),
     ("model.trust=yes please", ["model.trust", "true, false"]),
     ("model.colour=red", ["model", "unknown key", "colour", "backbone"]),
-    ("nonsense.key=1", ["unknown key", "nonsense", "input, model, run, output"]),
+    ("nonsense.key=1", ["unknown key", "nonsense", "input, model, models, run, output"]),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(tmp_path, override, words):
     path = write(tmp_path, "input: {uri: imgs}\noutput: {uri: out}\n")
@@ -108,13 +108,24 @@ def test_keyword_construction_validates_and_names_the_key():
 # --- the fingerprint: every key of the config but an explicit exclusion list ---------------------------------
 
 
+def extract_keys(config: ExtractConfig) -> set[str]:
+    """`section.key` of every key of an extract config; `models` (a list of model sections) by its own name."""
+    keys = set()
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        if dataclasses.is_dataclass(values):
+            keys |= {f"{section.name}.{item.name}" for item in dataclasses.fields(values)}
+        else:
+            keys.add(section.name)
+    return keys
+
+
 def test_every_extract_key_is_fingerprinted_or_excluded_with_a_reason(tmp_path):
     from pipeline.extract.plan import fingerprint_inputs
 
     config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
     fingerprinted = set(fingerprint_inputs(config))
-    keys = {f"{section.name}.{item.name}" for section in dataclasses.fields(config)
-            for item in dataclasses.fields(getattr(config, section.name))}
+    keys = extract_keys(config)
     for key in keys - set(FINGERPRINT_EXCLUDED):
         assert FINGERPRINT_NAMES.get(key, key.split(".")[1]) in fingerprinted, key
     assert set(FINGERPRINT_EXCLUDED) <= keys  # no stale entries
@@ -129,9 +140,7 @@ def test_every_extract_key_is_classified_once_in_the_contract():
     from pipeline.contract import FEATURE_MODEL_KEYS, FEATURES, KEY_EFFECTS, PROVENANCE_KEYS, ROWS
 
     config = load_config(ExtractConfig, None, ["input.uri=imgs", "output.uri=out"])
-    keys = {f"{section.name}.{item.name}" for section in dataclasses.fields(config)
-            for item in dataclasses.fields(getattr(config, section.name))}
-    assert set(KEY_EFFECTS) == keys
+    assert set(KEY_EFFECTS) == extract_keys(config)
     assert set(FINGERPRINT_EXCLUDED) == {key for key, effect in KEY_EFFECTS.items() if effect not in (FEATURES, ROWS)}
     # mixed precision changes the values: fingerprinted by extract, compared by train, index and search alike
     assert "mixed_precision" in FEATURE_MODEL_KEYS and "compute_dtype" in PROVENANCE_KEYS

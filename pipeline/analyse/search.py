@@ -53,7 +53,7 @@ def extract_images(uris: list[str], model_config: ModelConfig, index_provenance:
                    batch_size: int = 16) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """(uris, features, {uri: reason} of the images that failed) for image queries, with the query model
     checked against the index's provenance once it is built."""
-    from pipeline.extract.worker import DecodeSettings, fetch_and_decode
+    from pipeline.extract.worker import DecodeSettings, fetch_and_decode, image_decoder
     from pipeline.models.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model_config, batch_size=batch_size)
@@ -62,9 +62,10 @@ def extract_images(uris: list[str], model_config: ModelConfig, index_provenance:
         raise_refusal(index_uri, differences)
     settings = DecodeSettings(input_storage_options={}, resize=model_config.resize,
                               draft_margin=model_config.draft_margin)
+    decode = image_decoder(extractor.input_size, settings)
     done, parts, failures = [], [], {}
     for start in range(0, len(uris), batch_size):
-        items = [fetch_and_decode(uri, None, extractor.input_size, settings) for uri in uris[start:start + batch_size]]
+        items = [fetch_and_decode(uri, None, decode, settings) for uri in uris[start:start + batch_size]]
         good = [item for item in items if item.image.error is None]
         failures.update({item.uri: item.image.error for item in items if item.image.error is not None})
         if good:

@@ -83,7 +83,11 @@ def run_extract_and_report(config: ExtractConfig, verbose: bool = False) -> int:
     from pipeline.tools.report import print_extract_summary
 
     success = run_extract(config, verbose=verbose)
-    print_extract_summary(success, console)
+    for name, model_success in success.get("models", {}).items():  # models: one output per model
+        console.print(f"[bold]{name}[/] ({model_success['output']})")
+        print_extract_summary(model_success, console)
+    if "models" not in success:
+        print_extract_summary(success, console)
     if success["error_rate"] > success["max_error_rate"]:
         error_console.print(f"[bold red]failed:[/] error rate {success['error_rate']:.1%} is above "
                             f"run.max_error_rate {success['max_error_rate']:.1%}; good rows are committed")

@@ -25,7 +25,6 @@ from pipeline.config.analyse import (
     require_features_and_output,
 )
 from pipeline.config.compare import (
-    NAME_PATTERN,
     CandidateConfig,
     CompareConfig,
     ProbeConfig,
@@ -35,6 +34,7 @@ from pipeline.config.compare import (
 )
 from pipeline.config.extract import (
     INPUT_URI_REQUIRED,
+    NAME_PATTERN,
     Backbone,
     DraftMargin,
     ErrorRate,
@@ -43,6 +43,7 @@ from pipeline.config.extract import (
     InputConfig,
     Labels,
     ModelConfig,
+    NamedModelConfig,
     OutputConfig,
     RunConfig,
     TopK,
@@ -93,7 +94,8 @@ __all__ = [
     "FINGERPRINT_NAMES", "AugmentConfig", "FinetuneConfig", "FinetuneOptions", "FinetuneOutputConfig",
     "FinetuneRunConfig", "load_finetune_config", "FeaturesConfig", "GpuShare", "INPUT_URI_REQUIRED", "IndexConfig", "IndexOptions",
     "InputConfig", "JSON_LABELS", "Labels", "MEMBER_LABELS", "MEMORY_UNITS", "MemorySize", "ModelConfig",
-    "NAME_PATTERN", "OUTPUT_URI_REQUIRED", "OutputConfig", "PREPROCESS_MODES", "ProbeConfig", "RESIZE_MODES",
+    "NAME_PATTERN", "NamedModelConfig", "OUTPUT_URI_REQUIRED", "OutputConfig", "PREPROCESS_MODES", "ProbeConfig",
+    "RESIZE_MODES",
     "RunConfig", "SAVED_MODEL_SUFFIXES", "SCHEDULING", "SampleConfig", "SearchConfig", "SearchIndexOptions",
     "SearchOptions", "SplitConfig", "TopK", "TrainConfig", "TrainOutputConfig", "WEIGHTS_KEYWORDS", "WEIGHTS_SUFFIX",
     "build", "candidate_list", "check_backbone", "check_explicit_weights", "check_labels", "check_runtime",

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import field
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BeforeValidator
 
 from pipeline.config.extract import (
     INPUT_URI_REQUIRED,
+    FolderName,
     InputConfig,
-    ModelConfig,
+    NamedModelConfig,
     RunConfig,
     TopK,
     check_runtime,
     is_weights_file,
+    model_list,
 )
 from pipeline.config.train import ClassifierConfig, SplitConfig, TrainOutputConfig
 from pipeline.contract import SAVED_MODEL_SUFFIXES, ZOO_NAMES, zoo_key
 from pipeline.errors import ConfigError
-from pipeline.sections import Flag, Number, Text, Whole, rule, section
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+from pipeline.sections import Flag, Number, Whole, rule, section
 
 
 def default_name(candidate: CandidateConfig) -> str:
@@ -41,12 +40,11 @@ def default_name(candidate: CandidateConfig) -> str:
 
 
 @section("candidate")
-class CandidateConfig(ModelConfig):
+class CandidateConfig(NamedModelConfig):
     """One row of the comparison: every `model.*` key, plus a name and the random-init switch."""
 
     top_k: TopK = 0  # predictions are not needed to compare features
-    name: Annotated[Text, rule(lambda value: not value or NAME_PATTERN.match(value), "use letters, digits, '.', "
-                               "'_' and '-' (it names output folders)")] = ""  # default: from the backbone
+    name: FolderName = ""  # default: from the backbone
     random_init: Flag = False  # the no-transfer baseline: same architecture, weights re-initialised
     seed: Whole = 0  # seed of the random initialisation (random_init only)
 
@@ -54,17 +52,8 @@ class CandidateConfig(ModelConfig):
         if not self.name:
             object.__setattr__(self, "name", default_name(self))  # frozen: set once, while being built
 
-    def model_config(self, **changes) -> ModelConfig:
-        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{**values, **changes})
 
-
-def candidate_list(value: Any) -> Any:
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"got {value!r}; expected a list of mappings (model.* keys plus name)")
-    return value
+candidate_list = model_list  # a list of mappings (model.* keys plus name), as extract's `models:`
 
 
 @section("sample")

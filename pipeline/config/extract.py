@@ -6,9 +6,11 @@ which keys change the features are the contract's (`pipeline.contract`); the sec
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import re
 from dataclasses import field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator
 
@@ -156,6 +158,42 @@ class ModelConfig:
     runtime: Literal["auto", "keras", "litert"] = "auto"  # auto: litert on CPU-only actors, keras on GPUs
 
 
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+FolderName = Annotated[Text, rule(lambda value: not value or NAME_PATTERN.match(value), "use letters, digits, '.', "
+                                  "'_' and '-' (it names output folders)")]
+
+
+@section("models")
+class NamedModelConfig(ModelConfig):
+    """One entry of extract's `models:` list: every `model.*` key plus the name of its output folder."""
+
+    name: FolderName = ""  # required: the folder OUTPUT/NAME that holds this model's extract output
+
+    def model_config(self, **changes) -> ModelConfig:
+        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{**values, **changes})
+
+
+def model_list(value: Any) -> Any:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"got {value!r}; expected a list of mappings (model.* keys plus name)")
+    return value
+
+
+def check_model_names(models: tuple, key: str) -> None:
+    """Every entry named (`models`), each name once."""
+    names = [entry.name for entry in models]
+    for index, name in enumerate(names):
+        if not name:
+            raise ConfigError(f"{key}.{index}.name is required: the folder (letters, digits, '.', '_', '-') that "
+                              "will hold this model's output")
+        if name in names[:index]:
+            raise ConfigError(f"{key}.{index}.name: {name!r} is used by more than one entry ({key}."
+                              f"{names.index(name)} too); names must be unique")
+
+
 @section("run")
 class RunConfig:
     address: Text = ""  # Ray address; empty = start a local Ray
@@ -189,6 +227,8 @@ class OutputConfig:
 class ExtractConfig:
     input: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # instead of `model`: several models fed by one decode, each with its own complete output at OUTPUT/NAME/
+    models: Annotated[tuple[NamedModelConfig, ...], BeforeValidator(model_list)] = ()
     run: RunConfig = field(default_factory=RunConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -199,6 +239,9 @@ class ExtractConfig:
         if not self.output.uri:
             raise ConfigError("output.uri is required: the directory (local or fsspec URI) to write Parquet to")
         check_runtime(self.model, self.run)
+        check_model_names(self.models, "models")
+        for index, entry in enumerate(self.models):
+            check_runtime(entry, self.run, f"models.{index}")
         check_pool(self.run)
         return self
 

@@ -15,7 +15,8 @@ import time
 
 import ray
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, NamedModelConfig
+from pipeline.extract.multi import ModelSet
 from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, process_shard
 from pipeline.io import redaction
 
@@ -46,9 +47,10 @@ def collected_warnings():
 
 class ExtractorActor:
     """Holds one FeatureExtractor (built once) and processes shard pieces one at a time. The extractor owns the
-    batch size: it halves it after running out of accelerator memory, and the worker reads it from there."""
+    batch size: it halves it after running out of accelerator memory, and the worker reads it from there. Given
+    the models of a `models:` run instead, it holds them all (multi.ModelSet): one decode feeds every model."""
 
-    def __init__(self, model_config: ModelConfig, batch_size: int, num_threads: int,
+    def __init__(self, model_config: ModelConfig | tuple[NamedModelConfig, ...], batch_size: int, num_threads: int,
                  storage_options: dict, output_storage_options: dict | None = None):
         started = time.perf_counter()
         self.build_error: Exception | None = None
@@ -58,8 +60,11 @@ class ExtractorActor:
                 from pipeline.models.runtimes import configure_tensorflow
 
                 configure_tensorflow(num_threads)
-                self.extractor = FeatureExtractor(model_config, batch_size=batch_size,
-                                                  storage_options=storage_options, num_threads=num_threads)
+                if isinstance(model_config, tuple):
+                    self.extractor = ModelSet(model_config, batch_size, storage_options, num_threads)
+                else:
+                    self.extractor = FeatureExtractor(model_config, batch_size=batch_size,
+                                                      storage_options=storage_options, num_threads=num_threads)
             except Exception as error:  # noqa: BLE001 - reported by describe() as a task error (a RayTaskError
                 self.build_error = error  # with the cause); raised from __init__, Ray only says "the actor died"
         self.load_seconds = time.perf_counter() - started
@@ -74,15 +79,21 @@ class ExtractorActor:
     def describe(self) -> dict:
         if self.build_error is not None:
             raise self.build_error
-        return {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
-                **self.writer, "pid": os.getpid(),
-                "runtime": self.extractor.runtime, "load_seconds": self.load_seconds, "warnings": self.warnings}
+        if isinstance(self.extractor, ModelSet):
+            model = self.extractor.description()
+        else:
+            model = {"provenance": self.extractor.provenance, "feature_dim": self.extractor.feature_dim,
+                     "runtime": self.extractor.runtime}
+        return {**model, **self.writer, "pid": os.getpid(), "load_seconds": self.load_seconds,
+                "warnings": self.warnings}
 
     def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
         settings = dataclasses.replace(settings, writer=self.writer)
         if self.output_storage_options is not None:
             settings = dataclasses.replace(settings, input_storage_options=self.input_storage_options,
                                            output_storage_options=self.output_storage_options)
+        if isinstance(self.extractor, ModelSet):
+            return self.extractor.process(task, settings)
         return process_shard(task, self.extractor, settings)
 
 

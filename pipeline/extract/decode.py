@@ -48,9 +48,11 @@ Decisions (the "why" behind the behaviour):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,6 +117,32 @@ class _RejectedImage(Exception):
     """A refusal whose message is already the final, human-readable reason."""
 
 
+@dataclass(frozen=True)
+class DecodedSource:
+    """The decode phase's outcome: the upright RGB image (maybe draft-reduced) and its original size, or an error.
+    Valid inside `open_decoded` only (the image is closed, and the large-image turn given back, on leaving it)."""
+
+    rgb: Image.Image | None
+    original_size: tuple[int, int] | None  # (width, height) after EXIF orientation
+    error: str | None
+    draftable: bool = False  # a format decode_image drafts (JPEG): a one-target decode may be at a reduced scale
+
+    def resized(self, target_size: tuple[int, int], resize: str = "stretch",
+                background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
+        """The image at `target_size` (height, width) by `resize` (pipeline/extract/pixels.py). Outside the error-row
+        boundary on purpose (see the module docstring): it works on pixels already decoded."""
+        if self.error is not None:
+            return _failed(self.error)
+        _check_target(target_size, resize, background)
+        target_size, background = (int(target_size[0]), int(target_size[1])), tuple(background)
+        pixels = RESIZERS[resize](self.rgb, self.original_size, target_size, background)
+        return DecodedImage(np.asarray(pixels), self.original_size[0], self.original_size[1], None)
+
+    def with_phash(self, image: DecodedImage) -> DecodedImage:
+        """`image` (resized from this source) with the phash of the decoded pixels, which every resize shares."""
+        return image if image.error is not None else dataclasses.replace(image, phash=phash_of(self.rgb))
+
+
 def decode_image(
     data: bytes,
     target_size: tuple[int, int],
@@ -130,46 +158,63 @@ def decode_image(
     Raises ValueError for invalid arguments, and lets an exception from the resize step propagate
     (it works on pixels already decoded, so it is a bug in featurize, not a bad image).
     """
-    _check_arguments(data, target_size, resize, background, max_pixels)
+    _check_target(target_size, resize, background)
+    with open_decoded(data, [(target_size, resize, draft_margin)], background, max_pixels) as source:
+        image = source.resized(target_size, resize, background)
+        return source.with_phash(image) if perceptual_hash else image
+
+
+@contextlib.contextmanager
+def open_decoded(
+    data: bytes,
+    draft_targets: list[tuple[tuple[int, int], str, int]],
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Iterator[DecodedSource]:
+    """The decode phase once, for every (target_size, resize, draft_margin) that will be resized from it: a JPEG
+    drafts to the smallest scale that still covers each target by its margin (no draft when any margin is 0), so
+    one target gives exactly what decode_image always gave. Yields a DecodedSource (an error one for bad bytes)."""
+    _check_arguments(data, background, max_pixels)
+    for target_size, resize, _ in draft_targets:
+        _check_target(target_size, resize, background)
     if len(data) == 0:
-        return _failed("empty file (0 bytes)")
-    # Python ints: numpy ones would overflow or round in the exact geometry of a huge image.
-    target_size, background = (int(target_size[0]), int(target_size[1])), tuple(background)
+        yield DecodedSource(None, None, "empty file (0 bytes)")
+        return
+    background = tuple(background)
+    targets = [((int(size[0]), int(size[1])), resize, margin) for size, resize, margin in draft_targets]
     pixel_limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     formats = _available_allowed_formats()
     try:
         image = Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
-        return _failed(_explain_unidentified(bytes(data[:16]), data, formats))
+        yield DecodedSource(None, None, _explain_unidentified(bytes(data[:16]), data, formats))
+        return
     except Exception as error:  # noqa: BLE001 - every Pillow failure becomes an error row
-        return _failed(_describe_error(error, None, pixel_limit))
-    # The large-image turn, once taken, is held until the resize is done: the decoded image lives until then.
+        yield DecodedSource(None, None, _describe_error(error, None, pixel_limit))
+        return
+    # The large-image turn, once taken, is held until the resizes are done: the decoded image lives until then.
     with image, contextlib.ExitStack() as large_image_turn:
         try:
-            rgb, original_size = _decode_upright_rgb(image, target_size, resize, background, draft_margin,
-                                                     pixel_limit, large_image_turn)
+            rgb, original_size = _decode_upright_rgb(image, targets, background, pixel_limit, large_image_turn)
         except Exception as error:  # noqa: BLE001 - the decode phase reads the bytes: its failures are the image's
-            return _failed(_describe_error(error, image.format, pixel_limit))
-        # Outside the error-row boundary on purpose: see the module docstring.
-        resized = RESIZERS[resize](rgb, original_size, target_size, background)
-        phash = phash_of(rgb) if perceptual_hash else None
-        return DecodedImage(np.asarray(resized), original_size[0], original_size[1], None, phash)
+            source = DecodedSource(None, None, _describe_error(error, image.format, pixel_limit))
+        else:
+            source = DecodedSource(rgb, original_size, None, image.format in _DRAFT_FORMATS)
+        yield source
 
 
 def _decode_upright_rgb(
     image: Image.Image,
-    target_size: tuple[int, int],
-    resize: str,
+    targets: list[tuple[tuple[int, int], str, int]],
     background: tuple[int, int, int],
-    draft_margin: int,
     pixel_limit: int | None,
     large_image_turn: contextlib.ExitStack,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """The decode phase: (upright RGB pixels, maybe draft-reduced; original upright (width, height))."""
     raw_width, raw_height = image.size  # header size: read before draft shrinks it
     _check_pixel_limit(raw_width, raw_height, pixel_limit)
-    if draft_margin > 0 and image.format in _DRAFT_FORMATS:
-        _draft_for_target(image, target_size, resize, draft_margin)
+    if all(margin > 0 for _, _, margin in targets) and image.format in _DRAFT_FORMATS:
+        _draft_for_targets(image, targets)
     large_image_turn.enter_context(_turn_for_large_images(image.size))
     image.load()
     orientation = _exif_orientation(image)
@@ -197,19 +242,27 @@ def _failed(reason: str) -> DecodedImage:
 # --- arguments -------------------------------------------------------------------------
 
 
-def _check_arguments(data, target_size, resize, background, max_pixels) -> None:
+def _check_arguments(data, background, max_pixels) -> None:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"data must be bytes, got {type(data).__name__}; pass the file's raw bytes")
+    _check_background(background)
+    if max_pixels is not None and not (_is_int(max_pixels) and max_pixels > 0):
+        raise ValueError(f"max_pixels={max_pixels!r} is invalid; pass a positive int, or None for Pillow's limit")
+
+
+def _check_target(target_size, resize, background) -> None:
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r} is not a resize mode; use one of {RESIZE_MODES}")
     if not (_is_int_sequence(target_size, 2) and all(side > 0 for side in target_size)):
         raise ValueError(
             f"target_size={target_size!r} is invalid; pass (height, width) as two positive ints"
         )
+    _check_background(background)
+
+
+def _check_background(background) -> None:
     if not (_is_int_sequence(background, 3) and all(0 <= value <= 255 for value in background)):
         raise ValueError(f"background={background!r} is invalid; pass (red, green, blue) ints in 0..255")
-    if max_pixels is not None and not (_is_int(max_pixels) and max_pixels > 0):
-        raise ValueError(f"max_pixels={max_pixels!r} is invalid; pass a positive int, or None for Pillow's limit")
 
 
 def _is_int(value) -> bool:
@@ -320,21 +373,24 @@ def _exif_orientation(image: Image.Image) -> int:
     return orientation if _is_int(orientation) else 1  # a corrupt tag means "as stored"
 
 
-def _draft_for_target(image: Image.Image, target_size: tuple[int, int], resize: str, margin: int) -> None:
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays >= margin x what resize needs.
+def _draft_for_targets(image: Image.Image, targets: list[tuple[tuple[int, int], str, int]]) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays >= margin x what each resize needs.
 
     DCT-domain downscaling changes pixels versus a full decode; keeping the decoded image at least
     `margin` times the target lets the antialiased resize do the final reduction, so features stay
     within cosine 0.9994 of a full decode at margin 4 (measured on photos with the dog MobileNetV2),
-    while a 4000x3000 JPEG decodes 2-4x faster. Must run before load(); EXIF lives in the header.
+    while a 4000x3000 JPEG decodes 2-4x faster. With several targets (one decode feeding several models)
+    the scale covers the largest request of them all. Must run before load(); EXIF lives in the header.
     """
     swaps_axes = _exif_orientation(image) in _ORIENTATIONS_SWAPPING_AXES
     width, height = image.size
     upright_size = (height, width) if swaps_axes else (width, height)
-    needed_width, needed_height = scaled_source_size(upright_size, target_size, resize)
-    if swaps_axes:
-        needed_width, needed_height = needed_height, needed_width
-    requested = (margin * needed_width, margin * needed_height)
+    requested = (0, 0)
+    for target_size, resize, margin in targets:
+        needed_width, needed_height = scaled_source_size(upright_size, target_size, resize)
+        if swaps_axes:
+            needed_width, needed_height = needed_height, needed_width
+        requested = (max(requested[0], margin * needed_width), max(requested[1], margin * needed_height))
     if width >= 2 * requested[0] and height >= 2 * requested[1]:
         # Pillow picks the largest scale whose result is still >= the requested size.
         image.draft("RGB", requested)

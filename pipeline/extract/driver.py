@@ -25,17 +25,16 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from pipeline.config import ExtractConfig
 from pipeline.errors import USER_ERRORS, ConfigError
-from pipeline.extract import pool
+from pipeline.extract import model_outputs, pool
 from pipeline.extract.actor import remote_class
 from pipeline.extract.plan import Plan, prepare_plan
 from pipeline.extract.pool import PlacementWatch, PoolPlan
 from pipeline.extract.progress import ProgressReporter
-from pipeline.extract.rows import WRITER_KEYS, actors_table, row_schema
+from pipeline.extract.rows import commit_record, row_schema, success_extras
 from pipeline.extract.signals import Interrupted, interrupted_message, stop_on_signals
 from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, quarantine_rows, reason_category
 from pipeline.io import redaction
 from pipeline.output import ledger
-from pipeline.output.ledger import CommitRecord
 from pipeline.ray_cluster import connect
 
 log = logging.getLogger("featurize")
@@ -83,17 +82,21 @@ class Driver:
         `prepare`, before Ray starts; Ray starts only when there is work left. The output's lease is taken first
         (a second run on the output stops here, in about a second) and held to the end."""
         self.reporter.phase(f"planning {redaction.redact(self.output)}")
-        with ledger.held(self.output, self.options, "extract", started=self.started) as run_ledger:
-            plan = prepare_plan(self.config, run_ledger, say=self.reporter.phase)
+        models = self.config.models  # several models: one output each, one decode (pipeline/extract/model_outputs.py)
+        with (model_outputs.held(self.config, self.started) if models else
+              ledger.held(self.output, self.options, "extract", started=self.started)) as run_ledger:
+            plan = (run_ledger.prepare_plan(self.reporter.phase) if models else
+                    prepare_plan(self.config, run_ledger, say=self.reporter.phase))
             commits = run_ledger.commits
             todo = run_ledger.pending(plan.num_shards)  # in shard order: an earlier generation's shards go first
             generations = f" ({len(plan.generations)} generations)" if len(plan.generations) > 1 else ""
             self.reporter.phase(f"{plan.num_images} images in {plan.num_shards} shards{generations}, {len(commits)} "
                                 "already committed")
             description = self.run_shards(plan, todo, run_ledger, verbose) if todo else None
-            extras = {"provenance": self.provenance(description, run_ledger),
-                      "max_error_rate": self.config.run.max_error_rate,
-                      "actors": actors_table(run_ledger.commits.values())}
+            if models:
+                return run_ledger.finish(plan.num_shards, description, self.config.run.max_error_rate)
+            extras = success_extras(description and description["provenance"], run_ledger,
+                                    self.config.run.max_error_rate)
             return run_ledger.finish(plan.num_shards, plan.fingerprint, extras)
 
     def run_shards(self, plan: Plan, todo: list[int], run_ledger: ledger.Ledger,
@@ -122,15 +125,6 @@ class Driver:
             finally:
                 self.reporter.stop()
 
-    def provenance(self, description: dict | None, run_ledger: ledger.Ledger) -> dict:
-        if description:
-            return {key: redaction.redact(value) for key, value in description["provenance"].items()}
-        first = run_ledger.commits[min(run_ledger.commits)] if run_ledger.commits else None
-        if first is None or not first.files:  # a finished job rerun: read it back from a data file
-            return {}
-        metadata = ledger.read_file_metadata(self.output, first.files[0], self.options)
-        return {key: value for key, value in metadata.items() if key not in WRITER_KEYS}
-
 
 class ShardScheduler:
     """The actor pool and the pull-based scheduling loop of one run, until every pending shard is committed. A
@@ -145,7 +139,8 @@ class ShardScheduler:
         self.pool = pool_plan
         self.watch = watch
         decode_threads = config.run.decode_threads or max(4, int(pool_plan.num_cpus))
-        self.settings = dataclasses.replace(settings, run_tag=run_ledger.run_tag, decode_threads=decode_threads)
+        self.settings = dataclasses.replace(settings, run_tag=run_ledger.run_tag, decode_threads=decode_threads,
+                                            model_run_tags=run_ledger.model_run_tags if config.models else ())
         self.actor_class = remote_class(pool_plan.num_cpus, pool_plan.num_gpus)
         self.plan = plan
         self.fresh = collections.deque(todo)  # shard numbers not started yet
@@ -201,8 +196,8 @@ class ShardScheduler:
     def start_actor(self) -> ActorSlot:
         num_threads = max(1, int(self.pool.num_cpus))
         handle = self.actor_class.options(scheduling_strategy="SPREAD", runtime_env=forwarded_environment()).remote(
-            self.config.model, self.config.run.batch_size, num_threads, self.config.input.storage_options,
-            self.ledger.options)
+            self.config.models or self.config.model, self.config.run.batch_size, num_threads,
+            self.config.input.storage_options, self.ledger.options)
         return ActorSlot(handle=handle, ready=handle.describe.remote())
 
     def mark_ready(self, ref: ray.ObjectRef) -> None:
@@ -245,7 +240,8 @@ class ShardScheduler:
     def start_shard(self, shard: int) -> ShardTask:
         start, stop, where = self.plan.shard_slice(shard)
         self.states[shard] = ShardState()
-        return ShardTask(shard, start, stop, where=where)
+        models = self.ledger.models_pending(shard) if self.config.models else None
+        return ShardTask(shard, start, stop, where=where, models=models)
 
     def collect(self, ref: ray.ObjectRef) -> None:
         slot, task = self.owner[ref]
@@ -301,10 +297,14 @@ class ShardScheduler:
         own_settings = dataclasses.replace(self.settings, output_storage_options=self.ledger.options)
         rows = quarantine_rows(task, task.attempt, own_settings)  # the driver reads the piece with its own options
         log.warning("quarantined %s after %d crashes", redaction.redact(rows.uri[0]), task.attempt)
+        reason = reason_category(rows.error[0])
+        if self.config.models:
+            self.add_result(task.shard, self.ledger.quarantine(
+                task, rows, reason, self.actor_description, self.settings.feature_dtype, self.settings.row_group_size))
+            return
         description = self.actor_description or {"feature_dim": 1, "provenance": {}}
         schema = row_schema(description["feature_dim"], self.settings.feature_dtype, description["provenance"])
         relative_path = self.ledger.write_data(task.shard, rows.to_table(schema), self.settings.row_group_size)
-        reason = reason_category(rows.error[0])
         self.add_result(task.shard, ShardResult(task.shard, task.start, task.stop, relative_path, len(rows), 0,
                                                 len(rows), {}, {reason: len(rows)}))
 
@@ -325,18 +325,10 @@ class ShardScheduler:
         slot.handle, slot.ready, slot.is_ready = fresh.handle, fresh.ready, False
 
     def commit(self, shard: int, results: list[ShardResult]) -> None:
-        results.sort(key=lambda result: result.start)
-        timings = collections.Counter()
-        reasons = collections.Counter()
-        for result in results:
-            timings.update(result.timings)
-            reasons.update(result.errors_by_reason)
-        self.ledger.commit(CommitRecord(
-            shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
-            ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
-            errors_by_reason=dict(reasons), committed_at=time.time(),
-            actors=[{**result.writer, "images": result.rows, "seconds": round(result.seconds, 3)}
-                    for result in results if result.writer]))
+        if self.config.models:
+            self.ledger.commit_models(shard, results)
+        else:
+            self.ledger.commit(commit_record(shard, results))
         if self.ledger.shards_run == 1:
             self.reporter.phase(f"first shard committed {self.ledger.first_commit_at - self.ledger.started:.1f} s "
                                 "after start")

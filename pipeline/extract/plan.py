@@ -157,6 +157,8 @@ def fingerprint_inputs(config: ExtractConfig) -> dict:
     holds no signature), and the checksum of each model file (`backbone_sha256`: None when not a file)."""
     inputs = {}
     for section in dataclasses.fields(config):
+        if section.name in FINGERPRINT_EXCLUDED:
+            continue  # `models`: each model's output has a fingerprint of its own (pipeline/extract/model_outputs.py)
         values = getattr(config, section.name)
         for item in dataclasses.fields(values):
             key = f"{section.name}.{item.name}"

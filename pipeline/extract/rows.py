@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import collections
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +12,7 @@ import pyarrow as pa
 
 from pipeline.extract.archives import member_key
 from pipeline.io import redaction
+from pipeline.output.ledger import CommitRecord
 
 # Data-file metadata naming the actor that wrote the file (accelerator_ids as a JSON list), beside the provenance.
 WRITER_KEYS = ("actor", "node_id", "accelerator_ids")
@@ -28,6 +31,34 @@ def actors_table(records) -> list[dict]:
             entry["images"] += piece["images"]
             entry["seconds"] = round(entry["seconds"] + piece["seconds"], 3)
     return sorted(table.values(), key=lambda entry: (entry["node_id"], entry["actor"]))
+
+
+def success_extras(provenance: dict | None, run_ledger, max_error_rate: float) -> dict:
+    """What an extract output's `_SUCCESS` adds to the ledger's: the model's provenance (from an actor's
+    description; a finished job rerun built none, so it is read back from a data file, less the writer's keys),
+    run.max_error_rate, and the actors that wrote its rows."""
+    if provenance:
+        provenance = {key: redaction.redact(value) for key, value in provenance.items()}
+    else:
+        provenance = run_ledger.first_file_metadata(without=WRITER_KEYS)
+    return {"provenance": provenance, "max_error_rate": max_error_rate,
+            "actors": actors_table(run_ledger.commits.values())}
+
+
+def commit_record(shard: int, results: list) -> CommitRecord:
+    """The commit record of a shard whose pieces are all back: their files in row order, counts and timings summed,
+    and the actors that wrote them (node, accelerators, images, seconds); `results` are worker.ShardResults."""
+    results = sorted(results, key=lambda result: result.start)
+    timings, reasons = collections.Counter(), collections.Counter()
+    for result in results:
+        timings.update(result.timings)
+        reasons.update(result.errors_by_reason)
+    return CommitRecord(
+        shard=shard, files=[result.file for result in results], rows=sum(r.rows for r in results),
+        ok=sum(r.ok for r in results), error=sum(r.error for r in results), timings=dict(timings),
+        errors_by_reason=dict(reasons), committed_at=time.time(),
+        actors=[{**result.writer, "images": result.rows, "seconds": round(result.seconds, 3)}
+                for result in results if result.writer])
 
 
 def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dict | None = None) -> pa.Schema:

@@ -18,7 +18,7 @@ import functools
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO
@@ -34,6 +34,8 @@ from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import faults, storage
 from pipeline.output import layout, ledger
 
+Decoder = Callable[[bytes], DecodedImage]  # an image's bytes -> its pixels at the model's input size, or an error
+
 
 @dataclass(frozen=True)
 class ShardTask:
@@ -48,6 +50,7 @@ class ShardTask:
     labels: list[str | None] | None = None
     attempt: int = 1
     where: ManifestSlice | None = None
+    models: tuple[str, ...] | None = None  # a `models:` run: the models whose outputs lack this shard
 
     def piece(self, start: int, stop: int, attempt: int | None = None) -> ShardTask:
         """Rows [start, stop) of this piece, as a task of its own."""
@@ -55,7 +58,7 @@ class ShardTask:
         return ShardTask(self.shard, start, stop,
                          self.uris[start - self.start:stop - self.start] if named else None,
                          self.labels[start - self.start:stop - self.start] if named else None,
-                         self.attempt if attempt is None else attempt, self.where)
+                         self.attempt if attempt is None else attempt, self.where, self.models)
 
     def entries(self, settings: ShardSettings | None = None) -> list[tuple[str, str | None]]:
         """(uri, label) of every image of the piece, read from the frozen manifest when the task carries none."""
@@ -120,6 +123,7 @@ class ShardSettings:
     content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
+    model_run_tags: tuple[tuple[str, str], ...] = ()  # a `models:` run: (name, its output's lease tag)
     writer: dict = field(default_factory=dict)  # the actor that writes: node_id, accelerator_ids (file metadata)
     reader: str | None = None  # input.reader
     reader_options: dict = field(default_factory=dict)
@@ -159,7 +163,14 @@ class Item:
     sha256: str | None = None
 
 
-def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], settings: DecodeSettings) -> Item:
+def image_decoder(target_size: tuple[int, int], settings: DecodeSettings) -> Decoder:
+    """Bytes -> pixels at `target_size` by the settings' resize mode and draft margin, with the phash when
+    content hashes are on."""
+    return functools.partial(decode_image, target_size=target_size, resize=settings.resize,
+                             draft_margin=settings.draft_margin, perceptual_hash=settings.content_hashes)
+
+
+def fetch_and_decode(uri: str, label: str | None, decode: Decoder, settings: DecodeSettings) -> Item:
     started = time.perf_counter()
     try:
         data = settings.reader_part.read(uri)
@@ -169,16 +180,15 @@ def fetch_and_decode(uri: str, label: str | None, target_size: tuple[int, int], 
         reason = f"fetch failed: {faults.describe_error(error)}"  # "not found", "access denied", ...; redacted
         return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
     fetched = time.perf_counter()
-    return decode_fetched(uri, label, data, fetched - started, target_size, settings)
+    return decode_fetched(uri, label, data, fetched - started, decode, settings.content_hashes)
 
 
-def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, target_size: tuple[int, int],
-                   settings: DecodeSettings) -> Item:
+def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, decode: Decoder,
+                   content_hashes: bool) -> Item:
     """Bytes already fetched (a loose file, or an archive member off its stream) -> an Item."""
     started = time.perf_counter()
-    image = decode_image(data, target_size, resize=settings.resize, draft_margin=settings.draft_margin,
-                         perceptual_hash=settings.content_hashes)
-    sha256 = bytes_sha256(data) if settings.content_hashes and image.error is None else None
+    image = decode(data)
+    sha256 = bytes_sha256(data) if content_hashes and image.error is None else None
     return Item(uri, label, image, fetch_seconds, time.perf_counter() - started, sha256)
 
 
@@ -195,12 +205,12 @@ def is_fetch_failure(error: Exception) -> bool:
     return isinstance(error, (OSError, ValueError)) or faults.is_storage_failure(error)
 
 
-def decoded_items(task: ShardTask, target_size: tuple[int, int], settings: ShardSettings,
+def decoded_items(task: ShardTask, decode: Decoder, settings: ShardSettings,
                   executor: ThreadPoolExecutor, window: int) -> Iterator[Item]:
     """Items in manifest order (an archive's members in its stream order), decoded at most `window` ahead of
     the consumer (bounded memory)."""
     pending: collections.deque[Future] = collections.deque()
-    for future in item_futures(task, target_size, settings, executor):
+    for future in item_futures(task, decode, settings, executor):
         pending.append(future)
         if len(pending) >= window:
             yield pending.popleft().result()
@@ -208,7 +218,7 @@ def decoded_items(task: ShardTask, target_size: tuple[int, int], settings: Shard
         yield pending.popleft().result()
 
 
-def item_futures(task: ShardTask, target_size: tuple[int, int], settings: ShardSettings,
+def item_futures(task: ShardTask, decode: Decoder, settings: ShardSettings,
                  executor: ThreadPoolExecutor) -> Iterator[Future]:
     """One future an item: loose files fetched and decoded in the threads; each run of members of one archive
     from one stream of it."""
@@ -216,12 +226,12 @@ def item_futures(task: ShardTask, target_size: tuple[int, int], settings: ShardS
     for archive_uri, run in itertools.groupby(entries, key=lambda entry: archives.archive_of(entry[0])):
         if archive_uri is None:
             for uri, label in run:
-                yield executor.submit(fetch_and_decode, uri, label, target_size, settings.decode)
+                yield executor.submit(fetch_and_decode, uri, label, decode, settings.decode)
         else:
-            yield from archive_member_futures(archive_uri, list(run), target_size, settings, executor)
+            yield from archive_member_futures(archive_uri, list(run), decode, settings, executor)
 
 
-def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None]], target_size: tuple[int, int],
+def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None]], decode: Decoder,
                            settings: ShardSettings, executor: ThreadPoolExecutor) -> Iterator[Future]:
     """Stream one archive, decode the members `entries` name as they pass, stop once all are found; what the
     stream never delivered is an error row with the reason (where the archive broke, or why the read failed)."""
@@ -244,8 +254,8 @@ def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None
                 if member.error is not None:
                     yield error_item(uri, label, member.error, fetch_seconds)
                 else:
-                    yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, target_size,
-                                          settings.decode)
+                    yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, decode,
+                                          settings.content_hashes)
                 if not needed:
                     break  # the rest of the archive belongs to other shards: stop reading it
     except Exception as error:  # noqa: BLE001 - classified just below
@@ -274,22 +284,35 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardR
     """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
     the extractor's own (it halves it after running out of accelerator memory)."""
     piece_started = time.perf_counter()
-    batch_size = extractor.batch_size
+    decode = image_decoder(extractor.input_size, settings.decode)
     timings = collections.Counter()
     rows = ShardRows()
-    class_names = extractor.class_names
+    for group in decoded_batches(task, decode, extractor.batch_size, settings, timings):
+        started = time.perf_counter()
+        add_rows(rows, group, extractor, extractor.class_names, settings.feature_dtype)
+        timings["forward"] += time.perf_counter() - started
+    check_finite_rows(task, rows)
+    return write_shard(task, rows, extractor, settings, timings, piece_started)
+
+
+def decoded_batches(task: ShardTask, decode: Decoder, batch_size: int, settings: ShardSettings,
+                    timings: collections.Counter) -> Iterator[list[Item]]:
+    """The piece's items in batches, fetched and decoded in threads ahead of the consumer; adds the seconds spent
+    waiting, fetching and decoding to `timings`."""
     with ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as executor:
         waited = time.perf_counter()
-        for group in batches(decoded_items(task, extractor.input_size, settings, executor, 2 * batch_size),
-                             batch_size):
+        for group in batches(decoded_items(task, decode, settings, executor, 2 * batch_size), batch_size):
             timings["wait"] += time.perf_counter() - waited
             timings["fetch"] += sum(item.fetch_seconds for item in group)
             timings["decode"] += sum(item.decode_seconds for item in group)
-            started = time.perf_counter()
-            add_rows(rows, group, extractor, class_names, settings.feature_dtype)
-            timings["forward"] += time.perf_counter() - started
+            yield group
             waited = time.perf_counter()
-    check_finite_rows(task, rows)
+
+
+def write_shard(task: ShardTask, rows: ShardRows, extractor, settings: ShardSettings,
+                timings: collections.Counter, piece_started: float) -> ShardResult:
+    """The piece's rows as a new data file in `settings.output_uri`, and the result that names it; the writing
+    actor (settings.writer) goes in the file's metadata."""
     started = time.perf_counter()
     relative_path = layout.new_data_file_name(task.shard, settings.run_tag)
     metadata = {**extractor.provenance, **{key: json.dumps(value) if isinstance(value, list) else value
@@ -318,13 +341,14 @@ def non_finite_reason(features: np.ndarray, feature_dtype: str) -> str | None:
     return None
 
 
-def check_finite_rows(task: ShardTask, rows: ShardRows) -> None:
+def check_finite_rows(task: ShardTask, rows: ShardRows, model: str | None = None) -> None:
     """A piece whose every decoded image gave non-finite features points at the model or the accelerator, not at
-    the images: it fails like a bug (retried, then the run stops)."""
+    the images: it fails like a bug (retried, then the run stops). `model`: which one, in a `models:` run."""
     decoded = [error for error in rows.error if error is None or error.startswith(NON_FINITE)]
     if decoded and all(error is not None for error in decoded):
+        of_model = f" for model {model}" if model else ""
         raise NonFiniteShard(f"every one of the {len(decoded)} decoded images of shard {task.shard} "
-                             f"[{task.start}:{task.stop}] gave non-finite features: {decoded[0]}")
+                             f"[{task.start}:{task.stop}]{of_model} gave non-finite features: {decoded[0]}")
 
 
 def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[str] | None,

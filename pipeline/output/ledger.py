@@ -264,6 +264,15 @@ class Ledger:
     def pending(self, num_shards: int) -> list[int]:
         return [index for index in range(num_shards) if index not in self.commits]
 
+    def first_file_metadata(self, without: tuple[str, ...] = ()) -> dict[str, str]:
+        """The metadata of the first committed data file ({} without one), less the keys `without`: what a rerun
+        of a finished job records as its provenance, having built no model."""
+        first = self.commits[min(self.commits)] if self.commits else None
+        if first is None or not first.files:
+            return {}
+        metadata = read_file_metadata(self.output, first.files[0], self.options)
+        return {key: value for key, value in metadata.items() if key not in without}
+
     # --- shards --------------------------------------------------------------------------------------
 
     def write_data(self, shard: int, table: pa.Table, row_group_size: int) -> str:

@@ -1,7 +1,8 @@
 """`featurize compare`: does transfer learning pay on this data? Several backbones, one probe, one split.
 
-Every candidate extracts the same labelled sample (`run_extract`), the same probe is trained on each set of
-features with the same split (`train`), and the results come back as a table, a plot (accuracy vs
+Every candidate extracts the same labelled sample in one extract over `models:` (`run_extract`: one fetch and one
+decode of each image feed every candidate), the same probe is trained on each set of features with the same split
+(`train`), and the results come back as a table, a plot (accuracy vs
 throughput) and `compare.json`, with a recommended backbone. Nothing here extracts or trains by itself.
 
 Candidates are `model.*` entries (zoo names or saved-model paths/URIs, each with its weights) plus a name.
@@ -22,14 +23,16 @@ noise from deciding (on shared CPUs the same network measures tens of percent ap
 Random-init baselines take part: when one is recommended, the pretrained weights do not pay on this data.
 
 Throughput: two numbers per candidate. `images_per_second` is `_SUCCESS`'s end-to-end figure (actor start,
-TensorFlow import and model build included: at sample sizes that is mostly start-up). `model_images_per_second`
+TensorFlow import and model build included: at sample sizes that is mostly start-up), the one run's that fed every
+candidate. `model_images_per_second`
 is ok rows / seconds in the forward pass (per actor), what the backbone costs at scale; the plot, and the
 tie-break, use it.
 
 Output (any fsspec URI):
     OUTPUT/sample.parquet        the labelled sample every candidate extracted (uri, label)
     OUTPUT/models/<name>.keras   random-init baselines
-    OUTPUT/features/<name>/      extract outputs (Parquet + _SUCCESS), rewritten on every run (mode overwrite)
+    OUTPUT/features/<name>/      extract outputs (Parquet + _SUCCESS) of one `models:` extract into OUTPUT/features,
+                                 rewritten on every run (mode overwrite)
     OUTPUT/probes/<name>/        train outputs (classifier, metrics.json, plots)
     OUTPUT/compare.json          rows, recommendation, rule, config
     OUTPUT/compare.png           accuracy vs throughput
@@ -37,6 +40,7 @@ Output (any fsspec URI):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import tempfile
@@ -54,6 +58,7 @@ from pipeline.config import (
     FeaturesConfig,
     InputConfig,
     ModelConfig,
+    NamedModelConfig,
     OutputConfig,
     TrainConfig,
     TrainOutputConfig,
@@ -166,32 +171,47 @@ def weights_label(candidate: CandidateConfig) -> str:
     return "pretrained" if is_saved_model_path(candidate.backbone) else candidate.weights
 
 
-def run_candidate(config: CompareConfig, candidate: CandidateConfig, input_config: InputConfig, console) -> dict:
+def candidate_model(config: CompareConfig, candidate: CandidateConfig, console) -> NamedModelConfig:
+    """The candidate as an entry of extract's `models:` (a random-init baseline built and saved first)."""
+    model_config = candidate.model_config()
+    if candidate.random_init:
+        model_uri = storage.join(config.output.uri, "models", f"{candidate.name}.keras")
+        say(console, f"{candidate.name}: building {candidate.backbone} with random weights (seed {candidate.seed})")
+        save_random_init_model(candidate, model_uri, config.input.storage_options, config.output.storage_options)
+        model_config = baseline_model_config(candidate, model_uri)
+    return NamedModelConfig(**dataclasses.asdict(model_config), name=candidate.name)
+
+
+def extract_candidates(config: CompareConfig, input_config: InputConfig, console) -> dict[str, dict]:
+    """Every candidate from one extract over `models:` (one decode of each sample image feeds them all), into
+    OUTPUT/features/NAME/; each candidate's `_SUCCESS` by name."""
     from pipeline.extract.driver import run_extract
+
+    models = tuple(candidate_model(config, candidate, console) for candidate in config.candidates)
+    features_uri = storage.join(config.output.uri, "features")
+    extract_config = ExtractConfig(input=input_config, models=models, run=config.run,
+                                   output=OutputConfig(uri=features_uri, mode="overwrite",
+                                                       storage_options=config.output.storage_options))
+    say(console, f"extracting features with {len(models)} candidates from one decode of the sample")
+    successes = run_extract(extract_config)["models"]
+    for name, success in successes.items():
+        if success["error_rate"] > success["max_error_rate"]:
+            raise ConfigError(f"candidate {name}: error rate {success['error_rate']:.1%} is above run.max_error_rate "
+                              f"{success['max_error_rate']:.1%}; see `featurize inspect {success['output']}`")
+    return successes
+
+
+def probe_candidate(config: CompareConfig, candidate: CandidateConfig, success: dict, console) -> dict:
+    """The same probe trained on the candidate's features; its row of the comparison."""
     from pipeline.train.fit import train
 
     output_uri, options = config.output.uri, config.output.storage_options
-    log = console.log if console is not None else (lambda *args, **kwargs: None)
-    model_config = candidate.model_config()
-    if candidate.random_init:
-        model_uri = storage.join(output_uri, "models", f"{candidate.name}.keras")
-        log(f"{candidate.name}: building {candidate.backbone} with random weights (seed {candidate.seed})")
-        save_random_init_model(candidate, model_uri, config.input.storage_options, options)
-        model_config = baseline_model_config(candidate, model_uri)
     features_uri = storage.join(output_uri, "features", candidate.name)
     probe_uri = storage.join(output_uri, "probes", candidate.name)
-    extract_config = ExtractConfig(input=input_config, model=model_config, run=config.run,
-                                   output=OutputConfig(uri=features_uri, mode="overwrite",
-                                                       storage_options=options))
-    log(f"{candidate.name}: extracting features")
-    success = run_extract(extract_config)
-    if success["error_rate"] > success["max_error_rate"]:
-        raise ConfigError(f"candidate {candidate.name}: error rate {success['error_rate']:.1%} is above "
-                         f"run.max_error_rate {success['max_error_rate']:.1%}; see `featurize inspect {features_uri}`")
     train_config = TrainConfig(features=FeaturesConfig(uri=(features_uri,), storage_options=options),
                                classifier=config.probe.classifier, split=config.probe.split,
                                output=TrainOutputConfig(uri=probe_uri, storage_options=options))
-    log(f"{candidate.name}: training the {config.probe.classifier.kind} probe")
+    say(console, f"{candidate.name}: training the {config.probe.classifier.kind} probe")
     metrics = train(train_config)
     end_to_end, model_rate = throughput(success)
     return {
@@ -213,6 +233,11 @@ def run_candidate(config: CompareConfig, candidate: CandidateConfig, input_confi
         "probe_uri": probe_uri,
         "provenance": metrics.get("provenance", {}),
     }
+
+
+def say(console, message: str) -> None:
+    if console is not None:
+        console.log(message)
 
 
 # ------------------------------------------------------------------------------------------------ verdict
@@ -252,13 +277,12 @@ def compare(config: CompareConfig, console=None) -> dict:
     if console is not None:
         console.log(f"sample: {sample.num_rows} labelled images in {len(set(sample.column('label').to_pylist()))} "
                     f"classes; {len(config.candidates)} candidates")
-    rows = []
     with tempfile.TemporaryDirectory(prefix="featurize-compare-") as directory:
         manifest = os.path.join(directory, SAMPLE_FILE)  # read by the driver's planner: a local file is enough
         pq.write_table(sample, manifest)
         input_config = InputConfig(uri=(manifest,), labels="label", storage_options=config.input.storage_options)
-        for candidate in config.candidates:
-            rows.append(run_candidate(config, candidate, input_config, console))
+        successes = extract_candidates(config, input_config, console)
+    rows = [probe_candidate(config, candidate, successes[candidate.name], console) for candidate in config.candidates]
     transfer_gains(rows)
     probe = config.probe
     recommended, tied = recommend(rows, probe.tie_tolerance, probe.min_speedup)

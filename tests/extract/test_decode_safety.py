@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.extract.worker import DecodeSettings, fetch_and_decode
+from pipeline.extract.worker import DecodeSettings, fetch_and_decode, image_decoder
 from tests import images
 from tests.helpers import GIB, MIB, ROOT, TreeMemory, cosine, describe_memory, read_rows, write_extract_config
 
@@ -320,7 +320,8 @@ def test_a_fifo_named_like_an_image_becomes_an_error_row_instead_of_blocking(tmp
     os.mkfifo(fifo)
     settings_ = DecodeSettings(input_storage_options={})
     outcome = {}
-    reader = threading.Thread(target=lambda: outcome.update(item=fetch_and_decode(str(fifo), None, (8, 8), settings_)),
+    reader = threading.Thread(target=lambda: outcome.update(
+        item=fetch_and_decode(str(fifo), None, image_decoder((8, 8), settings_), settings_)),
                               daemon=True)
     reader.start()
     reader.join(20)
@@ -349,7 +350,8 @@ def test_refused_formats_never_start_ghostscript_in_the_worker_code(tmp_path, mo
     for name, data in documents.items():
         path = tmp_path / name
         path.write_bytes(data)
-        item = fetch_and_decode(str(path), None, (32, 32), settings_)  # what an actor runs per image
+        # what an actor runs per image
+        item = fetch_and_decode(str(path), None, image_decoder((32, 32), settings_), settings_)
         assert item.image.error is not None and "not allowed" in item.image.error, (name, item.image.error)
     assert not marker.exists()
 

@@ -21,7 +21,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import InputConfig
 from pipeline.extract.listing import list_images
-from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
+from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items, image_decoder
 from pipeline.io import storage
 from tests.helpers import write_labelled_images
 from tests.io.conftest import lose_commits_and_plant_an_orphan
@@ -124,7 +124,7 @@ def test_403_and_404_are_error_rows_without_retries(store, tmp_path):
                                  input_storage_options=store.options(proxy.url), decode_threads=2)
         task = ShardTask(shard=0, start=0, stop=len(uris), uris=uris, labels=[None] * len(uris))
         with ThreadPoolExecutor(2) as executor:
-            items = list(decoded_items(task, (32, 32), settings, executor, window=4))
+            items = list(decoded_items(task, image_decoder((32, 32), settings.decode), settings, executor, window=4))
     errors = {item.uri: item.image.error for item in items}
     assert errors == {uris[0]: None, missing: "fetch failed: not found", denied: "fetch failed: access denied"}
     assert proxy.counts["denied"] == 1 and proxy.counts["requests"] == 3, proxy.requests  # a GET each, no retry

@@ -28,7 +28,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import InputConfig
 from pipeline.extract.listing import list_images
-from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items
+from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items, image_decoder
 from pipeline.io import clients, faults, storage
 from pipeline.output import layout
 from tests.helpers import ACCESS_KEY_ID, PLANTED_SECRET, write_labelled_images
@@ -214,7 +214,7 @@ def test_fetches_run_concurrently_inside_an_actor(s3, bucket, moto_endpoint, tmp
         task = ShardTask(shard=0, start=0, stop=len(uris), uris=uris, labels=[None] * len(uris))
         started = time.perf_counter()
         with ThreadPoolExecutor(8) as executor:
-            items = list(decoded_items(task, (32, 32), settings, executor, window=16))
+            items = list(decoded_items(task, image_decoder((32, 32), settings.decode), settings, executor, window=16))
         elapsed = time.perf_counter() - started
     assert [item.uri for item in items] == uris and all(item.image.error is None for item in items)
     assert proxy.counts["most in flight"] >= 4, f"{elapsed:.2f} s: fetches were serialised"  # 8 threads, a slow store

@@ -113,6 +113,11 @@ def test_cli_prints_the_table_and_writes_plot_and_json(cli_run):
         assert metrics["split"]["seed"] == 0 and metrics["split"]["test_fraction"] == 0.5
     assert result["recommended"] == "dog-pretrained"
     assert result["num_images"] == 200 and len(result["classes"]) == 10
+    # one extract over both candidates: one decode of each image fed them (the same decode seconds in each output)
+    assert json.loads((output / "features" / "_models.json").read_text())["models"] == ["dog-pretrained",
+                                                                                         "dog-random"]
+    successes = [json.loads((Path(row["features_uri"]) / "_SUCCESS").read_text()) for row in rows.values()]
+    assert successes[0]["timings"]["decode"] == successes[1]["timings"]["decode"] > 0
 
 
 def test_pretrained_features_beat_random_init_by_a_wide_margin(cli_run):
