@@ -18,31 +18,15 @@ from pipeline.output.ledger import CommitRecord
 WRITER_KEYS = ("actor", "node_id", "accelerator_ids")
 
 
-def actors_table(records) -> list[dict]:
-    """`_SUCCESS.actors`: one entry per actor that wrote committed rows (in any run), from the commit records;
-    pieces the driver wrote itself (quarantined images) name no actor."""
-    table: dict[str, dict] = {}
-    for record in records:
-        for piece in record.actors:
-            entry = table.setdefault(piece["actor"], {
-                "actor": piece["actor"], "node_id": piece["node_id"], "accelerator_ids": piece["accelerator_ids"],
-                "shards": 0, "images": 0, "seconds": 0.0})
-            entry["shards"] += 1
-            entry["images"] += piece["images"]
-            entry["seconds"] = round(entry["seconds"] + piece["seconds"], 3)
-    return sorted(table.values(), key=lambda entry: (entry["node_id"], entry["actor"]))
-
-
 def success_extras(provenance: dict | None, run_ledger, max_error_rate: float) -> dict:
     """What an extract output's `_SUCCESS` adds to the ledger's: the model's provenance (from an actor's
     description; a finished job rerun built none, so it is read back from a data file, less the writer's keys),
-    run.max_error_rate, and the actors that wrote its rows."""
+    and run.max_error_rate (the actors that wrote its rows are the ledger's, from the commit records)."""
     if provenance:
         provenance = {key: redaction.redact(value) for key, value in provenance.items()}
     else:
         provenance = run_ledger.first_file_metadata(without=WRITER_KEYS)
-    return {"provenance": provenance, "max_error_rate": max_error_rate,
-            "actors": actors_table(run_ledger.commits.values())}
+    return {"provenance": provenance, "max_error_rate": max_error_rate}
 
 
 def commit_record(shard: int, results: list) -> CommitRecord:

@@ -335,11 +335,27 @@ class Ledger:
             "images_per_second": round(self.rows_run / max(finished - self.started, 1e-9), 2),
             "error_rate": rows["error"] / rows["total"] if rows["total"] else 0.0,
             "output": redaction.redact(self.output),
+            "actors": actors_table(ordered),
             **extras,
         }
         self.check()
         write_json(self.uri(SUCCESS_FILE), success, self.options)
         return success
+
+
+def actors_table(records) -> list[dict]:
+    """`_SUCCESS.actors`: one entry per actor that wrote committed rows (in any run), from the commit records;
+    pieces the driver wrote itself (quarantined images) name no actor."""
+    table: dict[str, dict] = {}
+    for record in records:
+        for piece in record.actors:
+            entry = table.setdefault(piece["actor"], {
+                "actor": piece["actor"], "node_id": piece["node_id"], "accelerator_ids": piece["accelerator_ids"],
+                "shards": 0, "images": 0, "seconds": 0.0})
+            entry["shards"] += 1
+            entry["images"] += piece["images"]
+            entry["seconds"] = round(entry["seconds"] + piece["seconds"], 3)
+    return sorted(table.values(), key=lambda entry: (entry["node_id"], entry["actor"]))
 
 
 @contextlib.contextmanager

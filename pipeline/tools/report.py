@@ -12,7 +12,7 @@ from rich.table import Table
 from pipeline.charts import key_value_table
 from pipeline.errors import ConfigError
 from pipeline.extract.plan import Plan
-from pipeline.extract.rows import WRITER_KEYS, actors_table
+from pipeline.extract.rows import WRITER_KEYS
 from pipeline.io import redaction, storage
 from pipeline.output import layout, lease, ledger
 from pipeline.output.features import shared_bytes
@@ -167,7 +167,7 @@ def inspect_extract_output(output_uri: str, console: Console, storage_options: d
                                            storage_options)
     lines.append(("same bytes", shared_bytes_text(summary["shared_bytes"])))
     console.print(key_value_table(f"featurize inspect {redaction.redact(output_uri)}", lines))
-    summary["actors"] = actors_table(commits.values())
+    summary["actors"] = ledger.actors_table(commits.values())
     if summary["actors"]:
         console.print(actors_rich_table(summary["actors"]))
     return summary
