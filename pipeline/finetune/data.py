@@ -108,9 +108,11 @@ class Stream:
         task = worker.ShardTask(0, 0, len(order), uris=[part.uris[index] for index in order],
                                 labels=[str(part.targets[index]) for index in order])
         settings = worker.ShardSettings("", {}, self.input_storage_options, resize=self.model.resize,
-                                        draft_margin=self.model.draft_margin, decode_threads=self.decode_threads)
+                                        draft_margin=self.model.draft_margin, decode_threads=self.decode_threads,
+                                        content_hashes=False)  # training needs the pixels alone
+        decode = worker.image_decoder(self.input_size, settings.decode)
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="finetune-decode") as executor:
-            items = worker.decoded_items(task, self.input_size, settings, executor, 2 * batch_size)
+            items = worker.decoded_items(task, decode, settings, executor, 2 * batch_size)
             for group in worker.batches(items, batch_size):
                 good = [item for item in group if item.image.error is None]
                 self.left_out.update((item.uri, item.image.error) for item in group if item.image.error is not None)
