@@ -61,7 +61,7 @@ def extract_images(uris: list[str], model_config: ModelConfig, index_provenance:
     if differences:
         raise_refusal(index_uri, differences)
     settings = DecodeSettings(input_storage_options={}, resize=model_config.resize,
-                              draft_margin=model_config.draft_margin)
+                              draft_margin=model_config.draft_margin, content_hashes=False)  # a query needs pixels
     decode = image_decoder(extractor.input_size, settings)
     done, parts, failures = [], [], {}
     for start in range(0, len(uris), batch_size):
