@@ -114,7 +114,7 @@ KEY_EFFECTS = {
     "run.address": SCHEDULING, "run.actors": SCHEDULING, "run.gpus_per_actor": SCHEDULING,
     "run.min_actors": SCHEDULING, "run.max_actors": SCHEDULING, "run.start_timeout": SCHEDULING,
     "run.cpus_per_actor": SCHEDULING, "run.batch_size": SCHEDULING, "run.shards_in_flight_per_actor": SCHEDULING,
-    "run.decode_threads": SCHEDULING, "run.max_attempts": "retries only",
+    "run.decode_threads": SCHEDULING, "run.fetch_threads": SCHEDULING, "run.max_attempts": "retries only",
     "run.max_error_rate": "when the job fails, not what it writes",
     "output.feature_dtype": ROWS,
     "output.content_hashes": ROWS,  # sha256 and phash, or nulls; an output planned before the key is not resumed

@@ -53,7 +53,7 @@ def extract_images(uris: list[str], model_config: ModelConfig, index_provenance:
                    batch_size: int = 16) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """(uris, features, {uri: reason} of the images that failed) for image queries, with the query model
     checked against the index's provenance once it is built."""
-    from pipeline.extract.worker import DecodeSettings, fetch_and_decode, image_decoder
+    from pipeline.extract.items import DecodeSettings, fetch_and_decode, image_decoder
     from pipeline.models.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model_config, batch_size=batch_size)

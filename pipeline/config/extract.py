@@ -206,7 +206,8 @@ class RunConfig:
     batch_size: Positive = 32
     shard_size: Positive = 1000  # images per shard: the unit of work, retry and resume
     shards_in_flight_per_actor: Positive = 2  # work is pulled: bounded shards queued per actor
-    decode_threads: Annotated[Whole, AUTO_OR_COUNT] = 0  # fetch+decode threads per actor; 0 = its CPUs (min 4)
+    decode_threads: Annotated[Whole, AUTO_OR_COUNT] = 0  # decode threads per actor; 0 = its CPUs
+    fetch_threads: Annotated[Whole, AUTO_OR_COUNT] = 0  # threads reading loose files ahead of decode; 0 = 16
     max_attempts: Positive = 3  # tries per shard before it is bisected / quarantined
     max_error_rate: ErrorRate = 0.1  # the job fails when error rows pass this fraction
 

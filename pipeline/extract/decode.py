@@ -40,7 +40,8 @@ Decisions (the "why" behind the behaviour):
   the pixels differ slightly from a full decode.
 - Error rows have ``width``/``height`` None; a bomb's size is in its error text.
 - ``perceptual_hash=True`` adds the image's ``phash`` (see :mod:`pipeline.extract.hashes`), taken from the
-  upright RGB pixels before the resize; like the resize it works on decoded pixels, so its failure is a bug.
+  upright RGB picture (from the resized pixels when the ``stretch`` resize scaled the whole picture down); like
+  the resize it works on decoded pixels, so its failure is a bug.
 - Memory: images above :data:`LARGE_IMAGE_PIXELS` decode one at a time per process (a process-wide
   lock), so decode threads do not multiply the conversion's peak of about 10 bytes a pixel.
 """
@@ -48,7 +49,6 @@ Decisions (the "why" behind the behaviour):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import re
 import threading
@@ -128,19 +128,18 @@ class DecodedSource:
     draftable: bool = False  # a format decode_image drafts (JPEG): a one-target decode may be at a reduced scale
 
     def resized(self, target_size: tuple[int, int], resize: str = "stretch",
-                background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
-        """The image at `target_size` (height, width) by `resize` (pipeline/extract/pixels.py). Outside the error-row
-        boundary on purpose (see the module docstring): it works on pixels already decoded."""
+                background: tuple[int, int, int] = (255, 255, 255), perceptual_hash: bool = False) -> DecodedImage:
+        """The image at `target_size` (height, width) by `resize` (pipeline/extract/pixels.py), with the picture's
+        phash when asked (hashes.py: from these pixels where a `stretch` scaled the whole picture down, else from
+        the decoded picture). Outside the error-row boundary on purpose (see the module docstring): it works on
+        pixels already decoded."""
         if self.error is not None:
             return _failed(self.error)
         _check_target(target_size, resize, background)
         target_size, background = (int(target_size[0]), int(target_size[1])), tuple(background)
         pixels = RESIZERS[resize](self.rgb, self.original_size, target_size, background)
-        return DecodedImage(np.asarray(pixels), self.original_size[0], self.original_size[1], None)
-
-    def with_phash(self, image: DecodedImage) -> DecodedImage:
-        """`image` (resized from this source) with the phash of the decoded pixels, which every resize shares."""
-        return image if image.error is not None else dataclasses.replace(image, phash=phash_of(self.rgb))
+        phash = phash_of(self.rgb, pixels if resize == "stretch" else None) if perceptual_hash else None
+        return DecodedImage(np.asarray(pixels), self.original_size[0], self.original_size[1], None, phash)
 
 
 def decode_image(
@@ -160,8 +159,7 @@ def decode_image(
     """
     _check_target(target_size, resize, background)
     with open_decoded(data, [(target_size, resize, draft_margin)], background, max_pixels) as source:
-        image = source.resized(target_size, resize, background)
-        return source.with_phash(image) if perceptual_hash else image
+        return source.resized(target_size, resize, background, perceptual_hash)
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ log = logging.getLogger("featurize")
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 MAX_FAILED_STARTS_PER_ACTOR = 3
+DEFAULT_FETCH_THREADS = 16  # run.fetch_threads 0: reads wait on the store, not on a core
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Driver:
         self.started = time.time()
         self.output = config.output.uri
         self.options = config.output.storage_options
-        # What every task carries; the scheduler adds the run's lease tag and the resolved decode thread count.
+        # What every task carries; the scheduler adds the run's lease tag and the resolved thread counts.
         self.settings = ShardSettings(
             output_uri=self.output, output_storage_options=redaction.public_options(self.options),
             input_storage_options=redaction.public_options(config.input.storage_options), resize=config.model.resize,
@@ -138,8 +139,9 @@ class ShardScheduler:
         self.reporter = reporter
         self.pool = pool_plan
         self.watch = watch
-        decode_threads = config.run.decode_threads or max(4, int(pool_plan.num_cpus))
+        decode_threads = config.run.decode_threads or max(1, int(pool_plan.num_cpus))  # a decode thread a core
         self.settings = dataclasses.replace(settings, run_tag=run_ledger.run_tag, decode_threads=decode_threads,
+                                            fetch_threads=config.run.fetch_threads or DEFAULT_FETCH_THREADS,
                                             model_run_tags=run_ledger.model_run_tags if config.models else ())
         self.actor_class = remote_class(pool_plan.num_cpus, pool_plan.num_gpus)
         self.plan = plan

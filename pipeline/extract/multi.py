@@ -4,11 +4,11 @@ decode of each image for them all, then each model's resize, forward pass, rows 
 An image is fetched and decoded once (JPEG draft at the scale that covers the largest input any model needs, see
 decode.open_decoded), then resized for each model by its own `resize` and input size (pipeline/extract/pixels.py);
 a model that needs far fewer pixels than the decode holds resizes from a box-reduced copy (reduction_factor).
-Everything per image after the decode is the one-model worker's own (worker.add_rows, worker.check_finite_rows,
+Everything per image after the decode is the one-model worker's own (worker.forward, add_rows, check_finite_rows,
 worker.write_shard), so a model's rows hold what a one-model run of it writes, error rows and content hashes
-included (sha256 from the bytes and phash from the shared decode, each computed once for every model). Each
-model's data file goes to its own output, `OUTPUT/NAME/`, named with the run tag of that output's lease;
-pipeline/extract/model_outputs.py commits.
+included (sha256 from the bytes, phash from the largest `stretch` input or else the shared decode: each computed once,
+the same in every model's rows). Each model's data file goes to its own output, `OUTPUT/NAME/`, named with the run
+tag of that output's lease; pipeline/extract/model_outputs.py commits.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from PIL import Image
 
 from pipeline.config import NamedModelConfig, is_saved_model_path
 from pipeline.errors import ConfigError
-from pipeline.extract import worker
+from pipeline.extract import items, worker
 from pipeline.extract.decode import DecodedImage, DecodedSource, open_decoded
+from pipeline.extract.hashes import perceptual_hash as phash_of
 from pipeline.extract.pixels import scaled_source_size
 from pipeline.extract.rows import ShardRows
 from pipeline.io import storage
@@ -63,20 +64,25 @@ class ModelsResult:
 
 def decode_for_models(data: bytes, targets: dict[str, Target], perceptual_hash: bool = False) -> DecodedImage:
     """One decode of `data`, resized for every model: `pixels` maps a model's name to its input (an error applies
-    to them all: the bytes are the same); the phash, when asked for, once from the shared decode."""
+    to them all: the bytes are the same); the phash, when asked for, once for them all (hashes.perceptual_hash)."""
     with open_decoded(data, list(targets.values())) as source:
         if source.error is not None:
             return DecodedImage(None, None, None, source.error)
         reduced: dict[int, Image.Image] = {}  # reduction factor -> the decoded image reduced by it
-        pixels = {}
+        stretched = [(size, name) for name, (size, resize, _) in targets.items() if resize == "stretch"]
+        hashed_by = max(stretched)[1] if perceptual_hash and stretched else None  # the largest stretch: cheapest
+        pixels, phash = {}, None
         for name, (size, resize, margin) in targets.items():
             factor = reduction_factor(source, size, resize, margin)
             if factor not in reduced:
                 reduced[factor] = source.rgb.reduce(factor) if factor > 1 else source.rgb
-            pixels[name] = dataclasses.replace(source, rgb=reduced[factor]).resized(size, resize).pixels
+            image = dataclasses.replace(source, rgb=reduced[factor]).resized(size, resize,
+                                                                             perceptual_hash=name == hashed_by)
+            pixels[name], phash = image.pixels, phash or image.phash
+        if perceptual_hash and hashed_by is None:
+            phash = phash_of(source.rgb)
         width, height = source.original_size
-        image = DecodedImage(pixels, width, height, None)
-        return source.with_phash(image) if perceptual_hash else image
+        return DecodedImage(pixels, width, height, None, phash)
 
 
 def reduction_factor(source: DecodedSource, size: tuple[int, int], resize: str, margin: int) -> int:
@@ -94,7 +100,7 @@ def reduction_factor(source: DecodedSource, size: tuple[int, int], resize: str, 
     return 1
 
 
-def for_model(item: worker.Item, name: str) -> worker.Item:
+def for_model(item: items.Item, name: str) -> items.Item:
     """The item as a one-model worker sees it: its pixels for that model."""
     if item.image.error is not None:
         return item
@@ -168,8 +174,9 @@ class ModelSet:
             for name in names:
                 extractor = self.extractors[name]
                 started = time.perf_counter()
-                worker.add_rows(rows[name], [for_model(item, name) for item in group], extractor,
-                                extractor.class_names, settings.feature_dtype)
+                own = [for_model(item, name) for item in group]
+                worker.add_rows(rows[name], own, worker.forward(own, extractor), extractor.class_names,
+                                settings.feature_dtype)
                 forward[name]["forward"] += time.perf_counter() - started
         for name in names:  # before any file is written: a model gone non-finite fails the piece like a bug
             worker.check_finite_rows(task, rows[name], name)

@@ -1,8 +1,10 @@
 """process_shard: one piece of the manifest -> one Parquet data file, with per-stage timings. No Ray.
 
-Fetch and decode run in a thread pool a bounded window ahead of the forward pass, so the model does not
-wait on I/O; Pillow and the storage clients release the GIL for the heavy parts. Every input yields
-exactly one row: bytes that cannot be fetched or decoded become error rows with the reason.
+Fetch and decode run a bounded window ahead of the forward pass, so the model does not wait on I/O: fetches in
+their own threads (waiting on a store costs no CPU, so there are many), decodes in as many threads as the actor
+has cores (more only add switching between threads and hand-overs of the interpreter lock, which on a CPU actor
+costs the model's cores; docs/performance.md). Pillow and the storage clients release the GIL for the heavy parts.
+Every input yields exactly one row: bytes that cannot be fetched or decoded become error rows with the reason.
 
 Archive members (chained `tar://...::...` / `zip://...::...` URIs, see archives.py) are not fetched one by one:
 a run of a shard's items from one archive streams that archive once, in the reading thread, and hands each
@@ -14,27 +16,34 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO
 
 import numpy as np
 
-from pipeline.config import ModelConfig, OutputConfig, reader_builder
+from pipeline.config import ModelConfig, OutputConfig
 from pipeline.extract import archives
-from pipeline.extract.decode import DecodedImage, decode_image
-from pipeline.extract.hashes import bytes_sha256
+from pipeline.extract.items import (  # Reader: input.reader's builders subclass it as pipeline.extract.worker.Reader
+    Decoder,
+    DecodeSettings,
+    Item,
+    Reader,
+    decode_fetched,
+    error_item,
+    fetch_and_decode,
+    fetch_for_decoders,
+    image_decoder,
+    is_fetch_failure,
+)
 from pipeline.extract.parts import ManifestSlice, read_slice
 from pipeline.extract.rows import ShardRows, row_schema
-from pipeline.io import faults, storage
+from pipeline.io import faults
 from pipeline.output import layout, ledger
-
-Decoder = Callable[[bytes], DecodedImage]  # an image's bytes -> its pixels at the model's input size, or an error
 
 
 @dataclass(frozen=True)
@@ -69,47 +78,6 @@ class ShardTask:
 
 
 @dataclass(frozen=True)
-class DecodeSettings:
-    """How an image is fetched and decoded: all a worker needs of the job's config for one image (search's image
-    queries use it too)."""
-
-    input_storage_options: dict
-    resize: str = ModelConfig.resize
-    draft_margin: int = ModelConfig.draft_margin
-    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok image
-    reader: str | None = None  # input.reader: a builder of a Reader; None: fsspec
-    reader_options: dict = field(default_factory=dict)
-
-    @property
-    def reader_part(self) -> Reader:
-        if self.reader is None:
-            return Reader(self.input_storage_options)
-        return built_reader(self.reader, json.dumps(self.reader_options, sort_keys=True, default=str),
-                            json.dumps(self.input_storage_options, sort_keys=True, default=str))
-
-
-class Reader:
-    """How a worker gets an image's bytes and an archive's stream: fsspec with the input's storage options.
-    `input.reader` names a builder, `builder(storage_options, **input.reader_options)`, returning another (a
-    subclass, or any object with these two methods)."""
-
-    def __init__(self, storage_options: dict):
-        self.storage_options = storage_options
-
-    def read(self, uri: str) -> bytes:
-        return storage.read_bytes(uri, self.storage_options)
-
-    def open_stream(self, uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return storage.open_stream(uri, self.storage_options)
-
-
-@functools.lru_cache(maxsize=8)
-def built_reader(path: str, reader_options: str, storage_options: str) -> Reader:
-    """input.reader built once per worker process and settings (builders cross process boundaries as a name)."""
-    return reader_builder(path)(json.loads(storage_options), **json.loads(reader_options))
-
-
-@dataclass(frozen=True)
 class ShardSettings:
     """What a worker needs of the job's config; defaults are the config's own (one place to change them)."""
 
@@ -122,6 +90,7 @@ class ShardSettings:
     row_group_size: int = OutputConfig.row_group_size
     content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
+    fetch_threads: int = 16  # loose files' reads, ahead of the decode threads (run.fetch_threads, resolved too)
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
     model_run_tags: tuple[tuple[str, str], ...] = ()  # a `models:` run: (name, its output's lease tag)
     writer: dict = field(default_factory=dict)  # the actor that writes: node_id, accelerator_ids (file metadata)
@@ -153,80 +122,37 @@ class NonFiniteShard(RuntimeError):
     """Every image of a piece gave NaN or inf features: a broken model or accelerator, not bad input."""
 
 
-@dataclass(frozen=True)
-class Item:
-    uri: str
-    label: str | None
-    image: DecodedImage
-    fetch_seconds: float
-    decode_seconds: float
-    sha256: str | None = None
-
-
-def image_decoder(target_size: tuple[int, int], settings: DecodeSettings) -> Decoder:
-    """Bytes -> pixels at `target_size` by the settings' resize mode and draft margin, with the phash when
-    content hashes are on."""
-    return functools.partial(decode_image, target_size=target_size, resize=settings.resize,
-                             draft_margin=settings.draft_margin, perceptual_hash=settings.content_hashes)
-
-
-def fetch_and_decode(uri: str, label: str | None, decode: Decoder, settings: DecodeSettings) -> Item:
-    started = time.perf_counter()
-    try:
-        data = settings.reader_part.read(uri)
-    except Exception as error:  # noqa: BLE001 - classified just below
-        if not is_fetch_failure(error):
-            raise  # a bug in featurize, not a property of this image: loud, the shard is retried
-        reason = f"fetch failed: {faults.describe_error(error)}"  # "not found", "access denied", ...; redacted
-        return Item(uri, label, DecodedImage(None, None, None, reason), time.perf_counter() - started, 0.0)
-    fetched = time.perf_counter()
-    return decode_fetched(uri, label, data, fetched - started, decode, settings.content_hashes)
-
-
-def decode_fetched(uri: str, label: str | None, data: bytes, fetch_seconds: float, decode: Decoder,
-                   content_hashes: bool) -> Item:
-    """Bytes already fetched (a loose file, or an archive member off its stream) -> an Item."""
-    started = time.perf_counter()
-    image = decode(data)
-    sha256 = bytes_sha256(data) if content_hashes and image.error is None else None
-    return Item(uri, label, image, fetch_seconds, time.perf_counter() - started, sha256)
-
-
-def error_item(uri: str, label: str | None, reason: str, fetch_seconds: float = 0.0) -> Future:
-    """An item that is an error row already, as a finished future (it rides the same queue as decodes)."""
-    future: Future = Future()
-    future.set_result(Item(uri, label, DecodedImage(None, None, None, reason), fetch_seconds, 0.0))
-    return future
-
-
-def is_fetch_failure(error: Exception) -> bool:
-    """What the store or the URI itself caused (missing, denied, unreachable, not a regular file, an unknown
-    protocol or a malformed URL in a manifest): that image's error row. Anything else is a bug."""
-    return isinstance(error, (OSError, ValueError)) or faults.is_storage_failure(error)
-
-
-def decoded_items(task: ShardTask, decode: Decoder, settings: ShardSettings,
-                  executor: ThreadPoolExecutor, window: int) -> Iterator[Item]:
-    """Items in manifest order (an archive's members in its stream order), decoded at most `window` ahead of
-    the consumer (bounded memory)."""
+def decoded_items(task: ShardTask, decode: Decoder, settings: ShardSettings, executor: ThreadPoolExecutor,
+                  window: int, fetchers: ThreadPoolExecutor | None = None) -> Iterator[Item]:
+    """Items in manifest order (an archive's members in its stream order), decoded in `executor` at most `window`
+    ahead of the consumer (bounded memory); loose files fetched in `fetchers` first, or in `executor` too."""
     pending: collections.deque[Future] = collections.deque()
-    for future in item_futures(task, decode, settings, executor):
+    for future in item_futures(task, decode, settings, executor, fetchers):
         pending.append(future)
         if len(pending) >= window:
-            yield pending.popleft().result()
+            yield finished_item(pending.popleft())
     while pending:
-        yield pending.popleft().result()
+        yield finished_item(pending.popleft())
 
 
-def item_futures(task: ShardTask, decode: Decoder, settings: ShardSettings,
-                 executor: ThreadPoolExecutor) -> Iterator[Future]:
-    """One future an item: loose files fetched and decoded in the threads; each run of members of one archive
-    from one stream of it."""
+def finished_item(future: Future) -> Item:
+    """The item of a decode's future, or of a fetch's future (whose result is the decode's future, or an error)."""
+    outcome = future.result()
+    return outcome.result() if isinstance(outcome, Future) else outcome
+
+
+def item_futures(task: ShardTask, decode: Decoder, settings: ShardSettings, executor: ThreadPoolExecutor,
+                 fetchers: ThreadPoolExecutor | None = None) -> Iterator[Future]:
+    """One future an item: loose files fetched (in `fetchers`, when given) and decoded in the threads; each run of
+    members of one archive from one stream of it."""
     entries = task.entries(settings)
     for archive_uri, run in itertools.groupby(entries, key=lambda entry: archives.archive_of(entry[0])):
         if archive_uri is None:
             for uri, label in run:
-                yield executor.submit(fetch_and_decode, uri, label, decode, settings.decode)
+                if fetchers is None:
+                    yield executor.submit(fetch_and_decode, uri, label, decode, settings.decode)
+                else:
+                    yield fetchers.submit(fetch_for_decoders, uri, label, decode, settings.decode, executor)
         else:
             yield from archive_member_futures(archive_uri, list(run), decode, settings, executor)
 
@@ -287,21 +213,50 @@ def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardR
     decode = image_decoder(extractor.input_size, settings.decode)
     timings = collections.Counter()
     rows = ShardRows()
-    for group in decoded_batches(task, decode, extractor.batch_size, settings, timings):
-        started = time.perf_counter()
-        add_rows(rows, group, extractor, extractor.class_names, settings.feature_dtype)
-        timings["forward"] += time.perf_counter() - started
+    groups = decoded_batches(task, decode, extractor.batch_size, settings, timings)
+    for group, output in forwarded(groups, extractor, timings):
+        add_rows(rows, group, output, extractor.class_names, settings.feature_dtype)
     check_finite_rows(task, rows)
     return write_shard(task, rows, extractor, settings, timings, piece_started)
+
+
+def forwarded(groups: Iterator[list[Item]], extractor, timings: collections.Counter) -> Iterator[tuple[list[Item], Any]]:
+    """Each group with the model's outputs for its images. A group's forward pass runs in a thread of its own
+    while the caller builds the rows of the one before (the forward releases the GIL): on a CPU the model's
+    threads then never wait on that Python work with a core idle."""
+    with ThreadPoolExecutor(1, thread_name_prefix="forward") as forward_thread:
+        previous = None
+        for group in groups:
+            running = forward_thread.submit(timed_forward, group, extractor, timings)
+            if previous is not None:
+                yield previous[0], previous[1].result()
+            previous = (group, running)
+        if previous is not None:
+            yield previous[0], previous[1].result()
+
+
+def timed_forward(group: list[Item], extractor, timings: collections.Counter):
+    started = time.perf_counter()
+    output = forward(group, extractor)
+    timings["forward"] += time.perf_counter() - started  # this thread's key alone: no other thread adds to it
+    return output
+
+
+def forward(group: list[Item], extractor):
+    """The model's outputs (features, top-k indices, top-k scores) for the group's decoded images; None if none."""
+    images = [item.image.pixels for item in group if item.image.error is None]
+    return extractor(np.stack(images)) if images else None
 
 
 def decoded_batches(task: ShardTask, decode: Decoder, batch_size: int, settings: ShardSettings,
                     timings: collections.Counter) -> Iterator[list[Item]]:
     """The piece's items in batches, fetched and decoded in threads ahead of the consumer; adds the seconds spent
     waiting, fetching and decoding to `timings`."""
-    with ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as executor:
+    # leaving the block shuts the fetchers down first: a fetch still running hands its decode to open decoders
+    with (ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as decoders,
+          ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch") as fetchers):
         waited = time.perf_counter()
-        for group in batches(decoded_items(task, decode, settings, executor, 2 * batch_size), batch_size):
+        for group in batches(decoded_items(task, decode, settings, decoders, 2 * batch_size, fetchers), batch_size):
             timings["wait"] += time.perf_counter() - waited
             timings["fetch"] += sum(item.fetch_seconds for item in group)
             timings["decode"] += sum(item.decode_seconds for item in group)
@@ -351,10 +306,9 @@ def check_finite_rows(task: ShardTask, rows: ShardRows, model: str | None = None
                              f"[{task.start}:{task.stop}]{of_model} gave non-finite features: {decoded[0]}")
 
 
-def add_rows(rows: ShardRows, group: list[Item], extractor, class_names: list[str] | None,
+def add_rows(rows: ShardRows, group: list[Item], output, class_names: list[str] | None,
              feature_dtype: str = OutputConfig.feature_dtype) -> None:
-    images = [item.image.pixels for item in group if item.image.error is None]
-    output = extractor(np.stack(images)) if images else None
+    """The group's rows, given the model's `output` for its decoded images (forward)."""
     position = 0
     for item in group:
         image = item.image

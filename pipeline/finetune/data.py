@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.config import InputConfig, ModelConfig, SplitConfig
 from pipeline.errors import ConfigError
-from pipeline.extract import archives, worker
+from pipeline.extract import archives, items, worker
 from pipeline.extract.listing import list_images
 from pipeline.train.labels import check_classes, encode_labels
 
@@ -110,10 +110,10 @@ class Stream:
         settings = worker.ShardSettings("", {}, self.input_storage_options, resize=self.model.resize,
                                         draft_margin=self.model.draft_margin, decode_threads=self.decode_threads,
                                         content_hashes=False)  # training needs the pixels alone
-        decode = worker.image_decoder(self.input_size, settings.decode)
+        decode = items.image_decoder(self.input_size, settings.decode)
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="finetune-decode") as executor:
-            items = worker.decoded_items(task, decode, settings, executor, 2 * batch_size)
-            for group in worker.batches(items, batch_size):
+            decoded = worker.decoded_items(task, decode, settings, executor, 2 * batch_size)
+            for group in worker.batches(decoded, batch_size):
                 good = [item for item in group if item.image.error is None]
                 self.left_out.update((item.uri, item.image.error) for item in group if item.image.error is not None)
                 if good:

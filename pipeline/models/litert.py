@@ -172,7 +172,9 @@ class LiteRTModel:
     def __call__(self, images: np.ndarray) -> list[np.ndarray]:
         if images.shape != self.input_shape:
             raise ValueError(f"LiteRT model takes {self.input_shape}; got {images.shape}")
-        self.interpreter.set_tensor(self.input_index, images)
+        # numpy's copy into the input buffer releases the GIL (set_tensor holds it through the copy, stalling the
+        # decode threads); the view is dropped before invoke, which refuses to run while one is held
+        self.interpreter.tensor(self.input_index)()[...] = images
         self.interpreter.invoke()
         return [self.interpreter.get_tensor(index) for index in self.output_indices]
 

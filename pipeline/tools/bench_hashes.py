@@ -14,7 +14,8 @@ def hash_cost(extractor, paths: list[Path], output: Path, pairs: int) -> dict:
     on the same images with `output.content_hashes` off and on, shard after shard, which goes first alternating, so
     a change in the shared machine's load hits both sides alike. Two ratios, pair by pair: wall-clock throughput,
     and CPU seconds of this process (decode threads and model), which other processes' load does not move: the
-    throughput ratio wherever the work is CPU-bound."""
+    throughput ratio wherever the work is CPU-bound. A decode thread a core, as a one-actor pipeline on this
+    machine has them."""
     from pipeline.extract.worker import ShardSettings, ShardTask, process_shard
 
     uris = [str(path) for path in paths]
@@ -23,7 +24,7 @@ def hash_cost(extractor, paths: list[Path], output: Path, pairs: int) -> dict:
     for pair in range(pairs):
         for hashes in (False, True) if pair % 2 == 0 else (True, False):
             shard_settings = ShardSettings(output_uri=str(output), output_storage_options={},
-                                           input_storage_options={}, decode_threads=max(4, os.cpu_count()),
+                                           input_storage_options={}, decode_threads=os.cpu_count(),
                                            content_hashes=hashes)
             wall, cpu = time.perf_counter(), time.process_time()
             process_shard(task, extractor, shard_settings)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from pipeline.extract.decode import decode_image
-from pipeline.extract.worker import is_fetch_failure
+from pipeline.extract.items import is_fetch_failure
 from pipeline.io import faults, redaction, storage
 
 THUMBNAIL_SIDE = 128  # pixels; square, centre-cropped, so contact sheets line up

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.extract.worker import DecodeSettings, fetch_and_decode, image_decoder
+from pipeline.extract.items import DecodeSettings, fetch_and_decode, image_decoder
 from tests import images
 from tests.helpers import GIB, MIB, ROOT, TreeMemory, cosine, describe_memory, read_rows, write_extract_config
 

@@ -42,8 +42,14 @@ def test_bench_runs_end_to_end_and_writes_what_it_prints(tmp_path, ray_local):
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "(runtime litert)" in printed.getvalue() and "b / c" in printed.getvalue()
-    assert result["cpu_ceiling_over_bare"] == pytest.approx(cpu_ceiling(
-        result["bare_model_images_per_second"], result["decode_images_per_second_per_core"], result["cpu_count"]))
+    bare, cores = result["bare_model_images_per_second"], result["cpu_count"]
+    hashed_decode = result["decode_with_content_hashes_images_per_second_per_core"]  # (b) hashes: its decode rate
+    assert result["cpu_ceiling_over_bare"] == pytest.approx(cpu_ceiling(bare, hashed_decode, cores))
+    assert result["pipeline_over_cpu_ceiling"] == pytest.approx(
+        result["pipeline"]["images_per_second"] / (bare * result["cpu_ceiling_over_bare"]))
+    assert result["pipeline_over_cpu_ceiling_without_hashes"] == pytest.approx(result["pipeline_over_bare"] / cpu_ceiling(
+        bare, result["decode_images_per_second_per_core"], cores))
+    assert "pipeline / ceiling" in printed.getvalue()
     cpu = result["pipeline"]["cpu"]
     assert 0 < cpu["busy_cores"] <= result["cpu_count"] + 0.1 and 0 <= cpu["steal_share"] < 1
     assert "cores busy during (b)" in printed.getvalue() and "ceiling" in printed.getvalue()
