@@ -1,9 +1,10 @@
 """process_shard: one piece of the manifest -> one Parquet data file, with per-stage timings. No Ray.
 
-Fetch and decode run a bounded window ahead of the forward pass, so the model does not wait on I/O: fetches in
-their own threads (waiting on a store costs no CPU, so there are many), decodes in as many threads as the actor
-has cores (more only add switching between threads and hand-overs of the interpreter lock, which on a CPU actor
-costs the model's cores; docs/performance.md). Pillow and the storage clients release the GIL for the heavy parts.
+Fetch and decode run a bounded window ahead of the forward pass, so the model does not wait on I/O: remote
+fetches in their own threads (waiting on a store costs no CPU, so there are many), decodes (and local reads) in
+as many threads as the actor has cores (more only add switches between threads and hand-overs of the interpreter
+lock, which on a CPU actor cost the model's cores; docs/performance.md). The forward pass runs in a thread of its
+own. Pillow, numpy, LiteRT and the storage clients release the GIL for the heavy parts.
 Every input yields exactly one row: bytes that cannot be fetched or decoded become error rows with the reason.
 
 Archive members (chained `tar://...::...` / `zip://...::...` URIs, see archives.py) are not fetched one by one:
@@ -42,7 +43,7 @@ from pipeline.extract.items import (  # Reader: input.reader's builders subclass
 )
 from pipeline.extract.parts import ManifestSlice, read_slice
 from pipeline.extract.rows import ShardRows, row_schema
-from pipeline.io import faults
+from pipeline.io import faults, storage
 from pipeline.output import layout, ledger
 
 
@@ -135,6 +136,12 @@ def decoded_items(task: ShardTask, decode: Decoder, settings: ShardSettings, exe
         yield finished_item(pending.popleft())
 
 
+def reads_locally(uri: str, settings: DecodeSettings) -> bool:
+    """A local file through the default reader: a read of microseconds, done in the decode thread itself (a fetch
+    thread would only add a hand-over of the interpreter lock)."""
+    return settings.reader is None and storage.protocol_family(storage.protocol_of(uri)) == "file"
+
+
 def finished_item(future: Future) -> Item:
     """The item of a decode's future, or of a fetch's future (whose result is the decode's future, or an error)."""
     outcome = future.result()
@@ -143,13 +150,13 @@ def finished_item(future: Future) -> Item:
 
 def item_futures(task: ShardTask, decode: Decoder, settings: ShardSettings, executor: ThreadPoolExecutor,
                  fetchers: ThreadPoolExecutor | None = None) -> Iterator[Future]:
-    """One future an item: loose files fetched (in `fetchers`, when given) and decoded in the threads; each run of
-    members of one archive from one stream of it."""
+    """One future an item: loose files fetched (remote ones in `fetchers`, when given) and decoded in the threads;
+    each run of members of one archive from one stream of it."""
     entries = task.entries(settings)
     for archive_uri, run in itertools.groupby(entries, key=lambda entry: archives.archive_of(entry[0])):
         if archive_uri is None:
             for uri, label in run:
-                if fetchers is None:
+                if fetchers is None or reads_locally(uri, settings.decode):
                     yield executor.submit(fetch_and_decode, uri, label, decode, settings.decode)
                 else:
                     yield fetchers.submit(fetch_for_decoders, uri, label, decode, settings.decode, executor)
@@ -206,21 +213,25 @@ def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
         yield group
 
 
-def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardResult:
+def process_shard(task: ShardTask, extractor, settings: ShardSettings,
+                  turn: contextlib.AbstractContextManager | None = None) -> ShardResult:
     """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
-    the extractor's own (it halves it after running out of accelerator memory)."""
-    piece_started = time.perf_counter()
-    decode = image_decoder(extractor.input_size, settings.decode)
-    timings = collections.Counter()
-    rows = ShardRows()
-    groups = decoded_batches(task, decode, extractor.batch_size, settings, timings)
-    for group, output in forwarded(groups, extractor, timings):
-        add_rows(rows, group, output, extractor.class_names, settings.feature_dtype)
+    the extractor's own (it halves it after running out of accelerator memory). `turn` (an actor's lock) is held
+    from the first fetch to the last forward pass: the write of one piece then overlaps the next piece's work."""
+    with turn or contextlib.nullcontext():
+        piece_started = time.perf_counter()
+        decode = image_decoder(extractor.input_size, settings.decode)
+        timings = collections.Counter()
+        rows = ShardRows()
+        groups = decoded_batches(task, decode, extractor.batch_size, settings, timings)
+        for group, output in forwarded(groups, extractor, timings):
+            add_rows(rows, group, output, extractor.class_names, settings.feature_dtype)
     check_finite_rows(task, rows)
     return write_shard(task, rows, extractor, settings, timings, piece_started)
 
 
-def forwarded(groups: Iterator[list[Item]], extractor, timings: collections.Counter) -> Iterator[tuple[list[Item], Any]]:
+def forwarded(groups: Iterator[list[Item]], extractor,
+              timings: collections.Counter) -> Iterator[tuple[list[Item], Any]]:
     """Each group with the model's outputs for its images. A group's forward pass runs in a thread of its own
     while the caller builds the rows of the one before (the forward releases the GIL): on a CPU the model's
     threads then never wait on that Python work with a core idle."""
@@ -248,6 +259,9 @@ def forward(group: list[Item], extractor):
     return extractor(np.stack(images)) if images else None
 
 
+WINDOW_BATCHES = 4  # images decoded ahead of the model: this many batches (2 left decode idle at times)
+
+
 def decoded_batches(task: ShardTask, decode: Decoder, batch_size: int, settings: ShardSettings,
                     timings: collections.Counter) -> Iterator[list[Item]]:
     """The piece's items in batches, fetched and decoded in threads ahead of the consumer; adds the seconds spent
@@ -256,7 +270,8 @@ def decoded_batches(task: ShardTask, decode: Decoder, batch_size: int, settings:
     with (ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as decoders,
           ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch") as fetchers):
         waited = time.perf_counter()
-        for group in batches(decoded_items(task, decode, settings, decoders, 2 * batch_size, fetchers), batch_size):
+        window = WINDOW_BATCHES * batch_size
+        for group in batches(decoded_items(task, decode, settings, decoders, window, fetchers), batch_size):
             timings["wait"] += time.perf_counter() - waited
             timings["fetch"] += sum(item.fetch_seconds for item in group)
             timings["decode"] += sum(item.decode_seconds for item in group)

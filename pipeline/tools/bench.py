@@ -251,11 +251,15 @@ def decode_per_core(settings: BenchSettings, paths: list[Path], content_hashes: 
     hashes when they are on): how many cores keep a model fed, and the `d` of the CPU ceiling."""
     from pipeline.extract.items import DecodeSettings, decode_fetched, image_decoder
 
-    decode = image_decoder((settings.input_size, settings.input_size), DecodeSettings({}, content_hashes=content_hashes))
-    started = time.perf_counter()
-    for path in paths:
-        decode_fetched(str(path), None, path.read_bytes(), 0.0, decode, content_hashes)
-    return len(paths) / (time.perf_counter() - started)
+    size = (settings.input_size, settings.input_size)
+    decode = image_decoder(size, DecodeSettings({}, content_hashes=content_hashes))
+    rates = []
+    for _ in range(3):  # the best pass, like (a)'s: a busy moment never lowers the ceiling in (b)'s favour
+        started = time.perf_counter()
+        for path in paths:
+            decode_fetched(str(path), None, path.read_bytes(), 0.0, decode, content_hashes)
+        rates.append(len(paths) / (time.perf_counter() - started))
+    return max(rates)
 
 
 def run_bench(settings: BenchSettings, output_dir: Path, console) -> dict:
