@@ -5,6 +5,7 @@ like featurize's own reader and misbehaves only where it is told to."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from pipeline.extract.worker import Reader
@@ -54,6 +55,16 @@ class Slow(Reader):
     def open_stream(self, uri: str):
         time.sleep(self.seconds)
         return super().open_stream(uri)
+
+
+class ThreadNoting(Reader):
+    """Reads as featurize does and notes the thread that read each uri (in `threads`, which every instance shares)."""
+
+    threads: dict[str, str] = {}
+
+    def read(self, uri: str) -> bytes:
+        ThreadNoting.threads[uri] = threading.current_thread().name
+        return super().read(uri)
 
 
 def reading(name: str, **options) -> dict:

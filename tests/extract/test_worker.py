@@ -12,15 +12,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.extract.items import DecodeSettings
 from pipeline.extract.worker import (
     ShardSettings,
     ShardTask,
     process_shard,
     quarantine_rows,
+    reads_locally,
     reason_category,
 )
 from tests.images import HTML_ERROR_PAGE, photo_bytes, solid_bytes, truncated
-from tests.readers import reading
+from tests.readers import ThreadNoting, reading
 
 COLORS = {"red.png": (200, 10, 10), "green.jpg": (10, 200, 10), "blue.png": (10, 10, 200), "grey.png": (90, 90, 90)}
 
@@ -96,6 +98,21 @@ def test_ok_and_error_rows_in_manifest_order_batched_at_the_extractors_batch_siz
     assert errors["html_page.jpg"]["error"] and not errors["html_page.jpg"]["error"].startswith("fetch failed")
     assert sum(result.errors_by_reason.values()) == 4
     assert set(result.errors_by_reason) == {reason_category(row["error"]) for row in errors.values()}
+
+
+def test_local_files_are_read_in_the_decode_threads_and_other_reads_in_fetch_threads(tmp_path, files):
+    """A local read takes microseconds: the decode thread does it. A store's (or a reader of the user's) waits on
+    the network: fetch threads do it, as many as run.fetch_threads, ahead of the decode threads."""
+    assert reads_locally(files["red.png"], DecodeSettings({})) and reads_locally("file:///a.jpg", DecodeSettings({}))
+    assert not reads_locally("s3://bucket/a.jpg", DecodeSettings({}))
+    assert not reads_locally("https://example.com/a.jpg", DecodeSettings({}))
+    noting = reading("ThreadNoting")
+    assert not reads_locally(files["red.png"], DecodeSettings({}, reader=noting["reader"]))
+
+    uris = [files[name] for name in ("red.png", "green.jpg", "missing.jpg", "blue.png")]
+    result, rows = run_shard(tmp_path, uris, StandInExtractor(batch_size=2), fetch_threads=3, **noting)
+    assert [row["uri"] for row in rows] == uris and (result.ok, result.error) == (3, 1)
+    assert {ThreadNoting.threads[uri].rsplit("_", 1)[0] for uri in uris} == {"fetch"}
 
 
 def test_a_bug_in_featurize_raises_instead_of_becoming_an_error_row(tmp_path, files, monkeypatch):

@@ -204,22 +204,24 @@ def test_a_users_own_botocore_retries_are_kept(moto_endpoint):
 
 
 def test_fetches_run_concurrently_inside_an_actor(s3, bucket, moto_endpoint, tmp_path):
-    """Many small objects must not serialise on latency: 16 fetches of 0.5 s each (8 s in a row), 8 threads,
-    one request per object."""
+    """Many small objects must not serialise on latency: 16 fetches of 0.5 s each (8 s in a row) through 8 fetch
+    threads, while only 2 threads decode (a decode thread a core), one request per object."""
     images = upload_images(s3, tmp_path / "images", f"{bucket}/images")
     uris = sorted(images)[:16]
     with FaultyProxy(moto_endpoint, latency=0.5) as proxy:
         settings = ShardSettings(output_uri="unused", output_storage_options={},
-                                 input_storage_options=proxy.options(), decode_threads=8)
+                                 input_storage_options=proxy.options(), decode_threads=2, fetch_threads=8)
         task = ShardTask(shard=0, start=0, stop=len(uris), uris=uris, labels=[None] * len(uris))
         started = time.perf_counter()
-        with ThreadPoolExecutor(8) as executor:
-            items = list(decoded_items(task, image_decoder((32, 32), settings.decode), settings, executor, window=16))
+        with ThreadPoolExecutor(2) as decoders, ThreadPoolExecutor(8) as fetchers:
+            items = list(decoded_items(task, image_decoder((32, 32), settings.decode), settings, decoders, window=16,
+                                       fetchers=fetchers))
         elapsed = time.perf_counter() - started
     assert [item.uri for item in items] == uris and all(item.image.error is None for item in items)
     assert proxy.counts["most in flight"] >= 4, f"{elapsed:.2f} s: fetches were serialised"  # 8 threads, a slow store
     assert proxy.counts["requests"] == 16  # a GET each, no size probe first
-    print(f"\n[s3 fetch] 16 objects x 0.5 s latency, 8 threads: {elapsed:.2f} s (8 s one after another)")
+    print(f"\n[s3 fetch] 16 objects x 0.5 s latency, 8 fetch threads, 2 decode threads: {elapsed:.2f} s "
+          "(8 s one after another)")
 
 
 # --------------------------------------------------------------------------------------------------
