@@ -44,6 +44,13 @@ def connect(address: str, verbose: bool = False) -> Connection:
                       private=True)
 
 
+def forwarded_environment() -> dict:
+    """The driver's FEATURIZE_* variables (settings such as FEATURIZE_CACHE_DIR), for the runtime_env of the actors
+    every stage starts, so they reach actors on every node."""
+    variables = {key: value for key, value in os.environ.items() if key.startswith("FEATURIZE_")}
+    return {"env_vars": variables} if variables else {}
+
+
 REAPERS: list[subprocess.Popen] = []  # held for the life of the process: their pipes close only when it ends
 
 

@@ -15,7 +15,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from pipeline.extract.signals import Interrupted, interrupted_message, stop_on_s
 from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, quarantine_rows, reason_category
 from pipeline.io import redaction
 from pipeline.output import ledger
-from pipeline.ray_cluster import connect
+from pipeline.ray_cluster import connect, forwarded_environment
 
 log = logging.getLogger("featurize")
 
@@ -335,12 +334,6 @@ class ShardScheduler:
             self.reporter.phase(f"first shard committed {self.ledger.first_commit_at - self.ledger.started:.1f} s "
                                 "after start")
         self.reporter.shard_committed()
-
-
-def forwarded_environment() -> dict:
-    """FEATURIZE_* variables (settings and test hooks) reach actors on every node."""
-    variables = {key: value for key, value in os.environ.items() if key.startswith("FEATURIZE_")}
-    return {"env_vars": variables} if variables else {}
 
 
 def run_extract(config: ExtractConfig, reporter: ProgressReporter | None = None, verbose: bool = False) -> dict:

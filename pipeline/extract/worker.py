@@ -21,19 +21,18 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import ModelConfig, OutputConfig
 from pipeline.extract import archives
-from pipeline.extract.items import (  # Reader: input.reader's builders subclass it as pipeline.extract.worker.Reader
+from pipeline.extract.items import (
     Decoder,
     DecodeSettings,
     Item,
-    Reader,
     decode_fetched,
     error_item,
     fetch_and_decode,
@@ -41,6 +40,7 @@ from pipeline.extract.items import (  # Reader: input.reader's builders subclass
     image_decoder,
     is_fetch_failure,
 )
+from pipeline.extract.items import Reader as Reader  # input.reader's builders subclass it as extract.worker.Reader
 from pipeline.extract.parts import ManifestSlice, read_slice
 from pipeline.extract.rows import ShardRows, row_schema
 from pipeline.io import faults, storage

@@ -20,14 +20,13 @@ import os
 import ray
 
 from pipeline.errors import USER_ERRORS, ConfigError
-from pipeline.extract.driver import forwarded_environment
 from pipeline.extract.signals import Interrupted, stop_on_signals
 from pipeline.finetune import parallel
 from pipeline.finetune.checkpoints import Checkpoints
 from pipeline.finetune.data import Part, Stream
 from pipeline.finetune.training import Job, Outcome, describe_epoch, new_training_model, run_training
 from pipeline.io import redaction
-from pipeline.ray_cluster import connect
+from pipeline.ray_cluster import connect, forwarded_environment
 
 log = logging.getLogger(__name__)
 
