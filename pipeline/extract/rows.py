@@ -59,7 +59,7 @@ def row_schema(feature_dim: int, feature_dtype: str = "float32", provenance: dic
         pa.field("top_k_scores", pa.list_(pa.float32())),
         pa.field("key", pa.string()),  # the WebDataset sample key of an archive member; null for a loose file
         pa.field("sha256", pa.string()),  # hex of the bytes as fetched (an archive member's own); null for errors
-        pa.field("phash", pa.string()),  # imagehash's 64-bit phash of the upright pixels, 16 hex digits
+        pa.field("phash", pa.string()),  # imagehash's 64-bit phash of the upright picture, 16 hex digits
     ])
     metadata = {key: redaction.redact(str(value)) for key, value in (provenance or {}).items()}  # URIs: no secrets
     return schema.with_metadata(metadata)
