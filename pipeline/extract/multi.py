@@ -14,7 +14,6 @@ tag of that output's lease; pipeline/extract/model_outputs.py commits.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -161,27 +160,24 @@ class ModelSet:
         return {name: (self.extractors[name].input_size, self.models[name].resize, self.models[name].draft_margin)
                 for name in names}
 
-    def process(self, task: worker.ShardTask, settings: worker.ShardSettings,
-                turn: contextlib.AbstractContextManager | None = None) -> ModelsResult:
-        """Fetch and decode the piece once; each model its rows and its data file in `OUTPUT/NAME/`. `turn`: as
-        worker.process_shard's, held until the last forward pass."""
+    def process(self, task: worker.ShardTask, settings: worker.ShardSettings) -> ModelsResult:
+        """Fetch and decode the piece once; each model its rows and its data file in `OUTPUT/NAME/`."""
         names = task.models or tuple(self.extractors)
-        with turn or contextlib.nullcontext():
-            piece_started = time.perf_counter()
-            decode = functools.partial(decode_for_models, targets=self.targets(names),
-                                       perceptual_hash=settings.content_hashes)
-            shared = collections.Counter()  # wait, fetch, decode: once for every model
-            rows = {name: ShardRows() for name in names}
-            forward = {name: collections.Counter() for name in names}
-            batch_size = min(self.extractors[name].batch_size for name in names)
-            for group in worker.decoded_batches(task, decode, batch_size, settings, shared):
-                for name in names:
-                    extractor = self.extractors[name]
-                    started = time.perf_counter()
-                    own = [for_model(item, name) for item in group]
-                    worker.add_rows(rows[name], own, worker.forward(own, extractor), extractor.class_names,
-                                    settings.feature_dtype)
-                    forward[name]["forward"] += time.perf_counter() - started
+        piece_started = time.perf_counter()
+        decode = functools.partial(decode_for_models, targets=self.targets(names),
+                                   perceptual_hash=settings.content_hashes)
+        shared = collections.Counter()  # wait, fetch, decode: once for every model
+        rows = {name: ShardRows() for name in names}
+        forward = {name: collections.Counter() for name in names}
+        batch_size = min(self.extractors[name].batch_size for name in names)
+        for group in worker.decoded_batches(task, decode, batch_size, settings, shared):
+            for name in names:
+                extractor = self.extractors[name]
+                started = time.perf_counter()
+                own = [for_model(item, name) for item in group]
+                worker.add_rows(rows[name], own, worker.forward(own, extractor), extractor.class_names,
+                                settings.feature_dtype)
+                forward[name]["forward"] += time.perf_counter() - started
         for name in names:  # before any file is written: a model gone non-finite fails the piece like a bug
             worker.check_finite_rows(task, rows[name], name)
         run_tags = dict(settings.model_run_tags)

@@ -213,19 +213,16 @@ def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
         yield group
 
 
-def process_shard(task: ShardTask, extractor, settings: ShardSettings,
-                  turn: contextlib.AbstractContextManager | None = None) -> ShardResult:
+def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardResult:
     """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
-    the extractor's own (it halves it after running out of accelerator memory). `turn` (an actor's lock) is held
-    from the first fetch to the last forward pass: the write of one piece then overlaps the next piece's work."""
-    with turn or contextlib.nullcontext():
-        piece_started = time.perf_counter()
-        decode = image_decoder(extractor.input_size, settings.decode)
-        timings = collections.Counter()
-        rows = ShardRows()
-        groups = decoded_batches(task, decode, extractor.batch_size, settings, timings)
-        for group, output in forwarded(groups, extractor, timings):
-            add_rows(rows, group, output, extractor.class_names, settings.feature_dtype)
+    the extractor's own (it halves it after running out of accelerator memory)."""
+    piece_started = time.perf_counter()
+    decode = image_decoder(extractor.input_size, settings.decode)
+    timings = collections.Counter()
+    rows = ShardRows()
+    groups = decoded_batches(task, decode, extractor.batch_size, settings, timings)
+    for group, output in forwarded(groups, extractor, timings):
+        add_rows(rows, group, output, extractor.class_names, settings.feature_dtype)
     check_finite_rows(task, rows)
     return write_shard(task, rows, extractor, settings, timings, piece_started)
 
