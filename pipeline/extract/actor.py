@@ -91,7 +91,8 @@ class ExtractorActor:
     def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
         settings = dataclasses.replace(settings, writer=self.writer)
         if self.output_storage_options is not None:
-            settings = dataclasses.replace(settings, input_storage_options=self.input_storage_options,
+            decode = dataclasses.replace(settings.decode, input_storage_options=self.input_storage_options)
+            settings = dataclasses.replace(settings, decode=decode,
                                            output_storage_options=self.output_storage_options)
         if isinstance(self.extractor, ModelSet):
             return self.extractor.process(task, settings)

@@ -26,6 +26,7 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import USER_ERRORS, ConfigError
 from pipeline.extract import model_outputs, pool
 from pipeline.extract.actor import remote_class
+from pipeline.extract.items import DecodeSettings
 from pipeline.extract.plan import Plan, prepare_plan
 from pipeline.extract.pool import PlacementWatch, PoolPlan
 from pipeline.extract.progress import ProgressReporter
@@ -69,13 +70,12 @@ class Driver:
         self.output = config.output.uri
         self.options = config.output.storage_options
         # What every task carries; the scheduler adds the run's lease tag and the resolved thread counts.
+        decode = DecodeSettings(redaction.public_options(config.input.storage_options), config.model.resize,
+                                config.model.draft_margin, config.output.content_hashes, config.input.reader,
+                                config.input.reader_options)
         self.settings = ShardSettings(
-            output_uri=self.output, output_storage_options=redaction.public_options(self.options),
-            input_storage_options=redaction.public_options(config.input.storage_options), resize=config.model.resize,
-            draft_margin=config.model.draft_margin,
-            feature_dtype=config.output.feature_dtype, row_group_size=config.output.row_group_size,
-            decode_threads=config.run.decode_threads, content_hashes=config.output.content_hashes,
-            reader=config.input.reader, reader_options=config.input.reader_options)
+            output_uri=self.output, output_storage_options=redaction.public_options(self.options), decode=decode,
+            feature_dtype=config.output.feature_dtype, row_group_size=config.output.row_group_size)
 
     def run(self, verbose: bool = False) -> dict:
         """Every check that needs no cluster (config, model files, output mode, fingerprint, listing) runs in

@@ -165,7 +165,7 @@ class ModelSet:
         names = task.models or tuple(self.extractors)
         piece_started = time.perf_counter()
         decode = functools.partial(decode_for_models, targets=self.targets(names),
-                                   perceptual_hash=settings.content_hashes)
+                                   perceptual_hash=settings.decode.content_hashes)
         shared = collections.Counter()  # wait, fetch, decode: once for every model
         rows = {name: ShardRows() for name in names}
         forward = {name: collections.Counter() for name in names}

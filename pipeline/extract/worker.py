@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ModelConfig, OutputConfig
+from pipeline.config import OutputConfig
 from pipeline.extract import archives
 from pipeline.extract.items import (
     Decoder,
@@ -84,24 +84,14 @@ class ShardSettings:
 
     output_uri: str
     output_storage_options: dict
-    input_storage_options: dict
-    resize: str = ModelConfig.resize
-    draft_margin: int = ModelConfig.draft_margin
+    decode: DecodeSettings = field(default_factory=lambda: DecodeSettings({}))  # how each image is read and decoded
     feature_dtype: str = OutputConfig.feature_dtype
     row_group_size: int = OutputConfig.row_group_size
-    content_hashes: bool = OutputConfig.content_hashes  # sha256 and phash of every ok row, in the decode threads
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
     fetch_threads: int = 16  # loose files' reads, ahead of the decode threads (run.fetch_threads, resolved too)
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
     model_run_tags: tuple[tuple[str, str], ...] = ()  # a `models:` run: (name, its output's lease tag)
     writer: dict = field(default_factory=dict)  # the actor that writes: node_id, accelerator_ids (file metadata)
-    reader: str | None = None  # input.reader
-    reader_options: dict = field(default_factory=dict)
-
-    @property
-    def decode(self) -> DecodeSettings:
-        return DecodeSettings(self.input_storage_options, self.resize, self.draft_margin, self.content_hashes,
-                              self.reader, self.reader_options)
 
 
 @dataclass
@@ -173,7 +163,7 @@ def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None
     reason = "not found in the archive (was it changed after the listing?)"
     started = time.perf_counter()
     try:
-        members = archives.read_members(archive_uri, kind, settings.input_storage_options, needed.__contains__,
+        members = archives.read_members(archive_uri, kind, settings.decode.input_storage_options, needed.__contains__,
                                         settings.decode.reader_part.open_stream)
         with contextlib.closing(members):
             for member in members:
@@ -188,7 +178,7 @@ def archive_member_futures(archive_uri: str, entries: list[tuple[str, str | None
                     yield error_item(uri, label, member.error, fetch_seconds)
                 else:
                     yield executor.submit(decode_fetched, uri, label, member.data, fetch_seconds, decode,
-                                          settings.content_hashes)
+                                          settings.decode.content_hashes)
                 if not needed:
                     break  # the rest of the archive belongs to other shards: stop reading it
     except Exception as error:  # noqa: BLE001 - classified just below

@@ -107,9 +107,9 @@ class Stream:
         order = shuffled(part.uris, seed) if seed is not None else np.arange(len(part))
         task = worker.ShardTask(0, 0, len(order), uris=[part.uris[index] for index in order],
                                 labels=[str(part.targets[index]) for index in order])
-        settings = worker.ShardSettings("", {}, self.input_storage_options, resize=self.model.resize,
-                                        draft_margin=self.model.draft_margin, decode_threads=self.decode_threads,
-                                        content_hashes=False)  # training needs the pixels alone
+        decode_settings = items.DecodeSettings(self.input_storage_options, self.model.resize, self.model.draft_margin,
+                                               content_hashes=False)  # training needs the pixels alone
+        settings = worker.ShardSettings("", {}, decode_settings, decode_threads=self.decode_threads)
         decode = items.image_decoder(self.input_size, settings.decode)
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="finetune-decode") as executor:
             decoded = worker.decoded_items(task, decode, settings, executor, 2 * batch_size)

@@ -16,6 +16,7 @@ def hash_cost(extractor, paths: list[Path], output: Path, pairs: int) -> dict:
     and CPU seconds of this process (decode threads and model), which other processes' load does not move: the
     throughput ratio wherever the work is CPU-bound. A decode thread a core, as a one-actor pipeline on this
     machine has them."""
+    from pipeline.extract.items import DecodeSettings
     from pipeline.extract.worker import ShardSettings, ShardTask, process_shard
 
     uris = [str(path) for path in paths]
@@ -24,8 +25,8 @@ def hash_cost(extractor, paths: list[Path], output: Path, pairs: int) -> dict:
     for pair in range(pairs):
         for hashes in (False, True) if pair % 2 == 0 else (True, False):
             shard_settings = ShardSettings(output_uri=str(output), output_storage_options={},
-                                           input_storage_options={}, decode_threads=os.cpu_count(),
-                                           content_hashes=hashes)
+                                           decode=DecodeSettings({}, content_hashes=hashes),
+                                           decode_threads=os.cpu_count())
             wall, cpu = time.perf_counter(), time.process_time()
             process_shard(task, extractor, shard_settings)
             spent[hashes].append((time.perf_counter() - wall, time.process_time() - cpu))

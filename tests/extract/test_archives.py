@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import InputConfig, ModelConfig
 from pipeline.extract.archives import ArchiveBreak, expand_braces, read_members
+from pipeline.extract.items import DecodeSettings
 from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, process_shard
 from tests.helpers import write_extract_config
@@ -69,7 +70,7 @@ def extract_listing(tmp_path: Path, input_config: InputConfig, extractor) -> pd.
     """List the input, run it as one shard through the worker with the real model, return the rows."""
     listing = list_images(input_config)
     settings = ShardSettings(output_uri=str(tmp_path / "out"), output_storage_options={},
-                             input_storage_options=input_config.storage_options, decode_threads=2, run_tag="t")
+                             decode=DecodeSettings(input_config.storage_options), decode_threads=2, run_tag="t")
     task = ShardTask(0, 0, listing.num_rows, listing.column("uri").to_pylist(), listing.column("label").to_pylist())
     result = process_shard(task, extractor, settings)
     return pq.read_table(tmp_path / "out" / result.file).to_pandas()

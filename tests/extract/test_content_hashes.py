@@ -22,6 +22,7 @@ from pipeline.cli import main
 from pipeline.extract.archives import member_uri
 from pipeline.extract.decode import decode_image
 from pipeline.extract.hashes import dct_hash
+from pipeline.extract.items import DecodeSettings
 from pipeline.extract.worker import ShardSettings, ShardTask, process_shard
 from pipeline.tools.report import inspect_output
 from tests.extract.test_worker import StandInExtractor
@@ -35,8 +36,8 @@ def reference_phash(data: bytes) -> imagehash.ImageHash:
 
 
 def shard_rows(tmp_path, uris: list[str], content_hashes: bool = True) -> dict[str, dict]:
-    settings = ShardSettings(output_uri=str(tmp_path / "out"), output_storage_options={}, input_storage_options={},
-                             decode_threads=2, content_hashes=content_hashes)
+    settings = ShardSettings(output_uri=str(tmp_path / "out"), output_storage_options={},
+                             decode=DecodeSettings({}, content_hashes=content_hashes), decode_threads=2)
     result = process_shard(ShardTask(0, 0, len(uris), uris=uris, labels=[None] * len(uris)), StandInExtractor(4),
                            settings)
     return {row["uri"]: row for row in pq.read_table(tmp_path / "out" / result.file).to_pylist()}

@@ -51,8 +51,7 @@ def folder_rows(tmp_path: Path, model: Path):
     extractor = FeatureExtractor(ModelConfig(backbone=str(model), weights="none", runtime="keras"), batch_size=4,
                                  num_threads=1)
     folder = listing.list_images(InputConfig(uri=(str(tmp_path / "images"),), labels="from_dirs"))
-    settings = ShardSettings(output_uri=str(tmp_path / "reference"), output_storage_options={},
-                             input_storage_options={}, decode_threads=2)
+    settings = ShardSettings(output_uri=str(tmp_path / "reference"), output_storage_options={}, decode_threads=2)
     task = ShardTask(0, 0, folder.num_rows, folder.column("uri").to_pylist(), folder.column("label").to_pylist())
     return pq.read_table(tmp_path / "reference" / process_shard(task, extractor, settings).file).to_pandas()
 
@@ -114,7 +113,7 @@ def test_shards_are_slices_of_frozen_parts_and_a_task_carries_no_uri(tmp_path, m
             shard_size))
         for part in frozen:
             assert hashlib.sha256((output / part.path).read_bytes()).hexdigest() == part.sha256
-        settings = ShardSettings(output_uri=str(output), output_storage_options={}, input_storage_options={})
+        settings = ShardSettings(output_uri=str(output), output_storage_options={})
         tasks = [ShardTask(index, *plan.shard_slice(index)[:2], where=plan.shard_slice(index)[2])
                  for index in range(plan.num_shards)]
         assert [uri for task in tasks for uri, _ in task.entries(settings)] == uris

@@ -59,9 +59,11 @@ def files(tmp_path) -> dict[str, str]:
     return {name: str(tmp_path / "in" / name) for name in [*samples, "missing.jpg"]}
 
 
-def run_shard(tmp_path, uris: list[str], extractor, **settings) -> tuple:
-    settings = ShardSettings(output_uri=str(tmp_path / "out"), output_storage_options={}, input_storage_options={},
-                             decode_threads=2, run_tag="tag12345", **settings)
+def run_shard(tmp_path, uris: list[str], extractor, decode: dict | None = None, **settings) -> tuple:
+    """One piece through process_shard; `decode`: DecodeSettings' keys (a reader), `settings`: ShardSettings'."""
+    settings = ShardSettings(output_uri=str(tmp_path / "out"), output_storage_options={},
+                             decode=DecodeSettings({}, **(decode or {})), decode_threads=2, run_tag="tag12345",
+                             **settings)
     task = ShardTask(shard=3, start=30, stop=30 + len(uris), uris=uris, labels=[f"label_{i}" for i in range(len(uris))])
     result = process_shard(task, extractor, settings)
     return result, pq.read_table(tmp_path / "out" / result.file).to_pylist()
@@ -110,7 +112,7 @@ def test_local_files_are_read_in_the_decode_threads_and_other_reads_in_fetch_thr
     assert not reads_locally(files["red.png"], DecodeSettings({}, reader=noting["reader"]))
 
     uris = [files[name] for name in ("red.png", "green.jpg", "missing.jpg", "blue.png")]
-    result, rows = run_shard(tmp_path, uris, StandInExtractor(batch_size=2), fetch_threads=3, **noting)
+    result, rows = run_shard(tmp_path, uris, StandInExtractor(batch_size=2), decode=noting, fetch_threads=3)
     assert [row["uri"] for row in rows] == uris and (result.ok, result.error) == (3, 1)
     assert {ThreadNoting.threads[uri].rsplit("_", 1)[0] for uri in uris} == {"fetch"}
 
@@ -118,7 +120,7 @@ def test_local_files_are_read_in_the_decode_threads_and_other_reads_in_fetch_thr
 def test_a_bug_in_featurize_raises_instead_of_becoming_an_error_row(tmp_path, files, monkeypatch):
     with pytest.raises(AssertionError, match="a bug in featurize's own code"):
         run_shard(tmp_path, [files["red.png"], files["green.jpg"]], StandInExtractor(batch_size=2),
-                  **reading("Buggy", marker="green"))
+                  decode=reading("Buggy", marker="green"))
 
     class BrokenExtractor(StandInExtractor):
         def __call__(self, images):

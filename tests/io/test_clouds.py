@@ -20,6 +20,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import InputConfig
+from pipeline.extract.items import DecodeSettings
 from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items, image_decoder
 from pipeline.io import storage
@@ -121,7 +122,7 @@ def test_403_and_404_are_error_rows_without_retries(store, tmp_path):
     name = denied.split("/images/", 1)[1]
     with store.proxy(deny=(name, name.replace("/", "%2F"))) as proxy:  # GCS quotes the slashes of a name
         settings = ShardSettings(output_uri="unused", output_storage_options={},
-                                 input_storage_options=store.options(proxy.url), decode_threads=2)
+                                 decode=DecodeSettings(store.options(proxy.url)), decode_threads=2)
         task = ShardTask(shard=0, start=0, stop=len(uris), uris=uris, labels=[None] * len(uris))
         with ThreadPoolExecutor(2) as executor:
             items = list(decoded_items(task, image_decoder((32, 32), settings.decode), settings, executor, window=4))

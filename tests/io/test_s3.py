@@ -27,6 +27,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import InputConfig
+from pipeline.extract.items import DecodeSettings
 from pipeline.extract.listing import list_images
 from pipeline.extract.worker import ShardSettings, ShardTask, decoded_items, image_decoder
 from pipeline.io import clients, faults, storage
@@ -210,7 +211,7 @@ def test_fetches_run_concurrently_inside_an_actor(s3, bucket, moto_endpoint, tmp
     uris = sorted(images)[:16]
     with FaultyProxy(moto_endpoint, latency=0.5) as proxy:
         settings = ShardSettings(output_uri="unused", output_storage_options={},
-                                 input_storage_options=proxy.options(), decode_threads=2, fetch_threads=8)
+                                 decode=DecodeSettings(proxy.options()), decode_threads=2, fetch_threads=8)
         task = ShardTask(shard=0, start=0, stop=len(uris), uris=uris, labels=[None] * len(uris))
         started = time.perf_counter()
         with ThreadPoolExecutor(2) as decoders, ThreadPoolExecutor(8) as fetchers:
