@@ -85,7 +85,8 @@ def run(num_vectors: int, dim: int, num_queries: int, output: Path, k: int = 10,
                    "query_ms": round(1000 * seconds / num_queries, 3)}
             exact = rows[0]["ids"] if rows else ids
             row["recall_at_10"] = round(recall_at(ids, exact), 4)
-            row["speedup_vs_flat"] = round((rows[0]["query_ms"] if rows else row["query_ms"]) / row["query_ms"], 1)
+            speedup = (rows[0]["query_ms"] if rows else row["query_ms"]) / row["query_ms"]
+            row["speedup_vs_flat"] = float(f"{speedup:.2g}")  # two significant digits: 0.04x is not 0.0x
             print(row, flush=True)
             rows.append({**row, "ids": ids} if not rows else row)
         del index
