@@ -41,7 +41,6 @@ log = logging.getLogger("featurize")
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 MAX_FAILED_STARTS_PER_ACTOR = 3
-DEFAULT_FETCH_THREADS = 16  # run.fetch_threads 0: reads wait on the store, not on a core
 
 
 @dataclass
@@ -140,7 +139,7 @@ class ShardScheduler:
         self.watch = watch
         decode_threads = config.run.decode_threads or max(1, int(pool_plan.num_cpus))  # a decode thread a core
         self.settings = dataclasses.replace(settings, run_tag=run_ledger.run_tag, decode_threads=decode_threads,
-                                            fetch_threads=config.run.fetch_threads or DEFAULT_FETCH_THREADS,
+                                            fetch_threads=config.run.fetch_threads or ShardSettings.fetch_threads,
                                             model_run_tags=run_ledger.model_run_tags if config.models else ())
         self.actor_class = remote_class(pool_plan.num_cpus, pool_plan.num_gpus)
         self.plan = plan

@@ -88,7 +88,7 @@ class ShardSettings:
     feature_dtype: str = OutputConfig.feature_dtype
     row_group_size: int = OutputConfig.row_group_size
     decode_threads: int = 4  # a count: the driver resolves run.decode_threads 0 (auto) before it sends these
-    fetch_threads: int = 16  # loose files' reads, ahead of the decode threads (run.fetch_threads, resolved too)
+    fetch_threads: int = 16  # remote reads, ahead of the decode threads; run.fetch_threads 0 resolves to this
     run_tag: str = ""  # the run's lease tag, in the names of the data files it writes
     model_run_tags: tuple[tuple[str, str], ...] = ()  # a `models:` run: (name, its output's lease tag)
     writer: dict = field(default_factory=dict)  # the actor that writes: node_id, accelerator_ids (file metadata)
