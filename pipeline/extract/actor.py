@@ -7,17 +7,21 @@ driver never loads it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import ray
 
 from pipeline.config import ModelConfig, NamedModelConfig
+from pipeline.extract.handoff import Handoffs
 from pipeline.extract.multi import ModelSet
-from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, process_shard
+from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, piece_batches, process_shard
 from pipeline.io import redaction
 
 
@@ -46,7 +50,7 @@ def collected_warnings():
 
 
 class ExtractorActor:
-    """Holds one FeatureExtractor (built once) and processes shard pieces one at a time. The
+    """Holds one FeatureExtractor (built once) and runs shard pieces in two calls each, decode and process. The
     extractor owns the batch size: it halves it after running out of accelerator memory, and the worker reads it
     from there. Given the models of a `models:` run instead, it holds them all (multi.ModelSet): one decode feeds
     every model."""
@@ -72,6 +76,7 @@ class ExtractorActor:
         # Storage options arrive once, here; tasks carry them without credentials (redaction.public_options).
         self.input_storage_options = storage_options
         self.output_storage_options = output_storage_options
+        self.handoffs = Handoffs()  # a piece's decoded batches, from its decode call to its process call
         context = ray.get_runtime_context()
         # Who writes, named in each data file's metadata and in `_SUCCESS.actors`: the GPUs Ray assigned this actor
         self.writer = {"actor": context.get_actor_id(), "node_id": context.get_node_id(),
@@ -88,20 +93,47 @@ class ExtractorActor:
         return {**model, **self.writer, "pid": os.getpid(), "load_seconds": self.load_seconds,
                 "warnings": self.warnings}
 
+    @ray.method(concurrency_group="decode")
+    def decode(self, task: ShardTask, settings: ShardSettings) -> None:
+        """Fetch and decode the piece, its batches handed to its process call as they come; returns once the last is
+        decoded, so the next piece's decode call starts while this one's model work and write go on. One runs at a
+        time: when the actor dies during one, that piece's images are the suspects (driver.ShardScheduler)."""
+        settings = self.actor_settings(settings)
+        self.handoffs.join(piece_key(task)).fill(functools.partial(self.piece_batches, task, settings))
+
+    @ray.method(concurrency_group="process")
     def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
-        settings = dataclasses.replace(settings, writer=self.writer)
-        if self.output_storage_options is not None:
-            decode = dataclasses.replace(settings.decode, input_storage_options=self.input_storage_options)
-            settings = dataclasses.replace(settings, decode=decode,
-                                           output_storage_options=self.output_storage_options)
+        """The model on the piece's batches as its decode call hands them over, then its data file (or one a model)."""
+        settings = self.actor_settings(settings)
+        handoff = self.handoffs.join(piece_key(task))
+        try:
+            if isinstance(self.extractor, ModelSet):
+                return self.extractor.process(task, settings, handoff.batches(), handoff.timings)
+            return process_shard(task, self.extractor, settings, handoff.batches(), handoff.timings)
+        finally:
+            handoff.abandon()  # a failed piece stops its decode call
+
+    def piece_batches(self, task: ShardTask, settings: ShardSettings, timings: collections.Counter) -> Iterator:
         if isinstance(self.extractor, ModelSet):
-            return self.extractor.process(task, settings)
-        return process_shard(task, self.extractor, settings)
+            return self.extractor.piece_batches(task, settings, timings)
+        return piece_batches(task, self.extractor, settings, timings)
+
+    def actor_settings(self, settings: ShardSettings) -> ShardSettings:
+        """The task's settings with what only the actor holds: who writes, and the storage options with credentials."""
+        settings = dataclasses.replace(settings, writer=self.writer)
+        if self.output_storage_options is None:
+            return settings
+        decode = dataclasses.replace(settings.decode, input_storage_options=self.input_storage_options)
+        return dataclasses.replace(settings, decode=decode, output_storage_options=self.output_storage_options)
+
+
+def piece_key(task: ShardTask) -> tuple:
+    return task.shard, task.start, task.stop, task.attempt
 
 
 def remote_class(num_cpus: float, num_gpus: float):
-    """The actor as a Ray actor class with these resources; never restarted by Ray (the driver replaces it). One
-    call at a time: when the actor dies, the piece it was running is its oldest (driver.actor_lost counts the
-    attempt against it). Two at a time, with a piece's write overlapping the next one's decodes, measured 1-2%
-    faster, but then the piece that killed the actor may be the newer one and a healthy image gets the blame."""
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=1)(ExtractorActor)
+    """The actor as a Ray actor class with these resources; never restarted by Ray (the driver replaces it). Two
+    calls a piece, each in a concurrency group of one: `decode` calls run one after another, and so do `process`
+    calls, a piece's decode alongside the previous piece's model work and write."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+                      concurrency_groups={"decode": 1, "process": 1})(ExtractorActor)

@@ -3,8 +3,8 @@
 The driver keeps a queue of shard pieces and gives each actor at most `run.shards_in_flight_per_actor`
 at a time. Actors write uniquely named data files; the driver alone commits (pipeline/output/ledger.py), once all
 pieces of a shard are back, so a shard is visible exactly once whatever dies along the way:
-- an actor that dies (crash, OOM, lost node) is replaced; the piece it was running counts an attempt,
-  the pieces only queued behind it go back unharmed;
+- an actor that dies (crash, OOM, lost node) is replaced; the piece it was decoding counts an attempt (a piece
+  is two calls, decode then process, and decodes run one at a time: actor.py), the other pieces go back unharmed;
 - a piece that used up `run.max_attempts` is bisected; a single image that still kills its worker is
   quarantined as an error row, so one poison image cannot fail a job.
 """
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 from pipeline.config import ExtractConfig
 from pipeline.errors import USER_ERRORS, ConfigError
@@ -41,6 +41,7 @@ log = logging.getLogger("featurize")
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 MAX_FAILED_STARTS_PER_ACTOR = 3
+LOST_CALL_SECONDS = 30.0  # for a killed actor's calls to end as lost (it takes milliseconds)
 
 
 @dataclass
@@ -56,7 +57,8 @@ class ActorSlot:
     handle: ray.actor.ActorHandle
     ready: ray.ObjectRef
     is_ready: bool = False
-    in_flight: list = field(default_factory=list)  # object refs in submission order
+    in_flight: list = field(default_factory=list)  # the pieces' process refs, in submission order
+    decodes: dict = field(default_factory=dict)  # a piece's process ref -> its decode ref
 
 
 class Driver:
@@ -233,8 +235,10 @@ class ShardScheduler:
         for slot in self.slots:
             while slot.is_ready and (self.queue or self.fresh) and len(slot.in_flight) < limit:
                 task = self.queue.popleft() if self.queue else self.start_shard(self.fresh.popleft())
+                decode_ref = slot.handle.decode.remote(task, self.settings)
                 ref = slot.handle.process.remote(task, self.settings)
                 slot.in_flight.append(ref)
+                slot.decodes[ref] = decode_ref
                 self.owner[ref] = (slot, task)
 
     def start_shard(self, shard: int) -> ShardTask:
@@ -260,6 +264,7 @@ class ShardScheduler:
     def forget(self, ref: ray.ObjectRef) -> None:
         slot, _ = self.owner.pop(ref)
         slot.in_flight.remove(ref)
+        del slot.decodes[ref]
 
     def add_result(self, shard: int, result: ShardResult) -> None:
         self.reporter.advance(images=result.rows, errors=result.error)
@@ -270,14 +275,18 @@ class ShardScheduler:
             self.commit(shard, self.states.pop(shard).results)
 
     def on_actor_lost(self, slot: ActorSlot) -> None:
-        """The piece the actor was running (its oldest) counts an attempt; pieces queued behind it go back
-        as they were. Every attempt makes progress: retry, then bisect, then quarantine one image."""
-        running, *queued = [self.owner.pop(ref)[1] for ref in slot.in_flight]
+        """One piece counts an attempt: the one being decoded when the actor died (decodes run one at a time, in
+        order: the first whose decode call did not return), or, when every decode had returned, the oldest (the
+        model's side). The other pieces go back as they were. Every attempt makes progress: retry, then bisect,
+        then quarantine one image."""
+        pieces = [(self.owner.pop(ref)[1], slot.decodes.pop(ref)) for ref in slot.in_flight]
         slot.in_flight.clear()
+        self.replace(slot)  # killed first: every call it still had ends now, as finished or as lost
+        suspect = next((index for index, (_, decode_ref) in enumerate(pieces) if not returned(decode_ref)), 0)
+        running = pieces[suspect][0]
         log.warning("actor lost while processing shard %d [%d:%d] (attempt %d)",
                     running.shard, running.start, running.stop, running.attempt)
-        self.replace(slot)
-        self.queue.extendleft(reversed(queued))
+        self.queue.extendleft(reversed([task for index, (task, _) in enumerate(pieces) if index != suspect]))
         if running.attempt < self.config.run.max_attempts:
             self.queue.appendleft(running.piece(running.start, running.stop, running.attempt + 1))
         elif running.stop - running.start > 1:
@@ -333,6 +342,15 @@ class ShardScheduler:
             self.reporter.phase(f"first shard committed {self.ledger.first_commit_at - self.ledger.started:.1f} s "
                                 "after start")
         self.reporter.shard_committed()
+
+
+def returned(ref: ray.ObjectRef) -> bool:
+    """Whether the call behind `ref`, on an actor killed since, had returned before it died."""
+    try:
+        ray.get(ref, timeout=LOST_CALL_SECONDS)
+    except RayError:  # lost with the actor, or not ended (a timeout)
+        return False
+    return True
 
 
 def run_extract(config: ExtractConfig, reporter: ProgressReporter | None = None, verbose: bool = False) -> dict:

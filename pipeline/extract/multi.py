@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -160,17 +161,28 @@ class ModelSet:
         return {name: (self.extractors[name].input_size, self.models[name].resize, self.models[name].draft_margin)
                 for name in names}
 
-    def process(self, task: worker.ShardTask, settings: worker.ShardSettings) -> ModelsResult:
-        """Fetch and decode the piece once; each model its rows and its data file in `OUTPUT/NAME/`."""
+    def piece_batches(self, task: worker.ShardTask, settings: worker.ShardSettings,
+                      timings: collections.Counter) -> Iterator[list[items.Item]]:
+        """The piece's images decoded once for the models it lacks, in batches of the smallest batch size."""
         names = task.models or tuple(self.extractors)
-        piece_started = time.perf_counter()
         decode = functools.partial(decode_for_models, targets=self.targets(names),
                                    perceptual_hash=settings.decode.content_hashes)
-        shared = collections.Counter()  # wait, fetch, decode: once for every model
+        batch_size = min(self.extractors[name].batch_size for name in names)
+        return worker.decoded_batches(task, decode, batch_size, settings, timings)
+
+    def process(self, task: worker.ShardTask, settings: worker.ShardSettings,
+                decoded: Iterator[list[items.Item]] | None = None,
+                timings: collections.Counter | None = None) -> ModelsResult:
+        """Each model its rows and its data file in `OUTPUT/NAME/`, from one decode of the piece: `decoded` (with its
+        seconds in `timings`, as worker.process_shard takes them), or decoded here."""
+        names = task.models or tuple(self.extractors)
+        piece_started = time.perf_counter()
+        shared = collections.Counter() if timings is None else timings  # wait, fetch, decode: once for every model
+        if decoded is None:
+            decoded = self.piece_batches(task, settings, shared)
         rows = {name: ShardRows() for name in names}
         forward = {name: collections.Counter() for name in names}
-        batch_size = min(self.extractors[name].batch_size for name in names)
-        for group in worker.decoded_batches(task, decode, batch_size, settings, shared):
+        for group in worker.waited(decoded, shared):
             for name in names:
                 extractor = self.extractors[name]
                 started = time.perf_counter()

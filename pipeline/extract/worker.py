@@ -203,15 +203,18 @@ def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
         yield group
 
 
-def process_shard(task: ShardTask, extractor, settings: ShardSettings) -> ShardResult:
+def process_shard(task: ShardTask, extractor, settings: ShardSettings, decoded: Iterator[list[Item]] | None = None,
+                  timings: collections.Counter | None = None) -> ShardResult:
     """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
-    the extractor's own (it halves it after running out of accelerator memory)."""
+    the extractor's own (it halves it after running out of accelerator memory). `decoded`: the piece's batches as
+    another call decodes them (`piece_batches`, through handoff.Handoff), with its seconds in `timings`; None:
+    decoded here."""
     piece_started = time.perf_counter()
-    decode = image_decoder(extractor.input_size, settings.decode)
-    timings = collections.Counter()
+    timings = collections.Counter() if timings is None else timings
+    if decoded is None:
+        decoded = piece_batches(task, extractor, settings, timings)
     rows = ShardRows()
-    groups = decoded_batches(task, decode, extractor.batch_size, settings, timings)
-    for group, output in forwarded(groups, extractor, timings):
+    for group, output in forwarded(waited(decoded, timings), extractor, timings):
         add_rows(rows, group, output, extractor.class_names, settings.feature_dtype)
     check_finite_rows(task, rows)
     return write_shard(task, rows, extractor, settings, timings, piece_started)
@@ -249,21 +252,36 @@ def forward(group: list[Item], extractor):
 WINDOW_BATCHES = 4  # images decoded ahead of the model: this many batches (2 left decode idle at times)
 
 
+def piece_batches(task: ShardTask, extractor, settings: ShardSettings,
+                  timings: collections.Counter) -> Iterator[list[Item]]:
+    """The piece's images decoded for one model, in batches of its size."""
+    decode = image_decoder(extractor.input_size, settings.decode)
+    return decoded_batches(task, decode, extractor.batch_size, settings, timings)
+
+
 def decoded_batches(task: ShardTask, decode: Decoder, batch_size: int, settings: ShardSettings,
                     timings: collections.Counter) -> Iterator[list[Item]]:
     """The piece's items in batches, fetched and decoded in threads ahead of the consumer; adds the seconds spent
-    waiting, fetching and decoding to `timings`."""
+    fetching and decoding to `timings`."""
     # leaving the block shuts the fetchers down first: a fetch still running hands its decode to open decoders
     with (ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as decoders,
           ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch") as fetchers):
-        waited = time.perf_counter()
         window = WINDOW_BATCHES * batch_size
         for group in batches(decoded_items(task, decode, settings, decoders, window, fetchers), batch_size):
-            timings["wait"] += time.perf_counter() - waited
             timings["fetch"] += sum(item.fetch_seconds for item in group)
             timings["decode"] += sum(item.decode_seconds for item in group)
             yield group
-            waited = time.perf_counter()
+
+
+def waited(groups: Iterator[list[Item]], timings: collections.Counter) -> Iterator[list[Item]]:
+    """The groups, adding the seconds the model's side waited for each to `timings`."""
+    while True:
+        started = time.perf_counter()
+        group = next(groups, None)
+        timings["wait"] += time.perf_counter() - started
+        if group is None:
+            return
+        yield group
 
 
 def write_shard(task: ShardTask, rows: ShardRows, extractor, settings: ShardSettings,
