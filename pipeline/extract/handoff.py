@@ -38,6 +38,8 @@ class Handoff:
     def fill(self, make_batches: Callable[[collections.Counter], Iterable]) -> None:
         """The decoding side: every batch `make_batches(timings)` yields, then END. An exception is handed over, not
         raised: the model's side raises it, so the piece fails once, in the call the driver collects."""
+        if self.abandoned.is_set():  # the model's side failed before this piece's decoding began
+            return
         try:
             for batch in make_batches(self.timings):
                 if not self.put(batch):

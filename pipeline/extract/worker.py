@@ -4,7 +4,8 @@ Fetch and decode run a bounded window ahead of the forward pass, so the model do
 fetches in their own threads (waiting on a store costs no CPU, so there are many), decodes (and local reads) in
 as many threads as the actor has cores (more only add switches between threads and hand-overs of the interpreter
 lock, which on a CPU actor cost the model's cores; docs/performance.md). The forward pass runs in a thread of its
-own. Pillow, numpy, LiteRT and the storage clients release the GIL for the heavy parts.
+own. Pillow, numpy, LiteRT and the storage clients release the GIL for the heavy parts. In an actor the decoding
+and the model's side of a piece are two calls, so the next piece decodes while this one finishes (handoff.py).
 Every input yields exactly one row: bytes that cannot be fetched or decoded become error rows with the reason.
 
 Archive members (chained `tar://...::...` / `zip://...::...` URIs, see archives.py) are not fetched one by one:
@@ -249,7 +250,8 @@ def forward(group: list[Item], extractor):
     return extractor(np.stack(images)) if images else None
 
 
-WINDOW_BATCHES = 4  # images decoded ahead of the model: this many batches (2 left decode idle at times)
+WINDOW_BATCHES = 4  # images decoded ahead of the model: this many batches (2 left decode idle at times), plus
+# one waiting in an actor's handoff, and at a piece boundary the next piece's as well
 
 
 def piece_batches(task: ShardTask, extractor, settings: ShardSettings,
