@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import ray
 
 from pipeline.config import ModelConfig, NamedModelConfig
-from pipeline.extract.handoff import Handoffs
+from pipeline.extract.handoff import Handoffs, Turns
 from pipeline.extract.multi import ModelSet
 from pipeline.extract.worker import ShardResult, ShardSettings, ShardTask, piece_batches, process_shard
 from pipeline.io import redaction
@@ -77,6 +77,7 @@ class ExtractorActor:
         self.input_storage_options = storage_options
         self.output_storage_options = output_storage_options
         self.handoffs = Handoffs()  # a piece's decoded batches, from its decode call to its process call
+        self.decode_turns, self.process_turns = Turns(), Turns()  # the driver numbers an actor's pieces from 0
         context = ray.get_runtime_context()
         # Who writes, named in each data file's metadata and in `_SUCCESS.actors`: the GPUs Ray assigned this actor
         self.writer = {"actor": context.get_actor_id(), "node_id": context.get_node_id(),
@@ -93,25 +94,28 @@ class ExtractorActor:
         return {**model, **self.writer, "pid": os.getpid(), "load_seconds": self.load_seconds,
                 "warnings": self.warnings}
 
-    @ray.method(concurrency_group="decode")
-    def decode(self, task: ShardTask, settings: ShardSettings) -> None:
+    def decode(self, task: ShardTask, settings: ShardSettings, turn: int) -> None:
         """Fetch and decode the piece, its batches handed to its process call as they come; returns once the last is
-        decoded, so the next piece's decode call starts while this one's model work and write go on. One runs at a
-        time: when the actor dies during one, that piece's images are the suspects (driver.ShardScheduler)."""
+        decoded, so the next piece's decode call starts while this one's model work and write go on. Decode calls run
+        one at a time, in the order of their turns: when the actor dies during one, that piece's images are the
+        suspects (driver.ShardScheduler)."""
         settings = self.actor_settings(settings)
-        self.handoffs.join(piece_key(task)).fill(functools.partial(self.piece_batches, task, settings))
+        handoff = self.handoffs.join(turn)
+        with self.decode_turns.turn(turn):
+            handoff.fill(functools.partial(self.piece_batches, task, settings))
 
-    @ray.method(concurrency_group="process")
-    def process(self, task: ShardTask, settings: ShardSettings) -> ShardResult:
-        """The model on the piece's batches as its decode call hands them over, then its data file (or one a model)."""
+    def process(self, task: ShardTask, settings: ShardSettings, turn: int) -> ShardResult:
+        """The model on the piece's batches as its decode call hands them over, then its data file (or one a model);
+        one at a time, in the order of their turns."""
         settings = self.actor_settings(settings)
-        handoff = self.handoffs.join(piece_key(task))
-        try:
-            if isinstance(self.extractor, ModelSet):
-                return self.extractor.process(task, settings, handoff.batches(), handoff.timings)
-            return process_shard(task, self.extractor, settings, handoff.batches(), handoff.timings)
-        finally:
-            handoff.abandon()  # a failed piece stops its decode call
+        handoff = self.handoffs.join(turn)
+        with self.process_turns.turn(turn):
+            try:
+                if isinstance(self.extractor, ModelSet):
+                    return self.extractor.process(task, settings, handoff.batches(), handoff.timings)
+                return process_shard(task, self.extractor, settings, handoff.batches(), handoff.timings)
+            finally:
+                handoff.abandon()  # a failed piece stops its decode call
 
     def piece_batches(self, task: ShardTask, settings: ShardSettings, timings: collections.Counter) -> Iterator:
         if isinstance(self.extractor, ModelSet):
@@ -127,13 +131,9 @@ class ExtractorActor:
         return dataclasses.replace(settings, decode=decode, output_storage_options=self.output_storage_options)
 
 
-def piece_key(task: ShardTask) -> tuple:
-    return task.shard, task.start, task.stop, task.attempt
-
-
-def remote_class(num_cpus: float, num_gpus: float):
-    """The actor as a Ray actor class with these resources; never restarted by Ray (the driver replaces it). Two
-    calls a piece, each in a concurrency group of one: `decode` calls run one after another, and so do `process`
-    calls, a piece's decode alongside the previous piece's model work and write."""
+def remote_class(num_cpus: float, num_gpus: float, pieces_in_flight: int):
+    """The actor as a Ray actor class with these resources; never restarted by Ray (the driver replaces it). Two calls
+    a piece, each with a thread for every piece in flight (a call waiting for its turn holds one), and one for
+    `describe`."""
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                      concurrency_groups={"decode": 1, "process": 1})(ExtractorActor)
+                      max_concurrency=2 * pieces_in_flight + 1)(ExtractorActor)

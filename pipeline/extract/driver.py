@@ -59,6 +59,7 @@ class ActorSlot:
     is_ready: bool = False
     in_flight: list = field(default_factory=list)  # the pieces' process refs, in submission order
     decodes: dict = field(default_factory=dict)  # a piece's process ref -> its decode ref
+    turns: int = 0  # pieces given to this actor: the next piece's turn (actor.ExtractorActor runs them in turn order)
 
 
 class Driver:
@@ -143,7 +144,7 @@ class ShardScheduler:
         self.settings = dataclasses.replace(settings, run_tag=run_ledger.run_tag, decode_threads=decode_threads,
                                             fetch_threads=config.run.fetch_threads or ShardSettings.fetch_threads,
                                             model_run_tags=run_ledger.model_run_tags if config.models else ())
-        self.actor_class = remote_class(pool_plan.num_cpus, pool_plan.num_gpus)
+        self.actor_class = remote_class(pool_plan.num_cpus, pool_plan.num_gpus, config.run.shards_in_flight_per_actor)
         self.plan = plan
         self.fresh = collections.deque(todo)  # shard numbers not started yet
         self.queue: collections.deque[ShardTask] = collections.deque()  # retries and bisected pieces, first
@@ -235,8 +236,9 @@ class ShardScheduler:
         for slot in self.slots:
             while slot.is_ready and (self.queue or self.fresh) and len(slot.in_flight) < limit:
                 task = self.queue.popleft() if self.queue else self.start_shard(self.fresh.popleft())
-                decode_ref = slot.handle.decode.remote(task, self.settings)
-                ref = slot.handle.process.remote(task, self.settings)
+                decode_ref = slot.handle.decode.remote(task, self.settings, slot.turns)
+                ref = slot.handle.process.remote(task, self.settings, slot.turns)
+                slot.turns += 1
                 slot.in_flight.append(ref)
                 slot.decodes[ref] = decode_ref
                 self.owner[ref] = (slot, task)
@@ -331,7 +333,7 @@ class ShardScheduler:
     def replace(self, slot: ActorSlot) -> None:
         ray.kill(slot.handle, no_restart=True)
         fresh = self.start_actor()
-        slot.handle, slot.ready, slot.is_ready = fresh.handle, fresh.ready, False
+        slot.handle, slot.ready, slot.is_ready, slot.turns = fresh.handle, fresh.ready, False, 0
 
     def commit(self, shard: int, results: list[ShardResult]) -> None:
         if self.config.models:

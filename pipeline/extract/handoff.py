@@ -10,6 +10,7 @@ the one its images may have killed (pipeline/extract/driver.py).
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -79,17 +80,39 @@ class Handoff:
 
 
 class Handoffs:
-    """The handoffs of the pieces an actor has in flight, by piece: made by whichever of a piece's two calls comes
-    first, forgotten once the second has it."""
+    """The handoffs of the pieces an actor has in flight, by the piece's turn: made by whichever of a piece's two
+    calls comes first, forgotten once the second has it."""
 
     def __init__(self, size: int = 1):
         self.size = size
         self.lock = threading.Lock()
-        self.waiting: dict[tuple, Handoff] = {}
+        self.waiting: dict[int, Handoff] = {}
 
-    def join(self, key: tuple) -> Handoff:
+    def join(self, turn: int) -> Handoff:
         with self.lock:
-            if key in self.waiting:
-                return self.waiting.pop(key)
-            handoff = self.waiting[key] = Handoff(self.size)
+            if turn in self.waiting:
+                return self.waiting.pop(turn)
+            handoff = self.waiting[turn] = Handoff(self.size)
             return handoff
+
+
+class Turns:
+    """Calls that run one at a time in the order of their numbers (0, 1, 2, ...), whatever order they arrive in: Ray
+    keeps the order of an actor's calls only on an actor that runs one call at a time. A piece's decode waits for the
+    decodes of the pieces before it, its process call for their process calls, so a decode never fills its handoff
+    for a process call that waits behind one for a later piece."""
+
+    def __init__(self):
+        self.next = 0
+        self.condition = threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self, number: int) -> Iterator[None]:
+        with self.condition:
+            self.condition.wait_for(lambda: self.next == number)
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.next += 1
+                self.condition.notify_all()

@@ -1,16 +1,17 @@
 """A piece decoded in one call and embedded in another (the actor's decode and process calls), without Ray: the rows
 match one process_shard call; a decode that fails fails the piece on the model's side; a model's side that fails
-stops the decoding, which never waits forever for room.
+stops the decoding, which never waits forever for room; calls arriving out of order run in the order of their turns.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.extract.handoff import Handoff, Handoffs
+from pipeline.extract.handoff import Handoff, Handoffs, Turns
 from pipeline.extract.items import DecodeSettings
 from pipeline.extract.worker import ShardSettings, ShardTask, piece_batches, process_shard
 from tests.extract.test_worker import StandInExtractor
@@ -26,11 +27,10 @@ def settings_for(tmp_path, output: str) -> ShardSettings:
 
 def in_two_threads(task: ShardTask, extractor, settings: ShardSettings, handoffs: Handoffs):
     """The actor's two calls of a piece, the decode in a thread of its own; returns the process side's result."""
-    key = (task.shard, task.start, task.stop, task.attempt)
-    decoding = threading.Thread(target=lambda: handoffs.join(key).fill(
+    decoding = threading.Thread(target=lambda: handoffs.join(0).fill(
         lambda timings: piece_batches(task, extractor, settings, timings)))
     decoding.start()
-    handoff = handoffs.join(key)
+    handoff = handoffs.join(0)
     try:
         return process_shard(task, extractor, settings, handoff.batches(), handoff.timings)
     finally:
@@ -101,3 +101,26 @@ def test_a_failed_models_side_stops_the_decoding_which_never_waits_forever():
     late.abandon()
     late.fill(many_batches)
     assert len(produced) < 5
+
+
+def test_calls_arriving_out_of_order_run_in_the_order_of_their_turns():
+    """Pieces 2, 0, 3, 1 arrive at once, each in a thread of its own, as a threaded actor may run them: each waits for
+    its turn, so they run 0, 1, 2, 3, one at a time."""
+    turns = Turns()
+    ran, running, alongside = [], [], []
+
+    def call(number: int) -> None:
+        with turns.turn(number):
+            running.append(number)
+            time.sleep(0.01)  # room for another call to run alongside, were turns not kept
+            alongside.append(len(running))
+            ran.append(number)
+            running.remove(number)
+
+    threads = [threading.Thread(target=call, args=(number,)) for number in (2, 0, 3, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_SECONDS)
+    assert not any(thread.is_alive() for thread in threads)
+    assert ran == [0, 1, 2, 3] and alongside == [1, 1, 1, 1]
