@@ -77,7 +77,7 @@ class ExtractorActor:
         self.input_storage_options = storage_options
         self.output_storage_options = output_storage_options
         self.handoffs = Handoffs()  # a piece's decoded batches, from its decode call to its process call
-        self.decode_turns, self.process_turns = Turns(), Turns()  # the driver numbers an actor's pieces from 0
+        self.decode_turns, self.model_turns = Turns(), Turns()  # the driver numbers an actor's pieces from 0
         context = ray.get_runtime_context()
         # Who writes, named in each data file's metadata and in `_SUCCESS.actors`: the GPUs Ray assigned this actor
         self.writer = {"actor": context.get_actor_id(), "node_id": context.get_node_id(),
@@ -105,17 +105,18 @@ class ExtractorActor:
             handoff.fill(functools.partial(self.piece_batches, task, settings))
 
     def process(self, task: ShardTask, settings: ShardSettings, turn: int) -> ShardResult:
-        """The model on the piece's batches as its decode call hands them over, then its data file (or one a model);
-        one at a time, in the order of their turns."""
+        """The model on the piece's batches as its decode call hands them over, then its data file (or one a model).
+        The model runs for one piece at a time, in the order of their turns; the file is written after its turn, while
+        the next piece's batches go through the model."""
         settings = self.actor_settings(settings)
         handoff = self.handoffs.join(turn)
-        with self.process_turns.turn(turn):
-            try:
-                if isinstance(self.extractor, ModelSet):
-                    return self.extractor.process(task, settings, handoff.batches(), handoff.timings)
-                return process_shard(task, self.extractor, settings, handoff.batches(), handoff.timings)
-            finally:
-                handoff.abandon()  # a failed piece stops its decode call
+        model_turn = self.model_turns.turn(turn)
+        try:
+            if isinstance(self.extractor, ModelSet):
+                return self.extractor.process(task, settings, handoff.batches(), handoff.timings, model_turn)
+            return process_shard(task, self.extractor, settings, handoff.batches(), handoff.timings, model_turn)
+        finally:
+            handoff.abandon()  # a failed piece stops its decode call
 
     def piece_batches(self, task: ShardTask, settings: ShardSettings, timings: collections.Counter) -> Iterator:
         if isinstance(self.extractor, ModelSet):

@@ -14,6 +14,7 @@ tag of that output's lease; pipeline/extract/model_outputs.py commits.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -171,25 +172,26 @@ class ModelSet:
         return worker.decoded_batches(task, decode, batch_size, settings, timings)
 
     def process(self, task: worker.ShardTask, settings: worker.ShardSettings,
-                decoded: Iterator[list[items.Item]] | None = None,
-                timings: collections.Counter | None = None) -> ModelsResult:
+                decoded: Iterator[list[items.Item]] | None = None, timings: collections.Counter | None = None,
+                model_turn: contextlib.AbstractContextManager | None = None) -> ModelsResult:
         """Each model its rows and its data file in `OUTPUT/NAME/`, from one decode of the piece: `decoded` (with its
-        seconds in `timings`, as worker.process_shard takes them), or decoded here."""
+        seconds in `timings`), or decoded here; `model_turn` held while the models run (as worker.process_shard)."""
         names = task.models or tuple(self.extractors)
         piece_started = time.perf_counter()
         shared = collections.Counter() if timings is None else timings  # wait, fetch, decode: once for every model
-        if decoded is None:
-            decoded = self.piece_batches(task, settings, shared)
         rows = {name: ShardRows() for name in names}
         forward = {name: collections.Counter() for name in names}
-        for group in worker.waited(decoded, shared):
-            for name in names:
-                extractor = self.extractors[name]
-                started = time.perf_counter()
-                own = [for_model(item, name) for item in group]
-                worker.add_rows(rows[name], own, worker.forward(own, extractor), extractor.class_names,
-                                settings.feature_dtype)
-                forward[name]["forward"] += time.perf_counter() - started
+        with model_turn or contextlib.nullcontext():
+            if decoded is None:
+                decoded = self.piece_batches(task, settings, shared)
+            for group in worker.waited(decoded, shared):
+                for name in names:
+                    extractor = self.extractors[name]
+                    started = time.perf_counter()
+                    own = [for_model(item, name) for item in group]
+                    worker.add_rows(rows[name], own, worker.forward(own, extractor), extractor.class_names,
+                                    settings.feature_dtype)
+                    forward[name]["forward"] += time.perf_counter() - started
         for name in names:  # before any file is written: a model gone non-finite fails the piece like a bug
             worker.check_finite_rows(task, rows[name], name)
         run_tags = dict(settings.model_run_tags)

@@ -205,18 +205,21 @@ def batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
 
 
 def process_shard(task: ShardTask, extractor, settings: ShardSettings, decoded: Iterator[list[Item]] | None = None,
-                  timings: collections.Counter | None = None) -> ShardResult:
+                  timings: collections.Counter | None = None,
+                  model_turn: contextlib.AbstractContextManager | None = None) -> ShardResult:
     """Fetch, decode, embed and write one piece; returns where its rows are and what it cost. The batch size is
     the extractor's own (it halves it after running out of accelerator memory). `decoded`: the piece's batches as
     another call decodes them (`piece_batches`, through handoff.Handoff), with its seconds in `timings`; None:
-    decoded here."""
+    decoded here. `model_turn` is held while the model runs, not while the file is written (an actor's next piece
+    then starts on the model meanwhile)."""
     piece_started = time.perf_counter()
     timings = collections.Counter() if timings is None else timings
-    if decoded is None:
-        decoded = piece_batches(task, extractor, settings, timings)
-    rows = ShardRows()
-    for group, output in forwarded(waited(decoded, timings), extractor, timings):
-        add_rows(rows, group, output, extractor.class_names, settings.feature_dtype)
+    with model_turn or contextlib.nullcontext():
+        if decoded is None:
+            decoded = piece_batches(task, extractor, settings, timings)
+        rows = ShardRows()
+        for group, output in forwarded(waited(decoded, timings), extractor, timings):
+            add_rows(rows, group, output, extractor.class_names, settings.feature_dtype)
     check_finite_rows(task, rows)
     return write_shard(task, rows, extractor, settings, timings, piece_started)
 
