@@ -12,12 +12,14 @@ from pipeline.io import redaction
 
 logger = logging.getLogger(__name__)
 
-# Pass-through layers keep values on the 0..255 scale (augmentation, resizing, cropping, padding, casts; also any
-# Random* augmentation layer), so the scan looks past them; the first other layer ends it. Functional arithmetic
-# on the input (`inputs / 255.0`) is recorded by Keras as an op, not a layer, and scales as a Rescaling layer does.
+# Pass-through layers keep values on the 0..255 scale (augmentation, resizing, cropping, padding, casts, and picking
+# or stacking channels, as caffe's RGB -> BGR does; also any Random* augmentation layer), so the scan looks past
+# them; the first other layer ends it. Functional arithmetic on the input (`inputs / 255.0`, caffe's mean) is
+# recorded by Keras as an op, not a layer, and scales as a Rescaling layer does.
 SCALING_LAYERS = frozenset({"Rescaling", "Normalization"})
 SCALING_OPERATIONS = frozenset({"TrueDivide", "Divide", "Multiply", "Subtract", "Add"})
-PASS_THROUGH_OPERATIONS = frozenset({"InputLayer", "Resizing", "CenterCrop", "Cropping2D", "ZeroPadding2D", "Cast"})
+PASS_THROUGH_OPERATIONS = frozenset({"InputLayer", "Resizing", "CenterCrop", "Cropping2D", "ZeroPadding2D", "Cast",
+                                     "GetItem", "Stack"})
 INPUT_SCAN_LIMIT = 12  # operations looked at from the input, nested sub-models included
 
 

@@ -346,15 +346,19 @@ class Ledger:
 
 
 def actors_table(records) -> list[dict]:
-    """`_SUCCESS.actors`: one entry per actor that wrote committed rows (in any run), from the commit records;
-    pieces the driver wrote itself (quarantined images) name no actor."""
+    """`_SUCCESS.actors`: one entry per actor that wrote committed rows (in any run), from the commit records: the
+    shards it wrote rows of, the pieces (a shard is one, or more once bisected), images and seconds; pieces the
+    driver wrote itself (quarantined images) name no actor."""
     table: dict[str, dict] = {}
+    shards: dict[str, set[int]] = collections.defaultdict(set)
     for record in records:
         for piece in record.actors:
             entry = table.setdefault(piece["actor"], {
                 "actor": piece["actor"], "node_id": piece["node_id"], "accelerator_ids": piece["accelerator_ids"],
-                "shards": 0, "images": 0, "seconds": 0.0})
-            entry["shards"] += 1
+                "shards": 0, "pieces": 0, "images": 0, "seconds": 0.0})
+            shards[piece["actor"]].add(record.shard)
+            entry["shards"] = len(shards[piece["actor"]])
+            entry["pieces"] += 1
             entry["images"] += piece["images"]
             entry["seconds"] = round(entry["seconds"] + piece["seconds"], 3)
     return sorted(table.values(), key=lambda entry: (entry["node_id"], entry["actor"]))

@@ -176,11 +176,11 @@ def inspect_extract_output(output_uri: str, console: Console, storage_options: d
 def actors_rich_table(actors: list[dict]) -> Table:
     """The actors that wrote the committed rows: where they ran (node, GPUs) and what they did."""
     table = Table(title="actors", show_header=True)
-    for name in ("actor", "node_id", "accelerator_ids", "shards", "images", "seconds"):
+    for name in ("actor", "node_id", "accelerator_ids", "shards", "pieces", "images", "seconds"):
         table.add_column(name)
     for actor in actors:
         table.add_row(actor["actor"][:12], actor["node_id"][:12], ",".join(actor["accelerator_ids"]) or "-",
-                      str(actor["shards"]), str(actor["images"]), f"{actor['seconds']:.1f}")
+                      str(actor["shards"]), str(actor["pieces"]), str(actor["images"]), f"{actor['seconds']:.1f}")
     return table
 
 

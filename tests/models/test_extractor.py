@@ -305,13 +305,17 @@ def test_saved_model_defaults_and_errors(tmp_path):
 RAW_PIXELS_WARNING = "receives raw 0-255 pixels"
 
 
-def small_classifier(front=None, arithmetic_scaling: bool = False):
-    """input -> front (layers, or a nested sub-model) -> conv -> pool -> dense: a saved model as users make them."""
+def small_classifier(front=None, in_graph: str | None = None):
+    """input -> front (layers, or a nested sub-model) -> conv -> pool -> dense: a saved model as users make them.
+    `in_graph`: arithmetic on the input first, `inputs / 255.0` ("divide"), or Keras's preprocess_input of that mode
+    as a fine-tuned classifier holds it (surgery.preprocess_in_graph)."""
     import keras
+
+    from pipeline.models.surgery import preprocess_in_graph
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))
-    x = inputs / 255.0 if arithmetic_scaling else inputs
+    x = inputs / 255.0 if in_graph == "divide" else preprocess_in_graph(inputs, in_graph) if in_graph else inputs
     for layer in front or []:
         x = layer(x)
     x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(x)
@@ -334,18 +338,18 @@ def raw_pixel_warnings(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if RAW_PIXELS_WARNING in record.getMessage()]
 
 
-@pytest.mark.parametrize(("front", "arithmetic_scaling", "preprocess", "warned"), [
-    ("rescaling", False, "auto", False),
-    ("normalization", False, "auto", False),
-    ("nested", False, "auto", False),
-    (None, True, "auto", False),  # `inputs / 255.0` in the functional graph
-    (None, False, "auto", True),
-    (None, False, "none", True),
-    ("augmentation only", False, "auto", True),  # a RandomFlip passes the pixels on unscaled
-    (None, False, "tf", False),  # scaled by featurize itself
+@pytest.mark.parametrize(("front", "in_graph", "preprocess", "warned"), [
+    ("rescaling", None, "auto", False),
+    ("normalization", None, "auto", False),
+    ("nested", None, "auto", False),
+    (None, "divide", "auto", False),  # `inputs / 255.0` in the functional graph
+    (None, "caffe", "auto", False),  # BGR channels picked by indexing, then the mean subtracted: a fine-tuned VGG
+    (None, None, "auto", True),
+    (None, None, "none", True),
+    ("augmentation only", None, "auto", True),  # a RandomFlip passes the pixels on unscaled
+    (None, None, "tf", False),  # scaled by featurize itself
 ])
-def test_saved_model_fed_raw_pixels_without_scaling_warns_once(front, arithmetic_scaling, preprocess, warned,
-                                                               tmp_path, caplog):
+def test_saved_model_fed_raw_pixels_without_scaling_warns_once(front, in_graph, preprocess, warned, tmp_path, caplog):
     import keras
 
     from pipeline.models.extractor import FeatureExtractor
@@ -358,7 +362,7 @@ def test_saved_model_fed_raw_pixels_without_scaling_warns_once(front, arithmetic
         "augmentation only": [keras.layers.RandomFlip("horizontal")],
     }
     path = str(tmp_path / "model.keras")
-    small_classifier(fronts[front], arithmetic_scaling).save(path)
+    small_classifier(fronts[front], in_graph).save(path)
     with caplog.at_level("WARNING", logger="pipeline.models"):
         FeatureExtractor(ModelConfig(backbone=path, preprocess=preprocess, top_k=1, runtime="keras"), batch_size=2)
     messages = raw_pixel_warnings(caplog)

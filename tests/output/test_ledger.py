@@ -122,3 +122,17 @@ def test_predict_writes_through_the_same_ledger_as_extract(tmp_path, digits, ext
     assert extract_success["shards"] == {"total": 2, "run": 0, "committed": 2}
     assert extract_success["errors_by_reason"] == {"truncated image": 2}
     assert json.loads((output / layout.SUCCESS_FILE).read_text()) == success
+
+
+def test_actors_table_counts_a_bisected_shard_once_and_each_of_its_pieces():
+    """Shard 0 bisected after crashes: actor B wrote both halves, so one shard and two pieces; a quarantined image's
+    piece (written by the driver) names no actor."""
+    def piece(actor: str, images: int) -> dict:
+        return {"actor": actor, "node_id": "node-1", "accelerator_ids": [], "images": images, "seconds": 1.25}
+
+    records = [ledger.CommitRecord(0, ["a", "b", "c"], 8, 7, 1, actors=[piece("B", 4), piece("B", 3)]),
+               ledger.CommitRecord(1, ["d"], 8, 8, 0, actors=[piece("A", 8)]),
+               ledger.CommitRecord(2, ["e"], 8, 8, 0, actors=[piece("B", 8)])]
+    table = {entry["actor"]: entry for entry in ledger.actors_table(records)}
+    assert {actor: (entry["shards"], entry["pieces"], entry["images"], entry["seconds"])
+            for actor, entry in table.items()} == {"A": (1, 1, 8, 1.25), "B": (2, 3, 15, 3.75)}
